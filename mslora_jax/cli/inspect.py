@@ -1,0 +1,73 @@
+"""Summarise the adapters a run saved: which task, modality, size, norms and similarities."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mslora_jax.config import ExperimentConfig, from_mapping
+from mslora_jax.errors import CheckpointError
+from mslora_jax.train.checkpoints import read_json
+from mslora_jax.train.methods import get_method
+
+
+def load_stage_adapters(workdir: str | Path, method: str) -> list[tuple[dict, dict]]:
+    """(meta, adapter params as numpy) of every finished stage of ``method``, in stage order."""
+    get_method(method)
+    directory = Path(workdir).absolute() / "checkpoints" / method
+    if not directory.exists():
+        raise CheckpointError(f"no checkpoints for method {method!r} under {directory}")
+    manager = ocp.CheckpointManager(directory)
+    out = []
+    for stage in sorted(manager.all_steps()):
+        try:
+            restored = manager.restore(
+                stage,
+                args=ocp.args.Composite(
+                    adapter=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {directory / str(stage)} is unreadable: {e}") from e
+        out.append((restored["meta"], jax.tree.map(np.asarray, restored["adapter"])))
+    return out
+
+
+def _similarity(a: dict, b: dict) -> float:
+    """The CR similarity s = mean over tensors of exp(-||P_a - P_b||_F)."""
+    diffs = jax.tree.map(lambda x, y: np.exp(-np.linalg.norm(x - y)), a, b)
+    return float(np.mean(jax.tree.leaves(diffs)))
+
+
+def _norm(leaves, name: str) -> float:
+    """Frobenius norm over every ``name`` tensor (lora_a or lora_b) of an adapter."""
+    return float(np.sqrt(sum(np.sum(x**2) for p, x in leaves if str(p[-1].key) == name)))
+
+
+def inspect_adapters(workdir: str | Path, method: str, task: str | None = None) -> str:
+    config = from_mapping(ExperimentConfig, read_json(Path(workdir) / "config.json", "workdir"))
+    stages = load_stage_adapters(workdir, method)
+    if task is not None:
+        index = config.task_index(task)
+        stages = [s for s in stages if s[0]["task"] == config.stream[index].name]
+        if not stages:
+            raise CheckpointError(f"method {method!r} has no finished stage for task {task!r}")
+    lines = ["| stage task | modality | rank | alpha | params | ||A|| | ||B|| |", "|---" * 7 + "|"]
+    for meta, params in stages:
+        leaves = jax.tree_util.tree_leaves_with_path(params)
+        count = sum(x.size for _, x in leaves)
+        lines.append(
+            f"| {meta['task']} | {meta['modality']} | {meta['rank']} | {meta['alpha']} | "
+            f"{count} | {_norm(leaves, 'lora_a'):.3f} | {_norm(leaves, 'lora_b'):.3f} |"
+        )
+    if len(stages) > 1:
+        lines.append("\nCR similarity s between adapters (1 = identical):")
+        names = [m["task"] for m, _ in stages]
+        lines.append("| | " + " | ".join(names) + " |")
+        for name, (_, a) in zip(names, stages):
+            sims = [f"{_similarity(a, b):.3f}" for _, b in stages]
+            lines.append(f"| {name} | " + " | ".join(sims) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""``mslora-jax``: the command line. Thin: parse flags, call library functions.
+
+mslora-jax run --config configs/demo.py --workdir OUT [--config.lora.rank=4 ...]
+mslora-jax inspect --workdir OUT --method mslora_cr [--task NAME_OR_ID]
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from mslora_jax.errors import MsloraError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (created; a rerun resumes).")
+_METHOD = flags.DEFINE_string("method", None, "inspect: which method's adapters.")
+_TASK = flags.DEFINE_string("task", None, "inspect: a task name or id (default: all).")
+
+COMMANDS = ("run", "inspect")
+
+
+def _run() -> None:
+    from mslora_jax.config import experiment_config
+    from mslora_jax.report.results import format_markdown_table
+    from mslora_jax.train.experiment import run_experiment
+
+    if _CONFIG.value is None:
+        raise MsloraError("run needs --config (e.g. --config configs/demo.py)")
+    config = experiment_config(_CONFIG.value)
+    results = run_experiment(config, _WORKDIR.value)
+    print(format_markdown_table(results))
+    print(f"\nwrote {_WORKDIR.value}/results.json, results.md, results.csv, acc_matrices.png")
+
+
+def _inspect() -> None:
+    from mslora_jax.cli.inspect import inspect_adapters
+
+    if not _METHOD.value:
+        raise MsloraError("inspect needs --method")
+    print(inspect_adapters(_WORKDIR.value, _METHOD.value, _TASK.value))
+
+
+def main(argv: list[str]) -> None:
+    logging.getLogger().setLevel(logging.INFO)
+    commands = [a for a in argv[1:]]
+    if len(commands) != 1 or commands[0] not in COMMANDS:
+        raise app.UsageError(f"expected one command of {COMMANDS}, got {commands}")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    try:
+        {"run": _run, "inspect": _inspect}[commands[0]]()
+    except MsloraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def entry_point() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,219 @@
+"""Typed, frozen library options, converted from an ``ml_collections.ConfigDict`` at the edge.
+
+Experiment files (``configs/*.py``) return a ConfigDict so users can copy, edit and override them
+from the command line. The library itself only ever sees these dataclasses, which reject unknown
+keys and bad values with an error naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+from mslora_jax.errors import ConfigError
+from mslora_jax.models.clip import ModelConfig
+
+METHODS = ("each", "seq", "mslora", "mslora_cr", "mslora_cr_ortho", "joint")
+TASK_SOURCES = ("synthetic", "medmnist")
+BACKBONE_SOURCES = ("pretrain", "random", "load")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 8.0
+    # Regexes over module paths (re.search), e.g. "attn/(q|v)$" or "^image/"; see lora.targets.
+    targets: tuple[str, ...] = (r"attn/(q|k|v|out)$", r"mlp/(fc1|fc2)$")
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RegularizerConfig:
+    alpha_cr: float = 0.1
+    beta_ortho: float = 0.01
+    # Learn each weight as exp(w), w initialised at init_log_weight (as released with the paper).
+    learn_weights: bool = False
+    init_log_weight: float = -4.6
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 64
+    steps_per_task: int = 0  # > 0 overrides epochs
+    epochs: float = 1.0
+    learning_rate: float = 2e-4
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0  # 0 disables clipping
+    learn_temperature: bool = False
+    eval_batch_size: int = 256
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ConfigError("train.batch_size and train.eval_batch_size must be >= 1")
+        if self.steps_per_task < 0 or self.epochs <= 0:
+            raise ConfigError("train.steps_per_task must be >= 0 and train.epochs > 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    steps: int = 600
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    warmup_ratio: float = 0.05
+    weight_decay: float = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+    source: str = "pretrain"  # pretrain | random | load
+    path: str = ""  # for source="load": a backbone folder written by a previous run
+
+    def __post_init__(self):
+        if self.source not in BACKBONE_SOURCES:
+            raise ConfigError(
+                f"backbone.source={self.source!r} is unknown; expected one of {BACKBONE_SOURCES}"
+            )
+        if self.source == "load" and not self.path:
+            raise ConfigError('backbone.source="load" needs backbone.path')
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """One task: synthetic (generated from a seed) or medmnist (read from an .npz file)."""
+
+    name: str
+    modality: str
+    source: str = "synthetic"
+    # synthetic
+    num_classes: int = 4
+    seed: int = 0
+    num_train: int = 1024
+    num_test: int = 512
+    # medmnist
+    file: str = ""
+    class_names: tuple[str, ...] = ()
+    labels: tuple[int, ...] = ()  # subset of the file's label ids, remapped to 0..n-1
+    max_train: int = 0  # 0 = all
+    max_test: int = 0
+    # per-task overrides of the train config (0 = use train.*)
+    learning_rate: float = 0.0
+    epochs: float = 0.0
+
+    def __post_init__(self):
+        if self.source not in TASK_SOURCES:
+            raise ConfigError(
+                f"task {self.name!r}: source={self.source!r} is unknown; "
+                f"expected one of {TASK_SOURCES}"
+            )
+        if self.source == "medmnist" and not (self.file and self.class_names):
+            raise ConfigError(f"task {self.name!r}: a medmnist task needs file and class_names")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    seed: int = 0
+    methods: tuple[str, ...] = METHODS
+    modalities: tuple[str, ...] = ()
+    # {modality} and {label} are filled in; the text tower reads the result.
+    prompt_template: str = "a {modality} image of {label}"
+    stream: tuple[TaskConfig, ...] = ()
+    base_tasks: tuple[TaskConfig, ...] = ()  # for backbone pretraining, not part of the stream
+    data_dir: str = ""  # medmnist files are resolved relative to this folder
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    regularizer: RegularizerConfig = RegularizerConfig()
+    train: TrainConfig = TrainConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    num_devices: int = 0  # data-parallel devices; 0 = all local devices
+    progress: bool = True
+
+    def __post_init__(self):
+        for method in self.methods:
+            if method not in METHODS:
+                raise ConfigError(f"unknown method {method!r}; expected one of {METHODS}")
+        if not self.stream:
+            raise ConfigError("config.stream is empty: list at least one task")
+        names = [t.name for t in self.stream + self.base_tasks]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"task names must be unique; repeated: {duplicates}")
+        for task in self.stream + self.base_tasks:
+            if self.modalities and task.modality not in self.modalities:
+                raise ConfigError(
+                    f"task {task.name!r}: unknown modality {task.modality!r}; "
+                    f"config.modalities = {self.modalities}"
+                )
+        if self.backbone.source == "pretrain" and not self.base_tasks:
+            raise ConfigError('backbone.source="pretrain" needs config.base_tasks')
+
+    def task_index(self, name_or_id: str | int) -> int:
+        """Stream position of a task given by name or id; ConfigError if there is none."""
+        names = [t.name for t in self.stream]
+        if isinstance(name_or_id, int) or str(name_or_id).isdigit():
+            index = int(name_or_id)
+            if not 0 <= index < len(names):
+                raise ConfigError(f"task id {index} is out of range: the stream has {len(names)}")
+            return index
+        if name_or_id not in names:
+            raise ConfigError(f"unknown task name {name_or_id!r}; the stream has {names}")
+        return names.index(name_or_id)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+        return from_mapping(tp, value, where)
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item_type, _) = typing.get_args(tp)
+        return tuple(_convert(item_type, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_mapping(cls: type, mapping: Mapping, where: str = "config"):
+    """Build dataclass ``cls`` from a nested mapping, rejecting unknown keys by name."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(mapping) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {[f'{where}.{k}' for k in unknown]}; known: {sorted(known)}"
+        )
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in mapping.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def experiment_config(config: Any) -> ExperimentConfig:
+    """Convert a ConfigDict (or plain nested dict) into an ``ExperimentConfig``."""
+    mapping = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return from_mapping(ExperimentConfig, mapping)
+
+
+def to_json_dict(config: ExperimentConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))

@@ -1,0 +1,77 @@
+"""Turn task configs into ``TaskData`` and lay out one class table for a set of tasks."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from mslora_jax.config import ExperimentConfig, TaskConfig
+from mslora_jax.data.medmnist import load_medmnist_task
+from mslora_jax.data.synthetic import SyntheticTaskSpec, make_synthetic_task
+from mslora_jax.data.task import TaskData
+from mslora_jax.data.tokenizer import prompt, tokenize
+
+
+def load_task(task: TaskConfig, *, image_size: int, data_dir: str = "", seed: int = 0) -> TaskData:
+    if task.source == "synthetic":
+        spec = SyntheticTaskSpec(task.name, task.modality, task.num_classes, task.seed)
+        return make_synthetic_task(
+            spec, image_size=image_size, num_train=task.num_train, num_test=task.num_test
+        )
+    return load_medmnist_task(
+        os.path.join(data_dir, task.file) if data_dir else task.file,
+        name=task.name,
+        modality=task.modality,
+        class_names=list(task.class_names),
+        labels=list(task.labels) or None,
+        image_size=image_size,
+        max_train=task.max_train or None,
+        max_test=task.max_test or None,
+        seed=seed,
+    )
+
+
+def load_tasks(config: ExperimentConfig, tasks: Sequence[TaskConfig]) -> list[TaskData]:
+    return [
+        load_task(t, image_size=config.model.image_size, data_dir=config.data_dir, seed=config.seed)
+        for t in tasks
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassTable:
+    """The prompts of every class of a list of tasks, concatenated in task order.
+
+    A task's local label ``y`` is global class ``offsets[task] + y``; training batches carry
+    global labels so that one token table (and one compiled step) serves every stage.
+    """
+
+    tokens: np.ndarray  # [C_total, L] int32
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    def task_tokens(self, task: int, pad_to: int) -> tuple[np.ndarray, np.ndarray]:
+        """A task's prompt tokens padded to ``pad_to`` rows, and the mask of real rows."""
+        start, size = self.offsets[task], self.sizes[task]
+        tokens = np.zeros((pad_to, self.tokens.shape[1]), np.int32)
+        tokens[:size] = self.tokens[start : start + size]
+        return tokens, np.arange(pad_to) < size
+
+
+def class_table(
+    tasks: Sequence[TaskData], template: str, *, max_len: int, vocab_size: int
+) -> ClassTable:
+    prompts = [prompt(template, t.modality, name) for t in tasks for name in t.class_names]
+    sizes = tuple(t.num_classes for t in tasks)
+    offsets = tuple(int(x) for x in np.concatenate([[0], np.cumsum(sizes)[:-1]]))
+    return ClassTable(tokenize(prompts, max_len=max_len, vocab_size=vocab_size), offsets, sizes)
+
+
+def union_train_split(tasks: Sequence[TaskData], table: ClassTable, indices: Sequence[int]):
+    """Train images and *global* labels of the tasks ``indices`` (one task or the joint union)."""
+    images = np.concatenate([tasks[i].train_images for i in indices])
+    labels = np.concatenate([tasks[i].train_labels + table.offsets[i] for i in indices])
+    return images, labels.astype(np.int32)

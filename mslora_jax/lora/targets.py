@@ -1,0 +1,73 @@
+"""Which dense layers get LoRA: ordered regular expressions over module paths.
+
+A module path is the '/'-joined key path of a layer in the backbone's ``params`` tree, e.g.
+``image/encoder/block_0/attn/q``. Only the attention (q, k, v, out) and MLP (fc1, fc2) layers of
+either tower are LoRA-capable; a user's patterns choose among them (as PEFT's
+``target_modules``). Every pattern must match at least one layer, so a typo is an error rather
+than a silently un-adapted model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from mslora_jax.errors import ConfigError
+
+# The LoraDense layers of mslora_jax.models.transformer.
+LORA_CAPABLE = re.compile(r"(^|/)(attn/(q|k|v|out)|mlp/(fc1|fc2))$")
+
+
+def module_paths(params: Mapping, prefix: str = "") -> list[str]:
+    """Paths of every module in ``params`` that directly holds a ``kernel``."""
+    paths = []
+    for key, value in params.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            if "kernel" in value:
+                paths.append(path)
+            paths.extend(module_paths(value, path))
+    return paths
+
+
+def lora_capable_paths(params: Mapping) -> list[str]:
+    return [p for p in module_paths(params) if LORA_CAPABLE.search(p)]
+
+
+def select_targets(params: Mapping, patterns: Sequence[str]) -> list[str]:
+    """The LoRA-capable module paths matched (``re.search``) by any pattern, in tree order.
+
+    Raises ConfigError for an invalid regex, an empty pattern list, or a pattern that matches
+    no LoRA-capable layer (the message lists the capable paths).
+    """
+    if not patterns:
+        raise ConfigError("lora.targets is empty: name at least one layer pattern")
+    capable = lora_capable_paths(params)
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as e:
+            raise ConfigError(f"lora.targets: invalid regular expression {pattern!r}: {e}") from e
+    for pattern, regex in zip(patterns, compiled):
+        if not any(regex.search(p) for p in capable):
+            raise ConfigError(
+                f"lora.targets pattern {pattern!r} matches no LoRA-capable layer; "
+                f"capable layers look like {capable[:4]} ... (attn q/k/v/out, mlp fc1/fc2)"
+            )
+    return [p for p in capable if any(r.search(p) for r in compiled)]
+
+
+def get_by_path(tree: Mapping, path: str):
+    node = tree
+    for key in path.split("/"):
+        node = node[key]
+    return node
+
+
+def set_by_path(tree: dict, path: str, value) -> dict:
+    """A copy of nested dict ``tree`` with ``path`` set to ``value`` (creating dicts as needed)."""
+    head, _, rest = path.partition("/")
+    out = dict(tree)
+    out[head] = set_by_path(tree.get(head, {}), rest, value) if rest else value
+    return out

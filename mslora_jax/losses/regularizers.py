@@ -1,0 +1,72 @@
+"""Weight-space regularizers of MSLoRA-CR, as released with the paper.
+
+Both act on stacked adapter trees: every leaf has a leading task axis ``T``; which tasks count is
+given by ``[T]`` masks, so the current stage is data and never triggers a recompile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from mslora_jax.models.lora_dense import LORA_A, LORA_B
+
+
+def _safe_norm(x: jax.Array, axes) -> jax.Array:
+    """Frobenius norm with a zero (not NaN) gradient where the norm is 0."""
+    sq = jnp.sum(jnp.square(x), axis=axes)
+    positive = sq > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+def adapter_similarities(active: Mapping, stacked: Mapping) -> jax.Array:
+    """``s_t = mean over P of exp(-||P_active - stopgrad(P_t)||_F)`` for every slot t: ``[T]``.
+
+    P ranges over every LoRA tensor (each A and each B of every adapted layer).
+    """
+    per_tensor = jax.tree.map(
+        lambda p, s: jnp.exp(
+            -_safe_norm(p[None] - jax.lax.stop_gradient(s), tuple(range(1, s.ndim)))
+        ),
+        active,
+        stacked,
+    )
+    return jnp.mean(jnp.stack(jax.tree.leaves(per_tensor)), axis=0)
+
+
+def contrastive_regularizer(
+    active: Mapping, stacked: Mapping, earlier_mask: jax.Array, same_modality: jax.Array
+) -> jax.Array:
+    """CR loss: ``sum over earlier tasks i of (same_modality(c, i) ? 1 - s_i : s_i)``.
+
+    Pulls the current adapter toward earlier adapters of its modality, pushes it away from the
+    others. ``earlier_mask``/``same_modality``: ``[T]`` booleans over the slots of ``stacked``.
+    """
+    s = adapter_similarities(active, stacked)
+    per_task = jnp.where(same_modality, 1.0 - s, s)
+    return jnp.sum(jnp.where(earlier_mask, per_task, 0.0))
+
+
+def _layers(stacked: Mapping):
+    """The ``{lora_a, lora_b}`` dicts of every adapted layer."""
+    if LORA_A in stacked:
+        return [stacked]
+    return [layer for child in stacked.values() for layer in _layers(child)]
+
+
+def orthogonality_regularizer(stacked: Mapping, task_mask: jax.Array) -> jax.Array:
+    """Mean over (A, B) pairs of the masked tasks and all layers of
+    ``||A A^T - I_r||_F^2 + ||B^T B - I_r||_F^2`` (A: ``[T, r, in]``, B: ``[T, out, r]``)."""
+    total = 0.0
+    layers = _layers(stacked)
+    for layer in layers:
+        a, b = layer[LORA_A], layer[LORA_B]
+        eye = jnp.eye(a.shape[1], dtype=a.dtype)
+        aat = jnp.einsum("tri,tsi->trs", a, a) - eye
+        btb = jnp.einsum("tor,tos->trs", b, b) - eye
+        per_task = jnp.sum(jnp.square(aat), axis=(1, 2)) + jnp.sum(jnp.square(btb), axis=(1, 2))
+        total = total + jnp.sum(jnp.where(task_mask, per_task, 0.0))
+    count = len(layers) * jnp.maximum(jnp.sum(task_mask.astype(jnp.float32)), 1.0)
+    return total / count

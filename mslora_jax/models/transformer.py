@@ -1,0 +1,89 @@
+"""Pre-LN transformer blocks; attention (q, k, v, out) and MLP (fc1, fc2) are LoRA-targetable."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mslora_jax.models.lora_dense import LoraDense
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with LoRA-targetable projections named q, k, v, out."""
+
+    width: int
+    num_heads: int
+    lora_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, mask, task_weights, deterministic: bool = True):
+        # x: [B, L, D]; mask: [B, L] True for real tokens (None = all real).
+        head_dim = self.width // self.num_heads
+        dense = lambda name: LoraDense(self.width, lora_dropout=self.lora_dropout, name=name)
+        split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, head_dim)
+        q = split(dense("q")(x, task_weights, deterministic))
+        k = split(dense("k")(x, task_weights, deterministic))
+        v = split(dense("v")(x, task_weights, deterministic))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(x.dtype)
+        if mask is not None:
+            logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
+        weights = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(x.shape)
+        return dense("out")(out, task_weights, deterministic)
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP with LoRA-targetable layers fc1 and fc2."""
+
+    width: int
+    mlp_dim: int
+    lora_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, task_weights, deterministic: bool = True):
+        h = LoraDense(self.mlp_dim, lora_dropout=self.lora_dropout, name="fc1")(
+            x, task_weights, deterministic
+        )
+        h = nn.gelu(h)
+        return LoraDense(self.width, lora_dropout=self.lora_dropout, name="fc2")(
+            h, task_weights, deterministic
+        )
+
+
+class Block(nn.Module):
+    """x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    width: int
+    num_heads: int
+    mlp_dim: int
+    lora_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, mask, task_weights, deterministic: bool = True):
+        h = nn.LayerNorm(name="ln_attn")(x)
+        x = x + SelfAttention(self.width, self.num_heads, self.lora_dropout, name="attn")(
+            h, mask, task_weights, deterministic
+        )
+        h = nn.LayerNorm(name="ln_mlp")(x)
+        return x + Mlp(self.width, self.mlp_dim, self.lora_dropout, name="mlp")(
+            h, task_weights, deterministic
+        )
+
+
+class Encoder(nn.Module):
+    """A stack of ``depth`` pre-LN blocks followed by a final LayerNorm."""
+
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    lora_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, mask, task_weights, deterministic: bool = True):
+        for i in range(self.depth):
+            x = Block(
+                self.width, self.num_heads, self.mlp_dim, self.lora_dropout, name=f"block_{i}"
+            )(x, mask, task_weights, deterministic)
+        return nn.LayerNorm(name="ln_final")(x)

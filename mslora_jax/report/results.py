@@ -1,0 +1,262 @@
+"""The ``results.json`` schema and the reports built from it (Markdown, CSV, heatmaps).
+
+Schema (accuracies are fractions in [0, 1]; ``None``/``null`` marks a task not yet seen)::
+
+    {"tasks": [{"name": str, "modality": str}, ...],
+     "methods": {"<method>": {
+         "acc_matrix": [[float | null, ...], ...],  # row i: after stage i, column j: task j
+         "avg_acc": float, "bwt": float,             # derived from acc_matrix
+         "unified_acc": [float, ...],                # one per task
+         "unified_avg_acc": float,                   # mean of unified_acc
+         "train_steps_per_s": float}},
+     "backbone": {...}}                              # optional, free-form (zero-shot acc, ...)
+
+Unknown keys are rejected, so a typo cannot silently drop a field. The ``joint`` baseline has a
+one-row ``acc_matrix`` and therefore ``bwt == 0.0`` (see ``metrics.backward_transfer``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import numbers
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from mslora_jax.errors import DataError
+from mslora_jax.eval import metrics
+from mslora_jax.io_utils import atomic_savefig, atomic_write_json, atomic_write_text
+
+METHOD_KEYS = (
+    "acc_matrix",
+    "avg_acc",
+    "bwt",
+    "unified_acc",
+    "unified_avg_acc",
+    "train_steps_per_s",
+)
+# Free-form extras: "backbone" describes the frozen backbone (source, zero-shot accuracy, ...).
+OPTIONAL_TOP_KEYS = ("backbone",)
+# Tolerance when checking that the stored derived numbers match the ones recomputed from the matrix.
+_DERIVED_ATOL = 1e-6
+
+
+def method_summary(
+    acc_matrix: metrics.AccMatrix, unified_acc: Sequence[float], train_steps_per_s: float
+) -> dict[str, Any]:
+    """One method's entry of ``results["methods"]``, with the derived metrics computed."""
+    unified = _check_fractions(unified_acc, "unified_acc")
+    return {
+        "acc_matrix": metrics.check_acc_matrix(acc_matrix),
+        "avg_acc": metrics.average_accuracy(acc_matrix),
+        "bwt": metrics.backward_transfer(acc_matrix),
+        "unified_acc": unified,
+        "unified_avg_acc": float(np.mean(unified)),
+        "train_steps_per_s": float(train_steps_per_s),
+    }
+
+
+def validate_results(obj: Any) -> None:
+    """Raises ``DataError`` (a ValueError) naming the first key that breaks the schema."""
+    if not isinstance(obj, dict) or set(obj) - set(OPTIONAL_TOP_KEYS) != {"tasks", "methods"}:
+        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise DataError(
+            f"results: expected an object with keys ['methods', 'tasks'] (optionally "
+            f"{list(OPTIONAL_TOP_KEYS)}), got {keys}"
+        )
+    if not isinstance(obj.get("backbone", {}), dict):
+        raise DataError("results['backbone']: expected an object")
+    tasks = obj["tasks"]
+    if not isinstance(tasks, list) or not tasks:
+        raise DataError("results['tasks']: expected a non-empty list")
+    for i, task in enumerate(tasks):
+        if not isinstance(task, dict) or set(task) != {"name", "modality"}:
+            raise DataError(
+                f"results['tasks'][{i}]: expected keys ['modality', 'name'], got {task!r}"
+            )
+        for key in ("name", "modality"):
+            if not isinstance(task[key], str) or not task[key]:
+                raise DataError(f"results['tasks'][{i}]['{key}']: expected a non-empty string")
+    names = [t["name"] for t in tasks]
+    if len(set(names)) != len(names):
+        raise DataError(f"results['tasks']: task names must be unique, got {names}")
+
+    methods = obj["methods"]
+    if not isinstance(methods, dict) or not methods:
+        raise DataError("results['methods']: expected a non-empty object of method name -> entry")
+    for name, entry in methods.items():
+        where = f"results['methods'][{name!r}]"
+        if not isinstance(entry, dict):
+            raise DataError(f"{where}: expected an object, got {type(entry).__name__}")
+        missing, unknown = set(METHOD_KEYS) - set(entry), set(entry) - set(METHOD_KEYS)
+        if missing or unknown:
+            raise DataError(
+                f"{where}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}"
+            )
+        try:
+            matrix = metrics.check_acc_matrix(entry["acc_matrix"])
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{where}['acc_matrix']: {e}") from e
+        if len(matrix[0]) != len(tasks):
+            raise DataError(
+                f"{where}['acc_matrix']: has {len(matrix[0])} columns, expected one per task "
+                f"({len(tasks)})"
+            )
+        unified = _check_fractions(entry["unified_acc"], f"{where}['unified_acc']")
+        if len(unified) != len(tasks):
+            raise DataError(
+                f"{where}['unified_acc']: has {len(unified)} entries, expected {len(tasks)}"
+            )
+        expected = {
+            "avg_acc": metrics.average_accuracy(matrix),
+            "bwt": metrics.backward_transfer(matrix),
+            "unified_avg_acc": float(np.mean(unified)),
+        }
+        for key, value in expected.items():
+            got = entry[key]
+            if not _is_number(got) or abs(got - value) > _DERIVED_ATOL:
+                raise DataError(f"{where}['{key}']: is {got!r}, but the data give {value:.6f}")
+        speed = entry["train_steps_per_s"]
+        if not _is_number(speed) or speed < 0:
+            raise DataError(
+                f"{where}['train_steps_per_s']: expected a finite number >= 0, got {speed!r}"
+            )
+
+
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads and validates a ``results.json``; errors name the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        obj = json.loads(text, parse_constant=_reject_constant)
+        validate_results(obj)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{os.fspath(path)}: {e}") from e
+    return obj
+
+
+def write_results(workdir: str | os.PathLike, results: dict[str, Any]) -> dict[str, Path]:
+    """Validates ``results`` and writes results.json/.md/.csv and acc_matrices.png to ``workdir``.
+
+    Every file is written atomically, and nothing is written unless ``results`` is valid.
+    Returns the paths written, keyed by file name.
+    """
+    validate_results(results)
+    workdir = Path(workdir)
+    paths = {
+        n: workdir / n for n in ("results.json", "results.md", "results.csv", "acc_matrices.png")
+    }
+    atomic_write_json(paths["results.json"], results)
+    atomic_write_text(paths["results.md"], format_markdown_table(results) + "\n")
+    atomic_write_text(paths["results.csv"], format_csv(results))
+    atomic_savefig(plot_acc_matrices(results), paths["acc_matrices.png"], dpi=150)
+    return paths
+
+
+def format_markdown_table(results: dict[str, Any]) -> str:
+    """One row per method: summary metrics, then each task's accuracy after the last stage.
+
+    Accuracies are percentages with one decimal; BWT is in percentage points.
+    """
+    names = [_md_escape(t["name"]) for t in results["tasks"]]
+    header = ["method", "avg acc (%)", "BWT (pp)", "unified avg acc (%)", "steps/s", *names]
+    align = ["---"] + ["---:"] * (len(header) - 1)  # numbers right-aligned
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    for method, m in results["methods"].items():
+        row = [
+            _md_escape(method),
+            _pct(m["avg_acc"]),
+            _pct(m["bwt"]),
+            _pct(m["unified_avg_acc"]),
+            f"{m['train_steps_per_s']:.2f}",
+            *(_pct(x) for x in m["acc_matrix"][-1]),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def format_csv(results: dict[str, Any]) -> str:
+    """The Markdown table's columns as CSV, with raw fractions; an unseen task is an empty cell."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    fixed = ["method", "avg_acc", "bwt", "unified_avg_acc", "train_steps_per_s"]
+    writer.writerow(fixed + [t["name"] for t in results["tasks"]])
+    for method, m in results["methods"].items():
+        final = ["" if x is None else repr(float(x)) for x in m["acc_matrix"][-1]]
+        writer.writerow([method] + [repr(float(m[k])) for k in fixed[1:]] + final)
+    return buf.getvalue()
+
+
+def plot_acc_matrices(results: dict[str, Any]) -> Figure:
+    """One annotated heatmap per method on a shared 0-1 colour scale; unseen cells stay blank."""
+    tasks = [f"{t['name']}\n({t['modality']})" for t in results["tasks"]]
+    methods = list(results["methods"].items())
+    n_cols = min(3, len(methods))
+    n_rows = math.ceil(len(methods) / n_cols)
+    cell = 0.75  # inches per matrix cell
+    fig = Figure(
+        figsize=(n_cols * (len(tasks) * cell + 2.2) + 1.0, n_rows * (len(tasks) * cell + 1.8)),
+        layout="constrained",
+    )
+    FigureCanvasAgg(fig)  # Agg explicitly, without touching pyplot's global backend.
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    image = None
+    for ax, (method, m) in zip(axes, methods, strict=False):
+        matrix = np.array(
+            [[np.nan if x is None else x for x in row] for row in m["acc_matrix"]], dtype=float
+        )
+        image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0.0, vmax=1.0, cmap="viridis")
+        for (i, j), x in np.ndenumerate(matrix):
+            if not np.isnan(x):
+                colour = "black" if x > 0.6 else "white"  # dark end of viridis is low accuracy
+                ax.text(j, i, f"{x:.2f}", ha="center", va="center", fontsize=8, color=colour)
+        ax.set_title(method)
+        ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=8)
+        stages = (
+            ["joint (all tasks)"] if len(matrix) == 1 else [t["name"] for t in results["tasks"]]
+        )
+        ax.set_yticks(range(len(stages)), stages, fontsize=8)
+        ax.set_xlabel("evaluated on")
+        ax.set_ylabel("after training on")
+    for ax in axes[len(methods) :]:
+        ax.set_visible(False)
+    fig.colorbar(image, ax=axes[: len(methods)].tolist(), label="accuracy", shrink=0.8)
+    return fig
+
+
+def _check_fractions(values: Any, where: str) -> list[float]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence | np.ndarray):
+        raise DataError(f"{where}: expected a list of accuracies, got {type(values).__name__}")
+    out = list(values)
+    if not out:
+        raise DataError(f"{where}: expected at least one accuracy")
+    for i, x in enumerate(out):
+        if not _is_number(x) or not 0.0 <= x <= 1.0:
+            raise DataError(f"{where}[{i}]: is {x!r}; expected a fraction in [0, 1]")
+    return [float(x) for x in out]
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"invalid JSON constant {name} (NaN or infinity)")
+
+
+def _pct(x: float | None) -> str:
+    if x is None:
+        return "–"
+    s = f"{100.0 * x:.1f}"
+    return "0.0" if s == "-0.0" else s
+
+
+def _md_escape(s: str) -> str:
+    return s.replace("|", "\\|")

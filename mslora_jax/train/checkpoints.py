@@ -1,0 +1,132 @@
+"""orbax checkpoints: the frozen backbone once, then one checkpoint per finished stage.
+
+Layout of a workdir::
+
+    config.json                      the run's config (a rerun must match it)
+    backbone/params, backbone/meta.json
+    checkpoints/<method>/<stage>/    adapter (the stage's trained LoRA tree), trainer (its
+                                     optimizer state, step and rng), metrics, meta
+
+Only what was trained is saved per stage; the backbone is saved once. orbax writes each
+checkpoint to a temporary folder and renames it, so an interrupted save never looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from mslora_jax.errors import CheckpointError
+from mslora_jax.io_utils import atomic_write_json
+from mslora_jax.parallel.mesh import replicated
+
+
+def abstract_like(tree, mesh: Mesh):
+    """ShapeDtypeStructs of ``tree`` (arrays or shape structs), replicated on ``mesh``."""
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def _describe_differences(old: Any, new: Any, where: str = "config") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        diffs = []
+        for key in sorted(set(old) | set(new)):
+            diffs += _describe_differences(old.get(key), new.get(key), f"{where}.{key}")
+        return diffs
+    return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
+
+
+def check_same_config(saved: dict, current: dict, what: str) -> None:
+    """CheckpointError listing the differing keys if ``saved`` and ``current`` differ."""
+    diffs = _describe_differences(saved, current)
+    if diffs:
+        shown = "; ".join(diffs[:5]) + (" ..." if len(diffs) > 5 else "")
+        raise CheckpointError(
+            f"{what} was written with a different config ({shown}); "
+            "use a new --workdir or restore the original config"
+        )
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{what}: cannot read {path}: {e}") from e
+
+
+class StageCheckpoints:
+    """One method's per-stage checkpoints under ``directory``."""
+
+    def __init__(self, directory: os.PathLike | str):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None, create=True, enable_async_checkpointing=False
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def finished_stages(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, stage: int, adapter, trainer, metrics: dict, meta: dict) -> None:
+        self._manager.save(
+            stage,
+            args=ocp.args.Composite(
+                adapter=ocp.args.StandardSave(adapter),
+                trainer=ocp.args.StandardSave(trainer),
+                metrics=ocp.args.JsonSave(metrics),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
+        self._manager.wait_until_finished()
+
+    def restore(self, stage: int, abstract_adapter, abstract_trainer, fingerprint: dict):
+        """(adapter, trainer, metrics, meta) of ``stage``; checks the config fingerprint."""
+        where = self.directory / str(stage)
+        try:
+            meta = self._manager.restore(
+                stage, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )["meta"]
+        except Exception as e:  # orbax raises many types for a damaged folder
+            raise CheckpointError(f"checkpoint {where} is unreadable: {e}") from e
+        check_same_config(meta.get("fingerprint", {}), fingerprint, f"checkpoint {where}")
+        try:
+            restored = self._manager.restore(
+                stage,
+                args=ocp.args.Composite(
+                    adapter=ocp.args.StandardRestore(abstract_adapter),
+                    trainer=ocp.args.StandardRestore(abstract_trainer),
+                    metrics=ocp.args.JsonRestore(),
+                ),
+            )
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {where} is unreadable or does not match: {e}") from e
+        return restored["adapter"], restored["trainer"], restored["metrics"], meta
+
+
+def save_backbone(directory: os.PathLike | str, params, meta: dict) -> None:
+    """Save frozen backbone params (orbax) and their metadata (model config, provenance)."""
+    directory = Path(directory).absolute()
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / "params", params, force=True)
+    checkpointer.wait_until_finished()
+    atomic_write_json(directory / "meta.json", meta)
+
+
+def load_backbone(directory: os.PathLike | str, abstract_params, model_config: dict):
+    """Restore backbone params saved by ``save_backbone``; the model config must match."""
+    directory = Path(directory).absolute()
+    if not (directory / "meta.json").exists() or not (directory / "params").exists():
+        raise CheckpointError(f"no backbone at {directory} (expected params/ and meta.json)")
+    meta = read_json(directory / "meta.json", "backbone")
+    check_same_config(meta.get("model", {}), model_config, f"backbone {directory}")
+    try:
+        params = ocp.StandardCheckpointer().restore(directory / "params", abstract_params)
+    except Exception as e:
+        raise CheckpointError(f"backbone {directory}/params is unreadable: {e}") from e
+    return params, meta

@@ -1,0 +1,75 @@
+"""Run a whole experiment: backbone, every method over the stream, results and reports."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import jax
+
+from mslora_jax.config import ExperimentConfig, to_json_dict
+from mslora_jax.data.registry import class_table, load_tasks
+from mslora_jax.io_utils import atomic_write_json
+from mslora_jax.parallel.mesh import make_mesh
+from mslora_jax.report.results import write_results
+from mslora_jax.train.checkpoints import StageCheckpoints, check_same_config, read_json
+from mslora_jax.train.methods import get_method
+from mslora_jax.train.pretrain import obtain_backbone
+from mslora_jax.train.stream import build_experiment, run_method
+
+log = logging.getLogger(__name__)
+
+# Keys that may change between a run and its resumption without invalidating checkpoints.
+RESUMABLE_KEYS = ("methods", "progress", "num_devices")
+
+
+def fingerprint(config: ExperimentConfig) -> dict:
+    """The part of the config that determines results (what a resume must match)."""
+    cfg = to_json_dict(config)
+    return {k: v for k, v in cfg.items() if k not in RESUMABLE_KEYS}
+
+
+def claim_workdir(config: ExperimentConfig, workdir: Path) -> None:
+    """Record the config in ``workdir``, or check it matches the one recorded by a previous run."""
+    path = workdir / "config.json"
+    if path.exists():
+        check_same_config(read_json(path, "workdir"), fingerprint(config), f"workdir {workdir}")
+    else:
+        atomic_write_json(path, fingerprint(config))
+
+
+def run_experiment(config: ExperimentConfig, workdir: str | os.PathLike) -> dict:
+    """Run (or resume) every configured method and write results.json, tables and plots."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    claim_workdir(config, workdir)
+    mesh = make_mesh(config.num_devices)
+    tasks = load_tasks(config, config.stream)  # fail on bad data before any training
+    base_params, backbone_info = obtain_backbone(config, workdir, mesh)
+    table = class_table(
+        tasks,
+        config.prompt_template,
+        max_len=config.model.max_text_len,
+        vocab_size=config.model.vocab_size,
+    )
+    exp = build_experiment(config, tasks, table, mesh, base_params)
+    zero_shot = [exp.accuracy({}, [], t) for t in range(exp.num_tasks)]
+    log.info("frozen backbone, no adapter: %s", zero_shot)
+    methods = {}
+    for name in config.methods:
+        checkpoints = StageCheckpoints(workdir / "checkpoints" / name)
+        methods[name], _ = run_method(exp, get_method(name), checkpoints, fingerprint(config))
+    results = {
+        "tasks": [{"name": t.name, "modality": t.modality} for t in tasks],
+        "methods": methods,
+        "backbone": {
+            **{k: v for k, v in backbone_info.items() if k != "base_task_acc"},
+            "base_task_acc": backbone_info.get("base_task_acc", {}),
+            "zero_shot_acc": zero_shot,
+            "num_devices": mesh.size,
+            "platform": jax.devices()[0].platform,
+        },
+    }
+    write_results(workdir, results)
+    return results

@@ -1,0 +1,98 @@
+"""The two objectives trained here: full backbone pretraining and one task's adapter.
+
+Both are CLIP InfoNCE between images and the prompts of their classes (``class_tokens[label]``);
+the adapter objective adds the MSLoRA-CR regularizers (paper: total = task + alpha_cr * CR +
+beta_ortho * ortho).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from mslora_jax.lora.adapter import insert_params
+from mslora_jax.losses.regularizers import contrastive_regularizer, orthogonality_regularizer
+from mslora_jax.models.clip import DualEncoder
+from mslora_jax.models.lora_dense import LORA_COLLECTION
+from mslora_jax.train.optim import Schedule
+
+# clip_loss_fn(image_emb, text_emb, prompt_ids, logit_scale) -> scalar; local or sharded.
+ClipLossFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+    """uint8 [0, 255] -> float32 [-1, 1]; done on device so hosts ship bytes."""
+    return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+@flax.struct.dataclass
+class PretrainContext:
+    class_tokens: jax.Array  # [C, L] prompt tokens of every base class
+    schedule: Schedule
+
+
+def pretrain_loss(model: DualEncoder, clip_loss_fn: ClipLossFn):
+    """Loss over the whole backbone (trainable = backbone params)."""
+
+    def loss_fn(params, context: PretrainContext, batch, rng):
+        del rng
+        tokens = context.class_tokens[batch["label"]]
+        image_emb, text_emb, logit_scale = model.apply(
+            {"params": params}, normalize_images(batch["image"]), tokens
+        )
+        loss = clip_loss_fn(image_emb, text_emb, batch["label"], logit_scale)
+        return loss, {"task_loss": loss}
+
+    return loss_fn
+
+
+@flax.struct.dataclass
+class AdapterContext:
+    """What the adapter loss reads but does not train. Masks are ``[T]`` over adapter slots."""
+
+    base_params: dict
+    lora_stack: dict  # every slot's adapter params, stacked; the active slot is overwritten
+    active_slot: jax.Array  # int32 scalar
+    forward_weights: jax.Array  # [T] task mask * (alpha / rank): which adapters the forward sums
+    earlier_mask: jax.Array  # [T] bool: slots the CR loss compares against
+    same_modality: jax.Array  # [T] bool: pull (True) or push (False)
+    ortho_mask: jax.Array  # [T] bool: slots whose (A, B) enter the orthogonality loss
+    alpha_cr: jax.Array  # f32 weight (0 disables); multiplies exp(w) when weights are learned
+    beta_ortho: jax.Array
+    class_tokens: jax.Array  # [C, L]
+    schedule: Schedule
+
+
+def adapter_loss(model: DualEncoder, clip_loss_fn: ClipLossFn):
+    """Loss of the active task's adapter.
+
+    ``trainable`` is ``{"lora": params}`` plus, when learned, ``logit_scale``, ``log_alpha_cr``
+    and ``log_beta_ortho``.
+    """
+
+    def loss_fn(trainable, context: AdapterContext, batch, rng):
+        active = trainable["lora"]
+        stack = insert_params(context.lora_stack, active, context.active_slot)
+        logit_scale = trainable.get("logit_scale", context.base_params["logit_scale"])
+        image_emb, text_emb, _ = model.apply(
+            {"params": context.base_params, LORA_COLLECTION: stack},
+            normalize_images(batch["image"]),
+            context.class_tokens[batch["label"]],
+            context.forward_weights,
+            deterministic=False,
+            rngs={"dropout": rng},
+        )
+        task = clip_loss_fn(image_emb, text_emb, batch["label"], logit_scale)
+        cr = contrastive_regularizer(
+            active, context.lora_stack, context.earlier_mask, context.same_modality
+        )
+        ortho = orthogonality_regularizer(stack, context.ortho_mask)
+        w_cr = context.alpha_cr * jnp.exp(trainable.get("log_alpha_cr", 0.0))
+        w_ortho = context.beta_ortho * jnp.exp(trainable.get("log_beta_ortho", 0.0))
+        total = task + w_cr * cr + w_ortho * ortho
+        return total, {"task_loss": task, "cr": cr, "ortho": ortho}
+
+    return loss_fn

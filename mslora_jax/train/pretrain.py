@@ -1,0 +1,152 @@
+"""Obtain the frozen backbone: random init, full pretraining on base tasks, or a saved one."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+from pathlib import Path
+
+import jax
+from jax.sharding import Mesh
+
+from mslora_jax.config import ExperimentConfig, to_json_dict
+from mslora_jax.data.pipeline import train_batches
+from mslora_jax.data.registry import class_table, load_tasks, union_train_split
+from mslora_jax.errors import CheckpointError
+from mslora_jax.eval.evaluate import evaluate_accuracy, make_predict_fn
+from mslora_jax.losses.contrastive import sharded_clip_loss
+from mslora_jax.models.clip import DualEncoder, ModelConfig, init_backbone
+from mslora_jax.parallel.mesh import check_divisible, replicate, replicated
+from mslora_jax.train.checkpoints import abstract_like, load_backbone, save_backbone
+from mslora_jax.train.loop import run_steps
+from mslora_jax.train.objectives import PretrainContext, pretrain_loss
+from mslora_jax.train.optim import Schedule, make_optimizer
+from mslora_jax.train.step import init_train_state, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+def init_backbone_sharded(model_config: ModelConfig, mesh: Mesh, rng) -> dict:
+    """Random params, born replicated on the mesh (no host copy)."""
+    init = jax.jit(lambda key: init_backbone(model_config, key), out_shardings=replicated(mesh))
+    return init(rng)
+
+
+def pretrain_backbone(config: ExperimentConfig, mesh: Mesh, rng) -> tuple[dict, dict]:
+    """Fully train a fresh backbone on ``config.base_tasks``; returns (params, info)."""
+    cfg = config.pretrain
+    tasks = load_tasks(config, config.base_tasks)
+    table = class_table(
+        tasks,
+        config.prompt_template,
+        max_len=config.model.max_text_len,
+        vocab_size=config.model.vocab_size,
+    )
+    images, labels = union_train_split(tasks, table, range(len(tasks)))
+    check_divisible(cfg.batch_size, mesh, "pretrain.batch_size")
+    model = DualEncoder(config.model)
+    init_key, state_key = jax.random.split(rng)
+    params = init_backbone_sharded(config.model, mesh, init_key)
+    optimizer = make_optimizer(cfg.weight_decay, grad_clip_norm=1.0)
+    step = jax.jit(
+        make_train_step(pretrain_loss(model, sharded_clip_loss(mesh)), optimizer),
+        donate_argnums=0,
+    )
+    state = init_train_state(params, optimizer, state_key)
+    context = replicate(
+        mesh,
+        PretrainContext(
+            table.tokens, Schedule.create(cfg.learning_rate, cfg.steps, cfg.warmup_ratio)
+        ),
+    )
+    batches = train_batches(
+        images,
+        labels,
+        batch_size=cfg.batch_size,
+        num_steps=cfg.steps,
+        seed=config.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+    state, stats = run_steps(
+        step,
+        state,
+        context,
+        batches,
+        mesh,
+        num_steps=cfg.steps,
+        desc="pretrain",
+        progress=config.progress,
+    )
+    predict = make_predict_fn(model)
+    accs = {}
+    for i, task in enumerate(tasks):
+        tokens, valid = table.task_tokens(i, max(table.sizes))
+        accs[task.name] = evaluate_accuracy(
+            predict,
+            mesh,
+            state.trainable,
+            None,
+            None,
+            task.test_images,
+            task.test_labels,
+            tokens,
+            valid,
+            _eval_batch(config, mesh),
+        )
+    info = {
+        "steps": cfg.steps,
+        "final_loss": stats.final_metrics.get("loss"),
+        "steps_per_s": stats.steps_per_s,
+        "base_task_acc": accs,
+    }
+    log.info("pretrained backbone: %s", info)
+    return state.trainable, info
+
+
+def _eval_batch(config: ExperimentConfig, mesh: Mesh) -> int:
+    # Round up to a multiple of the device count so eval batches shard evenly.
+    return math.ceil(config.train.eval_batch_size / mesh.size) * mesh.size
+
+
+def obtain_backbone(config: ExperimentConfig, workdir: Path, mesh: Mesh) -> tuple[dict, dict]:
+    """The frozen backbone of a run, saved once under ``workdir/backbone``.
+
+    ``random``: a seeded random init; ``load``: restored from ``backbone.path``; ``pretrain``:
+    restored from the workdir if a previous run saved one, otherwise pretrained and saved.
+    """
+    model_json = dataclasses.asdict(config.model)
+    abstract = abstract_like(
+        jax.eval_shape(functools.partial(init_backbone, config.model), jax.random.PRNGKey(0)), mesh
+    )
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 10_000)
+    if config.backbone.source == "load":
+        params, meta = load_backbone(config.backbone.path, abstract, model_json)
+        return params, meta.get("info", {})
+    if config.backbone.source == "random":
+        return init_backbone_sharded(config.model, mesh, rng), {"source": "random"}
+    directory = workdir / "backbone"
+    provenance = {
+        "pretrain": to_json_dict(config)["pretrain"],
+        "base_tasks": to_json_dict(config)["base_tasks"],
+        "seed": config.seed,
+        "prompt_template": config.prompt_template,
+    }
+    if (directory / "meta.json").exists():
+        params, meta = load_backbone(directory, abstract, model_json)
+        if meta.get("provenance") != provenance:
+            raise CheckpointError(
+                f"backbone {directory} was pretrained with different pretrain/base_tasks settings;"
+                " use a new --workdir"
+            )
+        log.info("loaded the pretrained backbone from %s", directory)
+        return params, meta.get("info", {})
+    params, info = pretrain_backbone(config, mesh, rng)
+    save_backbone(
+        directory,
+        params,
+        {"model": model_json, "provenance": provenance, "info": {**info, "source": "pretrain"}},
+    )
+    return params, {**info, "source": "pretrain"}

@@ -1,0 +1,285 @@
+"""Learn the task stream with one method: stage by stage, one adapter slot at a time.
+
+Every method runs through the same compiled train step: adapters of all tasks live in a stack of
+``T`` slots, and what a method changes (which slot trains, which slots the forward sums, which
+regularizers are on) is passed as data in the ``AdapterContext``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from mslora_jax.config import ExperimentConfig
+from mslora_jax.data.pipeline import train_batches
+from mslora_jax.data.registry import ClassTable, union_train_split
+from mslora_jax.data.task import TaskData
+from mslora_jax.eval.evaluate import evaluate_accuracy, make_predict_fn
+from mslora_jax.lora.adapter import init_adapter_params, stack_params
+from mslora_jax.lora.targets import select_targets
+from mslora_jax.losses.contrastive import sharded_clip_loss
+from mslora_jax.models.clip import DualEncoder
+from mslora_jax.parallel.mesh import check_divisible, replicate
+from mslora_jax.report.results import method_summary
+from mslora_jax.train.checkpoints import StageCheckpoints, abstract_like
+from mslora_jax.train.loop import run_steps
+from mslora_jax.train.methods import Method
+from mslora_jax.train.objectives import AdapterContext, adapter_loss
+from mslora_jax.train.optim import Schedule, make_optimizer
+from mslora_jax.train.step import TrainState, init_train_state, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Experiment:
+    """What every method of a run shares: data, frozen backbone, mesh and compiled functions."""
+
+    config: ExperimentConfig
+    tasks: list[TaskData]
+    table: ClassTable
+    mesh: Mesh
+    base_params: dict
+    targets: list[str]
+
+    def __post_init__(self):
+        check_divisible(self.config.train.batch_size, self.mesh, "train.batch_size")
+        self.model = DualEncoder(self.config.model)
+        self.optimizer = make_optimizer(
+            self.config.train.weight_decay, self.config.train.grad_clip_norm
+        )
+        loss_fn = adapter_loss(self.model, sharded_clip_loss(self.mesh))
+        self.train_step = jax.jit(make_train_step(loss_fn, self.optimizer), donate_argnums=0)
+        self.predict_fn = make_predict_fn(self.model)
+        self.max_classes = max(self.table.sizes)
+        self.eval_batch_size = (
+            math.ceil(self.config.train.eval_batch_size / self.mesh.size) * self.mesh.size
+        )
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def scaling(self) -> float:
+        return self.config.lora.alpha / self.config.lora.rank
+
+    def fresh_adapter(self, stage: int) -> dict:
+        """The initial adapter of ``stage``: the same for every method, for a fair comparison."""
+        key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), stage)
+        return init_adapter_params(self.base_params, self.targets, self.config.lora.rank, key)
+
+    def empty_stack(self) -> dict:
+        template = jax.eval_shape(self.fresh_adapter, 0)
+        return jax.tree.map(lambda x: jnp.zeros((self.num_tasks, *x.shape), x.dtype), template)
+
+    def stack(self, slots: dict[int, dict]) -> dict:
+        """A ``[T, ...]`` stack holding the given slots' adapters and zeros elsewhere."""
+        zero = jax.tree.map(lambda x: x[0], self.empty_stack())
+        return stack_params([slots.get(i, zero) for i in range(self.num_tasks)])
+
+    def weights(self, slots: list[int]) -> jax.Array:
+        """Forward weights: task mask times alpha / rank."""
+        return jnp.asarray(
+            [self.scaling if i in slots else 0.0 for i in range(self.num_tasks)], jnp.float32
+        )
+
+    def mask(self, slots: list[int]) -> jax.Array:
+        return jnp.asarray([i in slots for i in range(self.num_tasks)])
+
+    def accuracy(self, slots: dict[int, dict], active: list[int], task: int) -> float:
+        tokens, valid = self.table.task_tokens(task, self.max_classes)
+        data = self.tasks[task]
+        return evaluate_accuracy(
+            self.predict_fn,
+            self.mesh,
+            self.base_params,
+            self.stack(slots),
+            self.weights(active),
+            data.test_images,
+            data.test_labels,
+            tokens,
+            valid,
+            self.eval_batch_size,
+        )
+
+    def num_steps(self, task_indices: list[int]) -> int:
+        cfg = self.config.train
+        if cfg.steps_per_task:
+            return cfg.steps_per_task * len(task_indices)
+        total = 0
+        for i in task_indices:
+            epochs = self.config.stream[i].epochs or cfg.epochs
+            total += math.ceil(epochs * len(self.tasks[i].train_labels) / cfg.batch_size)
+        return total
+
+    def learning_rate(self, task_indices: list[int]) -> float:
+        rates = {
+            self.config.stream[i].learning_rate or self.config.train.learning_rate
+            for i in task_indices
+        }
+        return rates.pop() if len(rates) == 1 else self.config.train.learning_rate
+
+
+def initial_trainable(exp: Experiment, method: Method, adapter: dict) -> dict:
+    """The trainable partition: the active adapter, plus what the config asks to learn."""
+    trainable = {"lora": adapter}
+    if exp.config.train.learn_temperature:
+        trainable["logit_scale"] = exp.base_params["logit_scale"]
+    reg = exp.config.regularizer
+    if reg.learn_weights and method.use_cr:
+        trainable["log_alpha_cr"] = jnp.float32(reg.init_log_weight)
+    if reg.learn_weights and method.use_ortho:
+        trainable["log_beta_ortho"] = jnp.float32(reg.init_log_weight)
+    return trainable
+
+
+def stage_context(
+    exp: Experiment, method: Method, stage: int, slots: dict, task_indices
+) -> AdapterContext:
+    reg = exp.config.regularizer
+    modality = exp.tasks[stage].modality
+    same = [task.modality == modality for task in exp.tasks]
+
+    def weight(enabled: bool, value: float) -> float:
+        # With learned weights the context carries an on/off switch and exp(w) is the weight.
+        return (1.0 if reg.learn_weights else value) if enabled else 0.0
+
+    steps = exp.num_steps(task_indices)
+    return AdapterContext(
+        base_params=exp.base_params,
+        lora_stack=exp.stack(slots),
+        active_slot=jnp.int32(method.slot(stage)),
+        forward_weights=exp.weights(method.train_slots(stage)),
+        earlier_mask=exp.mask(method.cr_slots(stage)),
+        same_modality=jnp.asarray(same),
+        ortho_mask=exp.mask(method.ortho_slots(stage)),
+        alpha_cr=jnp.float32(weight(method.use_cr, reg.alpha_cr)),
+        beta_ortho=jnp.float32(weight(method.use_ortho, reg.beta_ortho)),
+        class_tokens=jnp.asarray(exp.table.tokens),
+        schedule=Schedule.create(
+            exp.learning_rate(task_indices), steps, exp.config.train.warmup_ratio
+        ),
+    )
+
+
+def train_stage(
+    exp: Experiment, method: Method, stage: int, slots: dict
+) -> tuple[TrainState, dict]:
+    """Train the adapter of ``stage``; returns the final train state and timing."""
+    task_indices = list(range(exp.num_tasks)) if method.joint else [stage]
+    slot = method.slot(stage)
+    start = (
+        slots[slot] if (method.continues_previous() and slot in slots) else exp.fresh_adapter(stage)
+    )
+    key = jax.random.fold_in(jax.random.PRNGKey(exp.config.seed + 1), stage)
+    state = init_train_state(initial_trainable(exp, method, start), exp.optimizer, key)
+    state, context = replicate(
+        exp.mesh, (state, stage_context(exp, method, stage, slots, task_indices))
+    )
+    images, labels = union_train_split(exp.tasks, exp.table, task_indices)
+    steps = exp.num_steps(task_indices)
+    batches = train_batches(
+        images,
+        labels,
+        batch_size=exp.config.train.batch_size,
+        num_steps=steps,
+        seed=exp.config.seed * 7919 + stage,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+    name = "joint" if method.joint else exp.tasks[stage].name
+    state, stats = run_steps(
+        exp.train_step,
+        state,
+        context,
+        batches,
+        exp.mesh,
+        num_steps=steps,
+        desc=f"{method.name} {stage + 1}/{method.num_stages(exp.num_tasks)} {name}",
+        progress=exp.config.progress,
+    )
+    timing = {"steps": steps, "timed_steps": stats.timed_steps, "seconds": stats.timed_seconds}
+    return state, {"timing": timing, "final": stats.final_metrics}
+
+
+def evaluate_row(exp: Experiment, method: Method, stage: int, slots: dict) -> list[float | None]:
+    """Row ``stage`` of the accuracy matrix (every task for ``joint``)."""
+    row: list[float | None] = []
+    for task in range(exp.num_tasks):
+        if method.joint or task <= stage:
+            row.append(exp.accuracy(slots, method.eval_slots(task), task))
+        else:
+            row.append(None)
+    return row
+
+
+def run_method(
+    exp: Experiment, method: Method, checkpoints: StageCheckpoints | None, fingerprint: dict
+) -> tuple[dict, dict[int, dict]]:
+    """Learn the stream with ``method``, resuming after its last checkpointed stage.
+
+    Returns the method's ``results.json`` entry and its adapters by slot.
+    """
+    slots: dict[int, dict] = {}
+    rows, timings = [], []
+    finished = set(checkpoints.finished_stages()) if checkpoints else set()
+    for stage in range(method.num_stages(exp.num_tasks)):
+        slot = method.slot(stage)
+        if stage in finished:
+            abstract_adapter = abstract_like(jax.eval_shape(exp.fresh_adapter, stage), exp.mesh)
+            abstract_state = abstract_like(
+                jax.eval_shape(
+                    lambda a: init_train_state(
+                        initial_trainable(exp, method, a), exp.optimizer, jax.random.PRNGKey(0)
+                    ),
+                    abstract_adapter,
+                ),
+                exp.mesh,
+            )
+            adapter, _, metrics, _ = checkpoints.restore(
+                stage, abstract_adapter, abstract_state, fingerprint
+            )
+            slots[slot] = adapter
+            rows.append(metrics["row"])
+            timings.append(metrics["timing"])
+            log.info("%s: restored stage %d from %s", method.name, stage, checkpoints.directory)
+            continue
+        state, info = train_stage(exp, method, stage, slots)
+        slots[slot] = state.trainable["lora"]
+        row = evaluate_row(exp, method, stage, slots)
+        rows.append(row)
+        timings.append(info["timing"])
+        log.info("%s stage %d: %s (final %s)", method.name, stage, row, info["final"])
+        if checkpoints:
+            checkpoints.save(
+                stage,
+                adapter=state.trainable["lora"],
+                trainer=state,
+                metrics={"row": row, "timing": info["timing"], "final": info["final"]},
+                meta={
+                    "fingerprint": fingerprint,
+                    "method": method.name,
+                    "slot": slot,
+                    "task": "joint" if method.joint else exp.tasks[stage].name,
+                    "modality": "mixed" if method.joint else exp.tasks[stage].modality,
+                    "rank": exp.config.lora.rank,
+                    "alpha": exp.config.lora.alpha,
+                    "targets": exp.targets,
+                },
+            )
+    unified_slots = method.unified_slots(exp.num_tasks)
+    unified = [exp.accuracy(slots, unified_slots, task) for task in range(exp.num_tasks)]
+    timed = sum(t["timed_steps"] for t in timings)
+    seconds = sum(t["seconds"] for t in timings)
+    return method_summary(rows, unified, timed / seconds if seconds > 0 else 0.0), slots
+
+
+def build_experiment(config: ExperimentConfig, tasks, table, mesh, base_params) -> Experiment:
+    targets = select_targets(base_params, config.lora.targets)
+    return Experiment(config, tasks, table, mesh, base_params, targets)

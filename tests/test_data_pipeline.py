@@ -1,0 +1,157 @@
+"""Tests for the grain-based training and evaluation batch pipelines."""
+
+import numpy as np
+import pytest
+
+from mslora_jax.data.pipeline import eval_batches, train_batches
+from mslora_jax.errors import ConfigError, DataError
+
+
+def _data(n, size=4):
+    """Images whose first pixel encodes the row, labels equal to the row, to track examples."""
+    images = np.zeros((n, size, size, 3), np.uint8)
+    images[:, 0, 0, 0] = np.arange(n) % 256
+    images[:, 0, 0, 1] = np.arange(n) // 256
+    return images, np.arange(n)
+
+
+def _ids(batches):
+    """Row ids of each batch, ``[steps, b]``, checking images and labels stay paired."""
+    ids = []
+    for batch in batches:
+        pixels = batch["image"][:, 0, 0].astype(int)
+        image_ids = pixels[:, 0] + 256 * pixels[:, 1]
+        np.testing.assert_array_equal(image_ids, batch["label"])
+        ids.append(batch["label"])
+    return np.stack(ids)
+
+
+def test_exact_step_count_shapes_and_dtypes():
+    images, labels = _data(100, size=6)
+    batches = list(train_batches(images, labels, batch_size=16, num_steps=23, seed=0))
+    assert len(batches) == 23
+    for batch in batches:
+        assert set(batch) == {"image", "label"}
+        assert batch["image"].shape == (16, 6, 6, 3) and batch["image"].dtype == np.uint8
+        assert batch["label"].shape == (16,) and batch["label"].dtype == np.int32
+
+
+def test_zero_steps_yields_nothing():
+    assert list(train_batches(*_data(10), batch_size=4, num_steps=0, seed=0)) == []
+
+
+def test_deterministic_for_a_seed_and_different_across_seeds():
+    data = _data(64)
+    a = _ids(train_batches(*data, batch_size=8, num_steps=20, seed=7))
+    b = _ids(train_batches(*data, batch_size=8, num_steps=20, seed=7))
+    c = _ids(train_batches(*data, batch_size=8, num_steps=20, seed=8))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_each_epoch_is_a_fresh_permutation_with_remainder_dropped():
+    # 42 rows, batch 8: 5 steps per epoch, 2 rows left out of each epoch.
+    ids = _ids(train_batches(*_data(42), batch_size=8, num_steps=15, seed=0))
+    epochs = ids.reshape(3, 40)
+    for epoch in epochs:
+        assert len(set(epoch.tolist())) == 40
+    assert not np.array_equal(epochs[0], epochs[1])
+    assert not np.array_equal(np.sort(epochs[0]), epochs[0])  # shuffled, not in file order
+    # Over several epochs every row is seen, the dropped ones change from epoch to epoch.
+    many = _ids(train_batches(*_data(42), batch_size=8, num_steps=50, seed=0))
+    assert set(many.ravel().tolist()) == set(range(42))
+
+
+def test_resuming_at_a_step_continues_the_same_stream():
+    data = _data(50)
+    full = _ids(train_batches(*data, batch_size=8, num_steps=20, seed=3))
+    resumed = _ids(train_batches(*data, batch_size=8, num_steps=20, seed=3, start_step=13))
+    np.testing.assert_array_equal(resumed, full[13:])
+
+
+def test_shards_are_disjoint_equal_and_cover_the_data():
+    n, count, global_batch = 64, 4, 16
+    per_shard = [
+        _ids(
+            train_batches(
+                *_data(n),
+                batch_size=global_batch,
+                num_steps=8,  # 2 epochs of 4 local steps
+                seed=5,
+                shard_index=index,
+                shard_count=count,
+            )
+        )
+        for index in range(count)
+    ]
+    seen = []
+    for ids in per_shard:
+        assert ids.shape == (8, global_batch // count)
+        first, second = ids[:4].ravel(), ids[4:].ravel()
+        assert set(first.tolist()) == set(second.tolist())  # a process keeps its shard
+        assert not np.array_equal(first, second)  # but reshuffles it
+        seen.append(set(first.tolist()))
+    for i in range(count):
+        for j in range(i + 1, count):
+            assert not seen[i] & seen[j]
+    assert set().union(*seen) == set(range(n))
+
+
+def test_sharding_mixes_sorted_labels():
+    # Data sorted by class: every shard must still see every class.
+    images, _ = _data(80)
+    labels = np.repeat(np.arange(4), 20)
+    for index in range(4):
+        batches = train_batches(
+            images, labels, batch_size=8, num_steps=10, seed=0, shard_index=index, shard_count=4
+        )
+        assert {int(x) for batch in batches for x in batch["label"]} == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch_size": 10, "shard_count": 4}, "multiple of shard_count"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 64}, "20 training examples is fewer than batch_size 64"),
+        ({"shard_index": 4, "shard_count": 4}, "shard"),
+        ({"shard_index": -1}, "shard"),
+        ({"start_step": 11}, "start_step"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_bad_arguments_raise_at_call_time(kwargs, message):
+    options = {"batch_size": 8, "num_steps": 10, "seed": 0, **kwargs}
+    with pytest.raises(ConfigError, match=message):
+        train_batches(*_data(20), **options)  # no next(): checks must not be lazy
+
+
+def test_mismatched_images_and_labels():
+    images, labels = _data(20)
+    with pytest.raises(DataError):
+        train_batches(images, labels[:19], batch_size=4, num_steps=1, seed=0)
+    with pytest.raises(DataError):
+        eval_batches(images, labels[:19], batch_size=4)
+
+
+def test_eval_batches_are_in_order_padded_and_masked():
+    images, labels = _data(10)
+    batches = list(eval_batches(images, labels, batch_size=4))
+    assert len(batches) == 3
+    for batch in batches:
+        assert batch["image"].shape == (4, 4, 4, 3) and batch["image"].dtype == np.uint8
+        assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
+        assert batch["mask"].shape == (4,) and batch["mask"].dtype == np.bool_
+    np.testing.assert_array_equal(batches[-1]["mask"], [True, True, False, False])
+    assert not batches[-1]["image"][2:].any() and not batches[-1]["label"][2:].any()
+    real = np.concatenate([b["label"][b["mask"]] for b in batches])
+    np.testing.assert_array_equal(real, labels)
+    np.testing.assert_array_equal(np.concatenate([b["image"] for b in batches])[:10], images)
+
+
+def test_eval_batches_exact_multiple_and_empty():
+    batches = list(eval_batches(*_data(8), batch_size=4))
+    assert len(batches) == 2 and all(b["mask"].all() for b in batches)
+    assert list(eval_batches(*_data(0), batch_size=4)) == []
+    with pytest.raises(ConfigError):
+        eval_batches(*_data(8), batch_size=0)
