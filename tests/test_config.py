@@ -1,23 +1,11 @@
 """Configs: conversion from ConfigDict, unknown keys, bad values, the shipped configs load."""
 
-import importlib.util
-from pathlib import Path
-
-import ml_collections
 import pytest
 
 from mslora_jax.config import ExperimentConfig, experiment_config
 from mslora_jax.errors import ConfigError
 from mslora_jax.train.methods import get_method
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_config_file(name: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from tests.helpers import load_config_file
 
 
 def test_demo_config_converts():

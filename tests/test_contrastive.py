@@ -31,8 +31,9 @@ def _embeddings(n=16, d=8, seed=0):
 def test_clip_loss_matches_reference_with_duplicates():
     img, txt = _embeddings()
     ids = jnp.array([0, 1, 2, 3] * 4)
-    np.testing.assert_allclose(clip_loss(img, txt, ids, 2.0), _reference(img, txt, np.asarray(ids), 2.0),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        clip_loss(img, txt, ids, 2.0), _reference(img, txt, np.asarray(ids), 2.0), rtol=1e-5
+    )
 
 
 def test_clip_loss_is_standard_infonce_for_distinct_prompts():

@@ -21,9 +21,21 @@ from mslora_jax.lora.targets import get_by_path, select_targets
 from mslora_jax.models.clip import DualEncoder, ModelConfig, init_backbone
 from mslora_jax.models.lora_dense import LoraDense
 
-CFG = ModelConfig(image_size=8, patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32,
-                  vocab_size=64, max_text_len=6, text_width=16, text_depth=1, text_num_heads=2,
-                  text_mlp_dim=32, embed_dim=8)
+CFG = ModelConfig(
+    image_size=8,
+    patch_size=4,
+    width=16,
+    depth=1,
+    num_heads=2,
+    mlp_dim=32,
+    vocab_size=64,
+    max_text_len=6,
+    text_width=16,
+    text_depth=1,
+    text_num_heads=2,
+    text_mlp_dim=32,
+    embed_dim=8,
+)
 
 
 def _random_lora(rng, t, r, d_in, d_out):
@@ -87,16 +99,24 @@ def test_targets_select_by_pattern_and_reject_unmatched():
 def test_adapter_tree_mirrors_only_adapted_paths():
     params = init_backbone(CFG, jax.random.PRNGKey(0))
     targets = select_targets(params, [r"mlp/fc1$"])
-    adapter = init_adapter(params, targets, rank=2, alpha=4.0, modality="radiology", task="t0",
-                           rng=jax.random.PRNGKey(3))
+    adapter = init_adapter(
+        params,
+        targets,
+        rank=2,
+        alpha=4.0,
+        modality="radiology",
+        task="t0",
+        rng=jax.random.PRNGKey(3),
+    )
     assert adapter_paths(adapter.params) == targets
     assert adapter.scaling == 2.0
     assert adapter.num_params() == sum(2 * 16 + 32 * 2 for _ in targets)
 
 
 def test_stack_unstack_insert():
-    trees = [{"x": {"lora_a": jnp.full((2, 3), i), "lora_b": jnp.full((4, 2), i)}}
-             for i in range(3)]
+    trees = [
+        {"x": {"lora_a": jnp.full((2, 3), i), "lora_b": jnp.full((4, 2), i)}} for i in range(3)
+    ]
     stacked = stack_params(trees)
     chex.assert_trees_all_equal(unstack_params(stacked)[1], trees[1])
     replaced = insert_params(stacked, trees[0], jnp.int32(2))
@@ -117,8 +137,9 @@ def test_merge_equals_unmerged_forward_and_round_trips():
     images = jax.random.uniform(jax.random.PRNGKey(2), (2, 8, 8, 3))
     tokens = jnp.array([[1, 5, 6, 0, 0, 0], [1, 7, 0, 0, 0, 0]])
     stack = stack_params([a.params for a in adapters])
-    unmerged = model.apply({"params": params, "lora": stack}, images, tokens,
-                           jnp.array([a.scaling for a in adapters]))
+    unmerged = model.apply(
+        {"params": params, "lora": stack}, images, tokens, jnp.array([a.scaling for a in adapters])
+    )
     merged_params = merge(params, adapters)
     merged = model.apply({"params": merged_params}, images, tokens)
     chex.assert_trees_all_close(unmerged, merged, atol=1e-5)
@@ -128,15 +149,17 @@ def test_merge_equals_unmerged_forward_and_round_trips():
 def test_task_mask_is_data_not_structure():
     params = init_backbone(CFG, jax.random.PRNGKey(0))
     targets = select_targets(params, [r"attn/(q|v)$"])
-    stack = stack_params([init_adapter_params(params, targets, 2, jax.random.PRNGKey(i))
-                          for i in range(3)])
+    stack = stack_params(
+        [init_adapter_params(params, targets, 2, jax.random.PRNGKey(i)) for i in range(3)]
+    )
     model = DualEncoder(CFG)
 
     @jax.jit
     @chex.assert_max_traces(n=1)
     def embed(weights, images):
-        return model.apply({"params": params, "lora": stack}, images, weights,
-                           method=DualEncoder.encode_image)
+        return model.apply(
+            {"params": params, "lora": stack}, images, weights, method=DualEncoder.encode_image
+        )
 
     images = jnp.zeros((2, 8, 8, 3))
     for mask in ([1, 0, 0], [1, 1, 1], [0, 0, 1], [1, 1, 0]):

@@ -20,8 +20,11 @@ def test_cr_hand_computed_with_sign_flip():
     active = {"l": _layer([[3.0, 0.0]], [[0.0], [0.0]])}
     # Slot 0: A differs by 3 (norm 3); B same -> s0 = (e^-3 + e^0) / 2.
     # Slot 1: A same, B differs by (3, 4) -> norm 5 -> s1 = (1 + e^-5) / 2.
-    stacked = {"l": _layer([[[0.0, 0.0]], [[3.0, 0.0]], [[0, 0]]],
-                           [[[0.0], [0.0]], [[3.0], [4.0]], [[0], [0]]])}
+    stacked = {
+        "l": _layer(
+            [[[0.0, 0.0]], [[3.0, 0.0]], [[0, 0]]], [[[0.0], [0.0]], [[3.0], [4.0]], [[0], [0]]]
+        )
+    }
     s0, s1 = (np.exp(-3) + 1) / 2, (1 + np.exp(-5)) / 2
     np.testing.assert_allclose(adapter_similarities(active, stacked)[:2], [s0, s1], rtol=1e-6)
     earlier = jnp.array([True, True, False])

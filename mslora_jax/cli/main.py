@@ -10,6 +10,7 @@ import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from mslora_jax.errors import MsloraError
@@ -44,8 +45,10 @@ def _inspect() -> None:
 
 
 def main(argv: list[str]) -> None:
-    logging.getLogger().setLevel(logging.INFO)
-    commands = [a for a in argv[1:]]
+    # Our own progress lines at INFO; orbax's very chatty INFO logs (absl) only from WARNING.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("mslora_jax").setLevel(logging.INFO)
+    commands = argv[1:]
     if len(commands) != 1 or commands[0] not in COMMANDS:
         raise app.UsageError(f"expected one command of {COMMANDS}, got {commands}")
     if not _WORKDIR.value:

@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 
 from mslora_jax.config import ExperimentConfig, to_json_dict
-from mslora_jax.data.registry import class_table, load_tasks
+from mslora_jax.data.registry import load_tasks
 from mslora_jax.io_utils import atomic_write_json
 from mslora_jax.parallel.mesh import make_mesh
 from mslora_jax.report.results import write_results
@@ -47,13 +47,7 @@ def run_experiment(config: ExperimentConfig, workdir: str | os.PathLike) -> dict
     mesh = make_mesh(config.num_devices)
     tasks = load_tasks(config, config.stream)  # fail on bad data before any training
     base_params, backbone_info = obtain_backbone(config, workdir, mesh)
-    table = class_table(
-        tasks,
-        config.prompt_template,
-        max_len=config.model.max_text_len,
-        vocab_size=config.model.vocab_size,
-    )
-    exp = build_experiment(config, tasks, table, mesh, base_params)
+    exp = build_experiment(config, tasks, mesh, base_params)
     zero_shot = [exp.accuracy({}, [], t) for t in range(exp.num_tasks)]
     log.info("frozen backbone, no adapter: %s", zero_shot)
     methods = {}

@@ -54,7 +54,7 @@ def pretrain_backbone(config: ExperimentConfig, mesh: Mesh, rng) -> tuple[dict, 
         make_train_step(pretrain_loss(model, sharded_clip_loss(mesh)), optimizer),
         donate_argnums=0,
     )
-    state = init_train_state(params, optimizer, state_key)
+    state = replicate(mesh, init_train_state(params, optimizer, state_key))
     context = replicate(
         mesh,
         PretrainContext(

@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from mslora_jax.config import ExperimentConfig
 from mslora_jax.data.pipeline import train_batches
-from mslora_jax.data.registry import ClassTable, union_train_split
+from mslora_jax.data.registry import ClassTable, class_table, union_train_split
 from mslora_jax.data.task import TaskData
 from mslora_jax.eval.evaluate import evaluate_accuracy, make_predict_fn
 from mslora_jax.lora.adapter import init_adapter_params, stack_params
@@ -280,6 +280,15 @@ def run_method(
     return method_summary(rows, unified, timed / seconds if seconds > 0 else 0.0), slots
 
 
-def build_experiment(config: ExperimentConfig, tasks, table, mesh, base_params) -> Experiment:
+def build_experiment(
+    config: ExperimentConfig, tasks: list[TaskData], mesh: Mesh, base_params: dict
+) -> Experiment:
+    """Bundle a stream's tasks with the frozen backbone; checks the LoRA target patterns."""
+    table = class_table(
+        tasks,
+        config.prompt_template,
+        max_len=config.model.max_text_len,
+        vocab_size=config.model.vocab_size,
+    )
     targets = select_targets(base_params, config.lora.targets)
     return Experiment(config, tasks, table, mesh, base_params, targets)

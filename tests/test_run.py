@@ -1,0 +1,170 @@
+"""End to end: results files, checkpoints, exact resume, and errors for bad input."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from mslora_jax.cli.inspect import inspect_adapters, load_stage_adapters
+from mslora_jax.errors import CheckpointError, ConfigError, DataError
+from mslora_jax.report.results import load_results
+from mslora_jax.train import stream
+from mslora_jax.train.checkpoints import StageCheckpoints
+from mslora_jax.train.experiment import run_experiment
+from tests.helpers import ROOT, smoke_config
+
+METHODS = ("seq", "mslora_cr")
+
+
+def _config(**overrides):
+    return smoke_config(**{"methods": METHODS, "num_devices": 1, **overrides})
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("full")
+    return workdir, run_experiment(_config(), workdir)
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_run_writes_results_tables_and_plots(full_run):
+    workdir, results = full_run
+    for name in ("results.json", "results.md", "results.csv", "acc_matrices.png", "config.json"):
+        assert (workdir / name).exists(), name
+    assert load_results(workdir / "results.json")["methods"].keys() == set(METHODS)
+    seq = results["methods"]["seq"]
+    assert len(seq["acc_matrix"]) == 3 and seq["acc_matrix"][0][1] is None
+    assert results["methods"]["mslora_cr"]["train_steps_per_s"] > 0
+    assert len(results["backbone"]["zero_shot_acc"]) == 3
+    assert "| mslora_cr |" in (workdir / "results.md").read_text()
+
+
+def test_interrupted_then_resumed_run_equals_uninterrupted(full_run, tmp_path, monkeypatch):
+    full_dir, full_results = full_run
+    original = stream.train_stage
+
+    def crash_at_stage_2(exp, method, stage, slots):
+        if method.name == "mslora_cr" and stage == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(exp, method, stage, slots)
+
+    monkeypatch.setattr(stream, "train_stage", crash_at_stage_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(_config(), tmp_path)
+    assert StageCheckpoints(tmp_path / "checkpoints" / "mslora_cr").finished_stages() == [0, 1]
+    assert not (tmp_path / "results.json").exists()
+    monkeypatch.setattr(stream, "train_stage", original)
+    resumed = run_experiment(_config(), tmp_path)
+    for method in METHODS:
+        a = load_stage_adapters(full_dir, method)
+        b = load_stage_adapters(tmp_path, method)
+        assert [m["task"] for m, _ in a] == [m["task"] for m, _ in b]
+        for (_, pa), (_, pb) in zip(a, b):
+            chex.assert_trees_all_equal(pa, pb)
+        assert (
+            resumed["methods"][method]["acc_matrix"]
+            == full_results["methods"][method]["acc_matrix"]
+        )
+
+
+def test_rerun_with_a_different_config_is_refused_and_keeps_files(full_run):
+    workdir, _ = full_run
+    before = {p: _digest(p) for p in workdir.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match=r"different config.*lora\.rank"):
+        run_experiment(_config(**{"lora.rank": 3}), workdir)
+    assert {p: _digest(p) for p in workdir.rglob("*") if p.is_file()} == before
+
+
+def test_checkpoint_round_trip_and_fingerprint_check(tmp_path):
+    ckpt = StageCheckpoints(tmp_path / "m")
+    adapter = {"x": {"lora_a": np.arange(6.0).reshape(2, 3), "lora_b": np.ones((4, 2))}}
+    trainer = {"step": np.int32(7), "mu": np.full((3,), 0.5)}
+    ckpt.save(0, adapter, trainer, {"row": [0.5]}, {"fingerprint": {"a": 1}})
+    abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
+    got_adapter, got_trainer, metrics, meta = ckpt.restore(
+        0, abstract(adapter), abstract(trainer), {"a": 1}
+    )
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, got_adapter), adapter)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, got_trainer), trainer)
+    assert metrics == {"row": [0.5]}
+    with pytest.raises(CheckpointError, match="different config"):
+        ckpt.restore(0, abstract(adapter), abstract(trainer), {"a": 2})
+
+
+def test_inspect_lists_adapters_and_rejects_bad_task(full_run):
+    workdir, _ = full_run
+    text = inspect_adapters(workdir, "mslora_cr")
+    assert "path_a" in text and "CR similarity" in text
+    assert "rad_a" in inspect_adapters(workdir, "mslora_cr", "rad_a")
+    with pytest.raises(ConfigError, match="task id 7 is out of range"):
+        inspect_adapters(workdir, "mslora_cr", "7")
+    with pytest.raises(ConfigError, match="unknown task name"):
+        inspect_adapters(workdir, "mslora_cr", "derm_z")
+    with pytest.raises(ConfigError, match="unknown method"):
+        inspect_adapters(workdir, "ewc")
+
+
+def test_missing_and_corrupt_npz_are_named(tmp_path):
+    task = {
+        "name": "real",
+        "modality": "radiology",
+        "source": "medmnist",
+        "file": "nowhere.npz",
+        "class_names": ["normal", "pneumonia"],
+    }
+    config = smoke_config(**{"stream": [task], "data_dir": str(tmp_path)})
+    with pytest.raises(DataError, match="nowhere.npz: file not found"):
+        run_experiment(config, tmp_path / "w1")
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 this is not a zip")
+    config = smoke_config(**{"stream": [{**task, "file": "broken.npz"}], "data_dir": str(tmp_path)})
+    with pytest.raises(DataError, match="broken.npz"):
+        run_experiment(config, tmp_path / "w2")
+
+
+def _cli(*args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-m", "mslora_jax.cli.main", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_cli_bad_input_exits_nonzero_with_a_clear_message(full_run, tmp_path):
+    workdir, _ = full_run
+    proc = _cli(
+        "run",
+        "--config",
+        "configs/smoke.py",
+        "--workdir",
+        str(tmp_path),
+        "--config.methods=('mslora','ewc')",
+    )
+    assert proc.returncode == 2 and "unknown method 'ewc'" in proc.stderr
+    results_before = _digest(workdir / "results.json")
+    proc = _cli(
+        "run",
+        "--config",
+        "configs/smoke.py",
+        "--workdir",
+        str(workdir),
+        "--config.lora.rank=3",
+        "--config.num_devices=1",
+    )
+    assert proc.returncode == 2 and "different config" in proc.stderr, proc.stderr[-2000:]
+    assert _digest(workdir / "results.json") == results_before
+    proc = _cli("inspect", "--workdir", str(workdir), "--method", "seq", "--task", "12")
+    assert proc.returncode == 2 and "task id 12 is out of range" in proc.stderr
+    assert json.loads((workdir / "config.json").read_text())["lora"]["rank"] == 2

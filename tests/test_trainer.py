@@ -1,0 +1,120 @@
+"""The trainer: only the active adapter learns, a new task is learned, sharding is exact."""
+
+import chex
+import jax
+import numpy as np
+
+from mslora_jax.data.pipeline import train_batches
+from mslora_jax.data.registry import union_train_split
+from mslora_jax.losses.contrastive import sharded_clip_loss
+from mslora_jax.parallel.mesh import replicate, to_global_batch
+from mslora_jax.train.methods import get_method
+from mslora_jax.train.objectives import adapter_loss
+from mslora_jax.train.step import init_train_state
+from mslora_jax.train.stream import initial_trainable, run_method, stage_context, train_stage
+from tests.helpers import random_backbone_experiment
+
+
+def _random_earlier_adapter(exp, seed):
+    return jax.tree.map(
+        lambda x: jax.random.normal(jax.random.PRNGKey(seed), x.shape) * 0.1, exp.fresh_adapter(0)
+    )
+
+
+def test_only_the_active_adapter_changes_and_has_optimizer_state():
+    exp = random_backbone_experiment(**{"train.learn_temperature": False})
+    method = get_method("mslora_cr_ortho")
+    earlier = {0: _random_earlier_adapter(exp, 1)}
+    before_base = jax.tree.map(np.array, exp.base_params)
+    before_earlier = jax.tree.map(np.array, earlier)
+    context = replicate(exp.mesh, stage_context(exp, method, 1, earlier, [1]))
+    state = replicate(
+        exp.mesh,
+        init_train_state(
+            initial_trainable(exp, method, exp.fresh_adapter(1)),
+            exp.optimizer,
+            jax.random.PRNGKey(0),
+        ),
+    )
+    start_active = jax.tree.map(np.array, state.trainable["lora"])
+    assert set(state.trainable) == {"lora"}
+    # Optimizer state mirrors the trainable tree only: no moments for frozen leaves.
+    adam_state = state.opt_state[0]
+    chex.assert_trees_all_equal_structs(adam_state.mu, state.trainable)
+    assert sum(x.size for x in jax.tree.leaves(adam_state.mu)) == sum(
+        x.size for x in jax.tree.leaves(state.trainable)
+    )
+    images, labels = union_train_split(exp.tasks, exp.table, [1])
+    batches = train_batches(images, labels, batch_size=32, num_steps=3, seed=0)
+    for batch in batches:
+        state, metrics = exp.train_step(state, context, to_global_batch(exp.mesh, batch))
+        # After every step: backbone and the earlier adapter (as the loss sees them) unchanged.
+        chex.assert_trees_all_equal(jax.tree.map(np.array, context.base_params), before_base)
+        chex.assert_trees_all_equal(
+            jax.tree.map(lambda x: np.array(x[0]), context.lora_stack), before_earlier[0]
+        )
+        assert np.isfinite(metrics["loss"]) and float(metrics["cr"]) > 0
+    chex.assert_trees_all_equal(jax.tree.map(np.array, exp.base_params), before_base)
+    moved = jax.tree.map(
+        lambda a, b: np.abs(np.asarray(a) - b).max(), state.trainable["lora"], start_active
+    )
+    assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_learned_weights_and_temperature_join_the_trainable_partition():
+    exp = random_backbone_experiment(
+        **{"train.learn_temperature": True, "regularizer.learn_weights": True}
+    )
+    trainable = initial_trainable(exp, get_method("mslora_cr_ortho"), exp.fresh_adapter(0))
+    assert set(trainable) == {"lora", "logit_scale", "log_alpha_cr", "log_beta_ortho"}
+    np.testing.assert_allclose(trainable["log_alpha_cr"], -4.6)
+    assert set(initial_trainable(exp, get_method("mslora"), exp.fresh_adapter(0))) == {
+        "lora",
+        "logit_scale",
+    }
+
+
+def test_two_stage_run_learns_the_new_task():
+    exp = random_backbone_experiment(**{"train.steps_per_task": 60, "train.learning_rate": 3e-3})
+    exp.tasks, exp.table = exp.tasks[:2], exp.table  # two stages: path_a then rad_a
+    chance = 1 / exp.tasks[1].num_classes
+    before = exp.accuracy({}, [], 1)
+    summary, slots = run_method(exp, get_method("mslora_cr"), None, {})
+    after = summary["acc_matrix"][1][1]
+    assert after > chance + 0.2 and after > before + 0.15, (before, after)
+    assert set(slots) == {0, 1}
+
+
+def test_sharded_adapter_loss_and_grads_equal_single_device():
+    results = []
+    for devices in (8, 1):
+        exp = random_backbone_experiment(num_devices=devices)
+        assert exp.mesh.size == devices
+        method = get_method("mslora_cr_ortho")
+        earlier = {0: _random_earlier_adapter(exp, 1)}
+        context = replicate(exp.mesh, stage_context(exp, method, 1, earlier, [1]))
+        active = jax.tree.map(lambda x: x + 0.05, exp.fresh_adapter(1))  # B != 0: nonzero grads
+        trainable = replicate(exp.mesh, initial_trainable(exp, method, active))
+        images, labels = union_train_split(exp.tasks, exp.table, [1])
+        batch = next(train_batches(images, labels, batch_size=32, num_steps=1, seed=3))
+        loss_fn = adapter_loss(exp.model, sharded_clip_loss(exp.mesh))
+        value_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+        (loss, _), grads = value_and_grad(
+            trainable, context, to_global_batch(exp.mesh, batch), jax.random.PRNGKey(0)
+        )
+        results.append((np.asarray(loss), jax.tree.map(np.asarray, grads)))
+    (loss8, grads8), (loss1, grads1) = results
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+    chex.assert_trees_all_close(grads8, grads1, rtol=1e-4, atol=1e-6)
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads1)) > 1e-4
+
+
+def test_one_compilation_serves_every_stage_and_method():
+    exp = random_backbone_experiment(**{"train.steps_per_task": 2})
+    for name in ("seq", "mslora_cr_ortho", "joint"):
+        method = get_method(name)
+        slots = {}
+        for stage in range(method.num_stages(exp.num_tasks)):
+            state, _ = train_stage(exp, method, stage, slots)
+            slots[method.slot(stage)] = state.trainable["lora"]
+    assert exp.train_step._cache_size() == 1
