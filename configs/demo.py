@@ -9,17 +9,7 @@ separate base tasks. Sized to run every method in a few minutes on 2 CPU cores.
 
 import ml_collections
 
-
-def _task(name, modality, seed, num_classes=4, num_train=1024, num_test=512):
-    return dict(
-        name=name,
-        modality=modality,
-        source="synthetic",
-        num_classes=num_classes,
-        seed=seed,
-        num_train=num_train,
-        num_test=num_test,
-    )
+from mslora_jax.config import synthetic_task
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -30,15 +20,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.prompt_template = "a {modality} image of {label}"
     # The stream: modalities interleaved, so a method must keep old modalities while learning new.
     c.stream = [
-        _task("path_a", "pathology", seed=101),
-        _task("rad_a", "radiology", seed=201),
-        _task("derm_a", "dermatology", seed=301),
-        _task("path_b", "pathology", seed=102),
-        _task("rad_b", "radiology", seed=202),
+        synthetic_task("path_a", "pathology", seed=101),
+        synthetic_task("rad_a", "radiology", seed=201),
+        synthetic_task("derm_a", "dermatology", seed=301),
+        synthetic_task("path_b", "pathology", seed=102),
+        synthetic_task("rad_b", "radiology", seed=202),
     ]
     # Pretraining only (never part of the stream): what a pretrained backbone would have seen.
     c.base_tasks = [
-        _task(f"base_{m}_{i}", m, seed=1000 + 10 * j + i, num_classes=6, num_train=2048)
+        synthetic_task(f"base_{m}_{i}", m, seed=1000 + 10 * j + i, num_classes=6, num_train=2048)
         for j, m in enumerate(("pathology", "radiology", "dermatology"))
         for i in range(2)
     ]

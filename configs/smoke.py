@@ -3,19 +3,13 @@
 mslora-jax run --config configs/smoke.py --workdir /tmp/smoke
 """
 
+import functools
+
 import ml_collections
 
+from mslora_jax.config import synthetic_task
 
-def _task(name, modality, seed, num_classes=3, num_train=256, num_test=128):
-    return dict(
-        name=name,
-        modality=modality,
-        source="synthetic",
-        num_classes=num_classes,
-        seed=seed,
-        num_train=num_train,
-        num_test=num_test,
-    )
+_task = functools.partial(synthetic_task, num_classes=3, num_train=256, num_test=128)
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -173,6 +173,26 @@ class ExperimentConfig:
         return names.index(name_or_id)
 
 
+def synthetic_task(
+    name: str,
+    modality: str,
+    seed: int,
+    num_classes: int = 4,
+    num_train: int = 1024,
+    num_test: int = 512,
+) -> dict:
+    """A synthetic task entry for ``config.stream``/``config.base_tasks`` (for config files)."""
+    return dict(
+        name=name,
+        modality=modality,
+        source="synthetic",
+        num_classes=num_classes,
+        seed=seed,
+        num_train=num_train,
+        num_test=num_test,
+    )
+
+
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):

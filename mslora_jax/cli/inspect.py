@@ -67,6 +67,7 @@ def inspect_adapters(workdir: str | Path, method: str, task: str | None = None) 
         lines.append("\nCR similarity s between adapters (1 = identical):")
         names = [m["task"] for m, _ in stages]
         lines.append("| | " + " | ".join(names) + " |")
+        lines.append("|---" * (len(names) + 1) + "|")
         for name, (_, a) in zip(names, stages):
             sims = [f"{_similarity(a, b):.3f}" for _, b in stages]
             lines.append(f"| {name} | " + " | ".join(sims) + " |")
