@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from mslora_jax.errors import CheckpointError
+
 
 @contextlib.contextmanager
 def _atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
@@ -85,3 +87,11 @@ def atomic_savefig(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> 
         raise ValueError(f"cannot save figure to {os.fspath(path)}: no extension to give a format")
     with _atomic_file(path) as f:
         fig.savefig(f, format=fmt, **savefig_kwargs)
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Parse a JSON file; a missing or malformed file is a CheckpointError naming ``what``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{what}: cannot read {path}: {e}") from e

@@ -164,3 +164,42 @@ def test_task_mask_is_data_not_structure():
     images = jnp.zeros((2, 8, 8, 3))
     for mask in ([1, 0, 0], [1, 1, 1], [0, 0, 1], [1, 1, 0]):
         embed(jnp.asarray(mask, jnp.float32), images)
+
+
+def test_save_load_adapter_round_trip_and_errors(tmp_path):
+    from mslora_jax.errors import CheckpointError
+    from mslora_jax.lora.io import load_adapter, save_adapter
+
+    params = init_backbone(CFG, jax.random.PRNGKey(0))
+    targets = select_targets(params, [r"mlp/fc2$"])
+    adapter = init_adapter(
+        params,
+        targets,
+        rank=2,
+        alpha=3.0,
+        modality="dermatology",
+        task="ham",
+        rng=jax.random.PRNGKey(4),
+    )
+    save_adapter(tmp_path / "ham", adapter)
+    loaded = load_adapter(tmp_path / "ham")
+    assert loaded.metadata() == adapter.metadata()
+    chex.assert_trees_all_equal(loaded.params, jax.tree.map(np.asarray, adapter.params))
+    with pytest.raises(CheckpointError, match="already holds an adapter"):
+        save_adapter(tmp_path / "ham", adapter)
+    with pytest.raises(CheckpointError, match="no adapter at"):
+        load_adapter(tmp_path / "missing")
+
+
+def test_lora_dropout_is_used_in_training_only():
+    layer = LoraDense(4, lora_dropout=0.5)
+    x = jnp.ones((8, 6))
+    params = layer.init(jax.random.PRNGKey(0), x)["params"]
+    lora = _random_lora(jax.random.PRNGKey(1), t=1, r=2, d_in=6, d_out=4)
+    w = jnp.ones(1)
+    evals = layer.apply({"params": params, "lora": lora}, x, w)
+    np.testing.assert_allclose(evals, layer.apply({"params": params, "lora": lora}, x, w, True))
+    train = layer.apply(
+        {"params": params, "lora": lora}, x, w, False, rngs={"dropout": jax.random.PRNGKey(2)}
+    )
+    assert not np.allclose(train, evals)

@@ -168,3 +168,26 @@ def test_cli_bad_input_exits_nonzero_with_a_clear_message(full_run, tmp_path):
     proc = _cli("inspect", "--workdir", str(workdir), "--method", "seq", "--task", "12")
     assert proc.returncode == 2 and "task id 12 is out of range" in proc.stderr
     assert json.loads((workdir / "config.json").read_text())["lora"]["rank"] == 2
+
+
+def test_saved_backbone_loads_into_a_new_run(full_run, tmp_path):
+    full_dir, full_results = full_run
+    config = _config(
+        **{
+            "methods": ("seq",),
+            "backbone.source": "load",
+            "backbone.path": str(full_dir / "backbone"),
+        }
+    )
+    results = run_experiment(config, tmp_path)
+    assert results["backbone"]["zero_shot_acc"] == full_results["backbone"]["zero_shot_acc"]
+    assert results["methods"]["seq"]["acc_matrix"] == full_results["methods"]["seq"]["acc_matrix"]
+    wrong_model = _config(
+        **{
+            "backbone.source": "load",
+            "backbone.path": str(full_dir / "backbone"),
+            "model.width": 64,
+        }
+    )
+    with pytest.raises(CheckpointError, match=r"model\.width|width"):
+        run_experiment(wrong_model, tmp_path / "other")

@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 
 from mslora_jax.config import ExperimentConfig, from_mapping
 from mslora_jax.errors import CheckpointError
-from mslora_jax.train.checkpoints import read_json
+from mslora_jax.io_utils import read_json
 from mslora_jax.train.methods import get_method
 
 

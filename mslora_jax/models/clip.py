@@ -37,7 +37,6 @@ class ModelConfig:
     text_mlp_dim: int = 128
     embed_dim: int = 64
     init_temperature: float = 0.07
-    lora_dropout: float = 0.0
 
     def __post_init__(self):
         from mslora_jax.errors import ConfigError
@@ -59,6 +58,7 @@ class ImageEncoder(nn.Module):
     """ViT: patch embedding, [CLS] + learned positions, pre-LN blocks, [CLS] pooling, projection."""
 
     config: ModelConfig
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, images, task_weights=None, deterministic: bool = True):
@@ -70,7 +70,7 @@ class ImageEncoder(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, cfg.width)), x], axis=1)
         x = x + self.param("pos_embed", nn.initializers.normal(0.02), x.shape[1:])
         x = Encoder(
-            cfg.width, cfg.depth, cfg.num_heads, cfg.mlp_dim, cfg.lora_dropout, name="encoder"
+            cfg.width, cfg.depth, cfg.num_heads, cfg.mlp_dim, self.lora_dropout, name="encoder"
         )(x, None, task_weights, deterministic)
         return nn.Dense(cfg.embed_dim, use_bias=False, name="proj")(x[:, 0])
 
@@ -79,6 +79,7 @@ class TextEncoder(nn.Module):
     """Transformer over token ids; position 0 holds the [CLS] token whose output is pooled."""
 
     config: ModelConfig
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, tokens, task_weights=None, deterministic: bool = True):
@@ -91,7 +92,7 @@ class TextEncoder(nn.Module):
             cfg.text_depth,
             cfg.text_num_heads,
             cfg.text_mlp_dim,
-            cfg.lora_dropout,
+            self.lora_dropout,
             name="encoder",
         )(x, mask, task_weights, deterministic)
         return nn.Dense(cfg.embed_dim, use_bias=False, name="proj")(x[:, 0])
@@ -102,13 +103,18 @@ def _normalize(x):
 
 
 class DualEncoder(nn.Module):
-    """CLIP-style model. ``__call__`` returns (image_emb, text_emb, logit_scale)."""
+    """CLIP-style model. ``__call__`` returns (image_emb, text_emb, logit_scale).
+
+    ``lora_dropout`` is applied to the input of every adapter (training only); it is a property
+    of the adapters, not of the backbone, so it is not part of ``ModelConfig``.
+    """
 
     config: ModelConfig
+    lora_dropout: float = 0.0
 
     def setup(self):
-        self.image = ImageEncoder(self.config, name="image")
-        self.text = TextEncoder(self.config, name="text")
+        self.image = ImageEncoder(self.config, self.lora_dropout, name="image")
+        self.text = TextEncoder(self.config, self.lora_dropout, name="text")
         self.logit_scale = self.param(
             "logit_scale",
             nn.initializers.constant(np.log(1.0 / self.config.init_temperature)),

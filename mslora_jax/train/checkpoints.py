@@ -13,7 +13,6 @@ checkpoint to a temporary folder and renames it, so an interrupted save never lo
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from mslora_jax.errors import CheckpointError
-from mslora_jax.io_utils import atomic_write_json
+from mslora_jax.io_utils import atomic_write_json, read_json
 from mslora_jax.parallel.mesh import replicated
 
 
@@ -51,13 +50,6 @@ def check_same_config(saved: dict, current: dict, what: str) -> None:
             f"{what} was written with a different config ({shown}); "
             "use a new --workdir or restore the original config"
         )
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{what}: cannot read {path}: {e}") from e
 
 
 class StageCheckpoints:

@@ -10,10 +10,10 @@ import jax
 
 from mslora_jax.config import ExperimentConfig, to_json_dict
 from mslora_jax.data.registry import load_tasks
-from mslora_jax.io_utils import atomic_write_json
+from mslora_jax.io_utils import atomic_write_json, read_json
 from mslora_jax.parallel.mesh import make_mesh
 from mslora_jax.report.results import write_results
-from mslora_jax.train.checkpoints import StageCheckpoints, check_same_config, read_json
+from mslora_jax.train.checkpoints import StageCheckpoints, check_same_config
 from mslora_jax.train.methods import get_method
 from mslora_jax.train.pretrain import obtain_backbone
 from mslora_jax.train.stream import build_experiment, run_method

@@ -14,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
+from tqdm.auto import tqdm
 
 from mslora_jax.config import ExperimentConfig
 from mslora_jax.data.pipeline import train_batches
@@ -49,7 +50,7 @@ class Experiment:
 
     def __post_init__(self):
         check_divisible(self.config.train.batch_size, self.mesh, "train.batch_size")
-        self.model = DualEncoder(self.config.model)
+        self.model = DualEncoder(self.config.model, lora_dropout=self.config.lora.dropout)
         self.optimizer = make_optimizer(
             self.config.train.weight_decay, self.config.train.grad_clip_norm
         )
@@ -229,7 +230,9 @@ def run_method(
     slots: dict[int, dict] = {}
     rows, timings = [], []
     finished = set(checkpoints.finished_stages()) if checkpoints else set()
-    for stage in range(method.num_stages(exp.num_tasks)):
+    num_stages = method.num_stages(exp.num_tasks)
+    stages = tqdm(range(num_stages), desc=method.name, disable=not exp.config.progress)
+    for stage in stages:
         slot = method.slot(stage)
         if stage in finished:
             abstract_adapter = abstract_like(jax.eval_shape(exp.fresh_adapter, stage), exp.mesh)
