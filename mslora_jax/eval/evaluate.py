@@ -5,12 +5,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from mslora_jax.data.pipeline import eval_batches
 from mslora_jax.models.clip import DualEncoder
 from mslora_jax.models.lora_dense import LORA_COLLECTION
-from mslora_jax.parallel.mesh import to_global_batch
+from mslora_jax.parallel.mesh import process_rows, to_global_batch
 from mslora_jax.train.objectives import normalize_images
 
 
@@ -50,14 +51,10 @@ def evaluate_accuracy(
         variables[LORA_COLLECTION] = lora_stack
     correct = total = 0
     for batch in eval_batches(images, labels, batch_size=batch_size):
-        preds = predict_fn(
-            variables,
-            weights,
-            to_global_batch(mesh, {"image": batch["image"]})["image"],
-            class_tokens,
-            class_valid,
-        )
-        preds = np.asarray(preds)
+        images = to_global_batch(mesh, process_rows({"image": batch["image"]}))["image"]
+        preds = predict_fn(variables, weights, images, class_tokens, class_valid)
+        # Gather the sharded predictions on every host (a no-op copy on a single process).
+        preds = np.asarray(multihost_utils.process_allgather(preds, tiled=True))
         mask = batch["mask"]
         correct += int(np.sum((preds == batch["label"]) & mask))
         total += int(mask.sum())

@@ -50,6 +50,20 @@ def to_global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict:
     }
 
 
+def process_rows(batch: Mapping[str, np.ndarray]) -> dict:
+    """This process's contiguous share of a batch that every process holds in full.
+
+    With a 1-D mesh whose devices are ordered by process, ``to_global_batch`` of these shares
+    rebuilds the full batch (used for evaluation, where every host reads the same test split).
+    """
+    count, index = jax.process_count(), jax.process_index()
+    out = {}
+    for key, value in batch.items():
+        rows = len(value) // count
+        out[key] = value[index * rows : (index + 1) * rows]
+    return out
+
+
 def replicate(mesh: Mesh, tree):
     """Put a pytree on every device of the mesh."""
     return jax.device_put(tree, replicated(mesh))
