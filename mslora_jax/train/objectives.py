@@ -62,30 +62,28 @@ class AdapterContext:
     ortho_mask: jax.Array  # [T] bool: slots whose (A, B) enter the orthogonality loss
     alpha_cr: jax.Array  # f32 weight (0 disables); multiplies exp(w) when weights are learned
     beta_ortho: jax.Array
-    class_tokens: jax.Array  # [C, L]
+    class_tokens: jax.Array | None  # [C, L] class prompts (dual encoder); None otherwise
     schedule: Schedule
 
 
-def adapter_loss(model: DualEncoder, clip_loss_fn: ClipLossFn):
-    """Loss of the active task's adapter.
+# task_loss(variables, trainable, context, batch, rng) -> scalar; ``variables`` holds the frozen
+# backbone ("params") and the adapter stack with the active adapter inserted ("lora").
+TaskLossFn = Callable[[dict, dict, "AdapterContext", dict, jax.Array], jax.Array]
+
+
+def regularized_adapter_loss(task_loss: TaskLossFn):
+    """Loss of the active task's adapter: ``task + w_cr * CR + w_ortho * ortho``.
 
     ``trainable`` is ``{"lora": params}`` plus, when learned, ``logit_scale``, ``log_alpha_cr``
-    and ``log_beta_ortho``.
+    and ``log_beta_ortho``. Any model plugs in through ``task_loss``; the regularizers only see
+    adapter trees.
     """
 
     def loss_fn(trainable, context: AdapterContext, batch, rng):
         active = trainable["lora"]
         stack = insert_params(context.lora_stack, active, context.active_slot)
-        logit_scale = trainable.get("logit_scale", context.base_params["logit_scale"])
-        image_emb, text_emb, _ = model.apply(
-            {"params": context.base_params, LORA_COLLECTION: stack},
-            normalize_images(batch["image"]),
-            context.class_tokens[batch["label"]],
-            context.forward_weights,
-            deterministic=False,
-            rngs={"dropout": rng},
-        )
-        task = clip_loss_fn(image_emb, text_emb, batch["label"], logit_scale)
+        variables = {"params": context.base_params, LORA_COLLECTION: stack}
+        task = task_loss(variables, trainable, context, batch, rng)
         cr = contrastive_regularizer(
             active, context.lora_stack, context.earlier_mask, context.same_modality
         )
@@ -96,3 +94,26 @@ def adapter_loss(model: DualEncoder, clip_loss_fn: ClipLossFn):
         return total, {"task_loss": task, "cr": cr, "ortho": ortho}
 
     return loss_fn
+
+
+def clip_task_loss(model: DualEncoder, clip_loss_fn: ClipLossFn) -> TaskLossFn:
+    """InfoNCE between images and their class prompts, through backbone + summed adapters."""
+
+    def task_loss(variables, trainable, context: AdapterContext, batch, rng):
+        logit_scale = trainable.get("logit_scale", context.base_params["logit_scale"])
+        image_emb, text_emb, _ = model.apply(
+            variables,
+            normalize_images(batch["image"]),
+            context.class_tokens[batch["label"]],
+            context.forward_weights,
+            deterministic=False,
+            rngs={"dropout": rng},
+        )
+        return clip_loss_fn(image_emb, text_emb, batch["label"], logit_scale)
+
+    return task_loss
+
+
+def adapter_loss(model: DualEncoder, clip_loss_fn: ClipLossFn):
+    """The dual encoder's adapter objective (CLIP task loss + MSLoRA-CR regularizers)."""
+    return regularized_adapter_loss(clip_task_loss(model, clip_loss_fn))
