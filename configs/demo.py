@@ -9,7 +9,7 @@ separate base tasks. Sized to run every method in a few minutes on 2 CPU cores.
 
 import ml_collections
 
-from mslora_jax.config import synthetic_task
+from mslora_jax.config import synthetic_base_tasks, synthetic_task
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -27,11 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
         synthetic_task("rad_b", "radiology", seed=202),
     ]
     # Pretraining only (never part of the stream): what a pretrained backbone would have seen.
-    c.base_tasks = [
-        synthetic_task(f"base_{m}_{i}", m, seed=1000 + 10 * j + i, num_classes=6, num_train=2048)
-        for j, m in enumerate(("pathology", "radiology", "dermatology"))
-        for i in range(2)
-    ]
+    c.base_tasks = synthetic_base_tasks()
     c.model = dict(
         image_size=16,
         patch_size=4,

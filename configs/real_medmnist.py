@@ -15,7 +15,7 @@ tasks of the demo (at 28 px): a generic, honest stand-in, not a biomedical found
 
 import ml_collections
 
-from mslora_jax.config import synthetic_task
+from mslora_jax.config import synthetic_base_tasks
 
 
 def _real(name, modality, file, class_names, labels=(), max_train=3000, max_test=1500):
@@ -77,11 +77,7 @@ def get_config(data_dir: str = "") -> ml_collections.ConfigDict:
             "breast_ultrasound", "radiology", "breastmnist.npz", ("malignant", "benign or normal")
         ),
     ]
-    c.base_tasks = [
-        synthetic_task(f"base_{m}_{i}", m, seed=1000 + 10 * j + i, num_classes=6, num_train=2048)
-        for j, m in enumerate(("pathology", "radiology", "dermatology"))
-        for i in range(2)
-    ]
+    c.base_tasks = synthetic_base_tasks()
     c.model = dict(
         image_size=28,
         patch_size=7,

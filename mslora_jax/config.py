@@ -193,6 +193,25 @@ def synthetic_task(
     )
 
 
+def synthetic_base_tasks(
+    modalities: tuple[str, ...] = ("pathology", "radiology", "dermatology"),
+    per_modality: int = 2,
+    num_classes: int = 6,
+    num_train: int = 2048,
+) -> list[dict]:
+    """Pretraining tasks for a backbone: ``per_modality`` synthetic tasks of each modality.
+
+    Their seeds (1000 + ...) never collide with the stream seeds used in the shipped configs.
+    """
+    return [
+        synthetic_task(
+            f"base_{m}_{i}", m, seed=1000 + 10 * j + i, num_classes=num_classes, num_train=num_train
+        )
+        for j, m in enumerate(modalities)
+        for i in range(per_modality)
+    ]
+
+
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
