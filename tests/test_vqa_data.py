@@ -1,0 +1,410 @@
+"""Tests for the generative VQA data: readers, template/tokenisation, padding and the batcher."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mslora_jax.data.conversation import (
+    SPECIAL_TOKENS,
+    build_tokenizer,
+    encode_conversation,
+    encode_prompt,
+    left_pad_prompts,
+    load_tokenizer,
+    pad_batch,
+    render_conversation,
+    save_tokenizer,
+    special_ids,
+)
+from mslora_jax.data.vqa import (
+    VqaExample,
+    load_image,
+    read_test_file,
+    read_train_file,
+)
+from mslora_jax.data.vqa_pipeline import vqa_train_batches
+from mslora_jax.errors import ConfigError, DataError
+
+MAX_LEN = 192
+TRAIN = [
+    {
+        "id": 0,
+        "image": "a.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat modality is this?"},
+            {"from": "gpt", "value": "This is a chest X-ray."},
+        ],
+    },
+    {
+        "id": "b1",
+        "image": "sub/b.png",
+        "conversations": [
+            {"from": "human", "value": "Which organ is shown?\n<image>"},
+            {"from": "gpt", "value": "The lung, seen from the front."},
+            {"from": "human", "value": "Is there an abnormality?"},
+            {"from": "gpt", "value": "Yes, a small nodule."},
+        ],
+    },
+    {
+        "id": 2,
+        "image": "c.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nIs this an MRI?"},
+            {"from": "gpt", "value": "No."},
+        ],
+    },
+]
+TEST = [
+    {"question_id": 7, "image": "a.png", "text": "Is this a CT?", "gt": "no",
+     "answer_type": "CLOSED", "candidates": ["yes", "no"]},
+    {"question_id": "q8", "image": "c.png", "text": "What organ?", "gt": "brain",
+     "answer_type": "open"},
+]  # fmt: skip
+
+
+def _write_images(image_dir):
+    (image_dir / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(image_dir / "a.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(image_dir / "sub/b.png")
+    Image.fromarray(np.full((8, 8, 4), 200, np.uint8), mode="RGBA").save(image_dir / "c.png")
+
+
+@pytest.fixture()
+def data(tmp_path):
+    """(train path, test path, image dir) of a tiny data set."""
+    image_dir = tmp_path / "images"
+    _write_images(image_dir)
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps(TRAIN))
+    test = tmp_path / "test.jsonl"
+    test.write_text("\n".join(json.dumps(r) for r in TEST) + "\n\n")
+    return train, test, image_dir
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [render_conversation(VqaExample(str(r["id"]), "", _turns(r))) for r in TRAIN]
+    return build_tokenizer(texts * 5, vocab_size=320)
+
+
+def _turns(record):
+    values = [c["value"] for c in record["conversations"]]
+    return tuple(zip(values[0::2], values[1::2]))
+
+
+def _write_train(tmp_path, records):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+# --- readers ---------------------------------------------------------------------------------
+
+
+def test_read_train_round_trip(data):
+    train, _, image_dir = data
+    examples = read_train_file(train, image_dir)
+    assert [e.id for e in examples] == ["0", "b1", "2"]
+    assert examples[1].image == str(image_dir / "sub/b.png")
+    assert examples[1].turns == (
+        ("Which organ is shown?\n<image>", "The lung, seen from the front."),
+        ("Is there an abnormality?", "Yes, a small nodule."),
+    )
+    assert examples[0].turns == (("<image>\nWhat modality is this?", "This is a chest X-ray."),)
+
+
+def test_read_test_round_trip(data):
+    _, test, image_dir = data
+    items = read_test_file(test, image_dir)
+    assert [(i.question_id, i.question, i.gt, i.answer_type) for i in items] == [
+        ("7", "Is this a CT?", "no", "CLOSED"),
+        ("q8", "What organ?", "brain", "OPEN"),
+    ]
+    assert items[0].candidates == ("yes", "no") and items[1].candidates == ()
+    assert items[1].image == str(image_dir / "c.png")
+
+
+def test_missing_image_names_path_and_record(data, tmp_path):
+    _, _, image_dir = data
+    records = [dict(TRAIN[0]), dict(TRAIN[1], image="sub/missing.png")]
+    with pytest.raises(DataError, match=r"bad\.json: record 1 \(id 'b1'\).*sub/missing\.png"):
+        read_train_file(_write_train(tmp_path, records), image_dir)
+    assert len(read_train_file(_write_train(tmp_path, records), image_dir, check_images=False)) == 2
+    test = tmp_path / "t.jsonl"
+    test.write_text(json.dumps(dict(TEST[0], image="nope.png")))
+    with pytest.raises(DataError, match=r"t\.jsonl: line 1 \(question_id '7'\).*nope\.png"):
+        read_test_file(test, image_dir)
+
+
+def test_malformed_jsonl_line_names_file_and_line(data, tmp_path):
+    _, _, image_dir = data
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(TEST[0]) + "\n\n" + '{"question_id": 9, "image"\n')
+    with pytest.raises(DataError, match=r"broken\.jsonl: line 3: malformed JSON"):
+        read_test_file(path, image_dir)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"answer_type": "YESNO"}, r"line 1 .*answer_type must be OPEN or CLOSED"),
+        ({"gt": None}, r"line 1 .*'gt' must be a string or integer"),
+        ({"candidates": "yes"}, r"'candidates' must be a list of strings"),
+        ({"text": "<image> <image> q"}, r"<image> more than once"),
+    ],
+)
+def test_bad_test_records(data, tmp_path, change, message):
+    _, _, image_dir = data
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(dict(TEST[0], **change)))
+    with pytest.raises(DataError, match=message):
+        read_test_file(path, image_dir)
+
+
+def test_bad_test_file_level_errors(data, tmp_path):
+    _, _, image_dir = data
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(TEST[0]) + "\n" + json.dumps(TEST[0]))
+    with pytest.raises(DataError, match=r"line 2: question_id '7' already used on line 1"):
+        read_test_file(path, image_dir)
+    record = {k: v for k, v in TEST[0].items() if k != "gt"}
+    path.write_text(json.dumps(record))
+    with pytest.raises(DataError, match=r"t\.jsonl: line 1: missing key 'gt'"):
+        read_test_file(path, image_dir)
+    with pytest.raises(DataError, match=r"nothing\.jsonl: file not found"):
+        read_test_file(tmp_path / "nothing.jsonl", image_dir)
+
+
+def _conversation(*pairs):
+    return [{"from": who, "value": value} for who, value in pairs]
+
+
+@pytest.mark.parametrize(
+    "conversations, message",
+    [
+        (
+            _conversation(("gpt", "<image>\nhi"), ("human", "a")),
+            r"record 0 \(id 'x'\): conversations\[0\]: expected 'from' 'human'",
+        ),
+        (
+            _conversation(("human", "<image>\nq"), ("human", "a")),
+            r"conversations\[1\]: expected 'from' 'gpt'",
+        ),
+        (_conversation(("human", "<image>\nq")), r"the last human turn has no gpt answer"),
+        (_conversation(("human", "q"), ("gpt", "a")), r"<image> exactly once, found 0"),
+        (_conversation(("human", "<image><image>q"), ("gpt", "a")), r"exactly once, found 2"),
+        (
+            _conversation(("human", "<image>q"), ("gpt", "a"), ("human", "<image>"), ("gpt", "b")),
+            r"conversations\[2\] holds <image>",
+        ),
+        ([{"from": "human"}], r"conversations\[0\]: missing key 'value'"),
+        ([], r"'conversations' must be a non-empty list"),
+    ],
+)
+def test_bad_conversations(data, tmp_path, conversations, message):
+    _, _, image_dir = data
+    path = _write_train(tmp_path, [{"id": "x", "image": "a.png", "conversations": conversations}])
+    with pytest.raises(DataError, match=message):
+        read_train_file(path, image_dir)
+
+
+def test_bad_train_files(data, tmp_path):
+    _, _, image_dir = data
+    path = tmp_path / "bad.json"
+    path.write_text('[{"id": 1,\n "image": }]')
+    with pytest.raises(DataError, match=r"bad\.json: malformed JSON at line 2"):
+        read_train_file(path, image_dir)
+    with pytest.raises(DataError, match=r"expected a JSON list"):
+        read_train_file(_write_train(tmp_path, {"id": 1}), image_dir)
+    with pytest.raises(DataError, match=r"record 1: missing key 'conversations'"):
+        read_train_file(_write_train(tmp_path, [TRAIN[0], {"id": 1, "image": "a"}]), image_dir)
+    with pytest.raises(DataError, match=r"nothing\.json: file not found"):
+        read_train_file(tmp_path / "nothing.json", image_dir)
+
+
+def test_load_image(data, tmp_path):
+    _, _, image_dir = data
+    for name in ("a.png", "sub/b.png", "c.png"):
+        image = load_image(image_dir / name, 12)
+        assert image.shape == (12, 12, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(load_image(image_dir / "c.png", 5), 200)  # alpha dropped
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.full((4, 4), 128 * 257, np.uint16)).save(wide)
+    np.testing.assert_array_equal(load_image(wide, 4), 128)  # 16-bit range mapped, not clipped
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"junk\.png: cannot read image"):
+        load_image(junk, 8)
+    with pytest.raises(DataError, match=r"gone\.png: image file not found"):
+        load_image(tmp_path / "gone.png", 8)
+
+
+# --- tokenizer and template ------------------------------------------------------------------
+
+
+def test_tokenizer_special_ids_and_round_trip(tokenizer, tmp_path):
+    assert [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    path = tmp_path / "tok" / "tokenizer.json"
+    save_tokenizer(tokenizer, path)
+    loaded = load_tokenizer(path)
+    text = "USER: <image>\nIs the lung clear? ASSISTANT: yes, überall"
+    assert loaded.encode(text).ids == tokenizer.encode(text).ids
+    assert loaded.decode(loaded.encode(text).ids, skip_special_tokens=False) == text
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(DataError, match=r"tokenizer\.json: tokenizer file not found"):
+        load_tokenizer(tmp_path / "tokenizer.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(DataError, match=r"bad\.json: not a valid tokenizer\.json"):
+        load_tokenizer(bad)
+    with pytest.raises(ConfigError, match="vocab_size must be >= 261"):
+        build_tokenizer(["a"], vocab_size=100)
+    with pytest.raises(ConfigError, match="must start with"):
+        build_tokenizer(["a"], vocab_size=300, special_tokens=("<s>", "<pad>"))
+
+
+def _examples(data):
+    train, _, image_dir = data
+    return read_train_file(train, image_dir)
+
+
+def test_loss_mask_covers_exactly_the_answers(data, tokenizer):
+    ids = special_ids(tokenizer)
+    for example in _examples(data):
+        enc = encode_conversation(tokenizer, example, max_len=512)
+        input_ids, mask = enc["input_ids"], enc["loss_mask"]
+        assert input_ids.dtype == np.int32 and mask.dtype == bool
+        assert input_ids[0] == ids.bos and np.sum(input_ids == ids.image) == 1
+        # Same ids as encoding the rendered template string in one go.
+        whole = tokenizer.encode(render_conversation(example), add_special_tokens=False).ids
+        assert input_ids.tolist() == [ids.bos, *whole]
+        # Masked runs are exactly " {answer}</s>", in order; everything else is prompt.
+        edges = np.flatnonzero(np.diff(np.r_[0, mask.astype(int), 0]))
+        runs = [input_ids[a:b] for a, b in zip(edges[0::2], edges[1::2])]
+        assert len(runs) == len(example.turns)
+        for run, (_, answer) in zip(runs, example.turns):
+            assert run[-1] == ids.eos and ids.eos not in run[:-1]
+            assert tokenizer.decode(run[:-1].tolist()).strip() == answer
+        prompt = tokenizer.decode(input_ids[~mask].tolist(), skip_special_tokens=False)
+        for question, answer in example.turns:
+            assert question in prompt and answer not in prompt
+
+
+def test_truncation(data, tokenizer):
+    example = _examples(data)[1]
+    full = encode_conversation(tokenizer, example, max_len=512)
+    first = int(np.argmax(full["loss_mask"]))
+    cut = encode_conversation(tokenizer, example, max_len=first + 1)
+    np.testing.assert_array_equal(cut["input_ids"], full["input_ids"][: first + 1])
+    assert cut["loss_mask"].sum() == 1 and cut["loss_mask"][-1]
+    with pytest.raises(DataError, match=r"conversation 'b1': the first answer starts at token"):
+        encode_conversation(tokenizer, example, max_len=first)
+
+
+def test_encode_rejects_stray_special_tokens(tokenizer):
+    example = VqaExample("z", "x.png", (("<image> q", "a </s> b"),))
+    with pytest.raises(DataError, match=r"conversation 'z': the text contains the special token"):
+        encode_conversation(tokenizer, example, max_len=64)
+    example = VqaExample("z", "x.png", (("q", "a"), ("<image>", "b")))
+    with pytest.raises(DataError, match=r"must be in the first question"):
+        encode_conversation(tokenizer, example, max_len=64)
+
+
+def test_encode_prompt_matches_training_prefix(data, tokenizer):
+    ids = special_ids(tokenizer)
+    example = _examples(data)[0]
+    question, answer = example.turns[0]
+    train = encode_conversation(tokenizer, example, max_len=512)
+    prompt = encode_prompt(tokenizer, question)
+    first = int(np.argmax(train["loss_mask"]))
+    np.testing.assert_array_equal(prompt, train["input_ids"][:first])
+    assert tokenizer.decode(prompt.tolist()).endswith("ASSISTANT:")
+    # A test question without <image> gets one in front.
+    bare = encode_prompt(tokenizer, "What modality is this?")
+    np.testing.assert_array_equal(bare, prompt)
+    assert np.sum(bare == ids.image) == 1
+    with pytest.raises(DataError, match="over max_len 5"):
+        encode_prompt(tokenizer, "What modality is this?", max_len=5)
+
+
+def test_pad_batch_and_left_pad(data, tokenizer):
+    encs = [encode_conversation(tokenizer, e, max_len=512) for e in _examples(data)]
+    lengths = [len(e["input_ids"]) for e in encs]
+    length = max(lengths) + 3
+    batch = pad_batch(encs, pad_id=0, length=length)
+    assert set(batch) == {"input_ids", "loss_mask", "attention_mask"}
+    for row, (enc, n) in enumerate(zip(encs, lengths)):
+        np.testing.assert_array_equal(batch["input_ids"][row, :n], enc["input_ids"])
+        np.testing.assert_array_equal(batch["loss_mask"][row, :n], enc["loss_mask"])
+        assert batch["attention_mask"][row].tolist() == [True] * n + [False] * (length - n)
+        assert not batch["loss_mask"][row, n:].any() and (batch["input_ids"][row, n:] == 0).all()
+    with pytest.raises(ConfigError, match="over length"):
+        pad_batch(encs, pad_id=0, length=min(lengths) - 1)
+
+    prompts = [np.array([5, 6, 7], np.int32), np.array([8], np.int32)]
+    left = left_pad_prompts(prompts, pad_id=0, length=4)
+    np.testing.assert_array_equal(left["input_ids"], [[0, 5, 6, 7], [0, 0, 0, 8]])
+    np.testing.assert_array_equal(left["attention_mask"], [[0, 1, 1, 1], [0, 0, 0, 1]])
+    np.testing.assert_array_equal(left["positions"], [[0, 0, 1, 2], [0, 0, 0, 0]])
+    assert left_pad_prompts(prompts, pad_id=0)["input_ids"].shape == (2, 3)
+
+
+# --- training batches ------------------------------------------------------------------------
+
+
+def _batches(examples, tokenizer, **kwargs):
+    options = dict(image_size=8, max_len=MAX_LEN, batch_size=2, num_steps=5, seed=3)
+    return list(vqa_train_batches(examples, tokenizer, **{**options, **kwargs}))
+
+
+def test_pipeline_shapes_and_determinism(data, tokenizer):
+    examples = _examples(data)
+    first = _batches(examples, tokenizer)
+    assert len(first) == 5
+    for batch in first:
+        assert batch["image"].shape == (2, 8, 8, 3) and batch["image"].dtype == np.uint8
+        for key, dtype in (("input_ids", np.int32), ("loss_mask", bool), ("attention_mask", bool)):
+            assert batch[key].shape == (2, MAX_LEN) and batch[key].dtype == dtype
+        assert (np.sum(batch["input_ids"] == 4, axis=1) == 1).all()
+    again = _batches(examples, tokenizer, cache_images=False, num_threads=1)
+    for a, b in zip(first, again):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    # Resuming at a step gives the same tail; another seed gives another order.
+    resumed = _batches(examples, tokenizer, start_step=3)
+    np.testing.assert_array_equal(resumed[0]["input_ids"], first[3]["input_ids"])
+    other = _batches(examples, tokenizer, seed=4)
+    assert any((a["input_ids"] != b["input_ids"]).any() for a, b in zip(first, other))
+
+
+def test_pipeline_rows_pair_images_with_text(data, tokenizer):
+    examples = _examples(data)
+    by_ids = {
+        tuple(encode_conversation(tokenizer, e, MAX_LEN)["input_ids"]): load_image(e.image, 8)
+        for e in examples
+    }
+    for batch in _batches(examples, tokenizer, batch_size=1, num_steps=6):
+        ids = batch["input_ids"][0][batch["attention_mask"][0]]
+        np.testing.assert_array_equal(batch["image"][0], by_ids[tuple(ids)])
+
+
+def test_pipeline_shards_and_errors(data, tokenizer):
+    examples = _examples(data) * 2  # 6 examples -> 3 per shard
+    shards = [
+        _batches(examples, tokenizer, batch_size=2, shard_index=i, shard_count=2) for i in (0, 1)
+    ]
+    assert all(b["input_ids"].shape == (1, MAX_LEN) for shard in shards for b in shard)
+    with pytest.raises(ConfigError, match="multiple of shard_count"):
+        vqa_train_batches(
+            examples, tokenizer, image_size=8, max_len=MAX_LEN, batch_size=3, num_steps=1, seed=0,
+            shard_count=2,
+        )  # fmt: skip
+    with pytest.raises(DataError, match="first answer starts at token"):
+        vqa_train_batches(
+            examples, tokenizer, image_size=8, max_len=10, batch_size=2, num_steps=1, seed=0
+        )
