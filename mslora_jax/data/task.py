@@ -51,5 +51,9 @@ class TaskData:
         return len(self.class_names)
 
     @property
+    def num_train(self) -> int:
+        return len(self.train_labels)
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])

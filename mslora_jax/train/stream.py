@@ -7,7 +7,6 @@ regularizers are on) is passed as data in the ``AdapterContext``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 
@@ -30,38 +29,50 @@ from mslora_jax.report.results import method_summary
 from mslora_jax.train.checkpoints import StageCheckpoints, abstract_like
 from mslora_jax.train.loop import run_steps
 from mslora_jax.train.methods import Method
-from mslora_jax.train.objectives import AdapterContext, adapter_loss
+from mslora_jax.train.objectives import AdapterContext, clip_task_loss, regularized_adapter_loss
 from mslora_jax.train.optim import Schedule, make_optimizer
 from mslora_jax.train.step import TrainState, init_train_state, make_train_step
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class Experiment:
-    """What every method of a run shares: data, frozen backbone, mesh and compiled functions."""
+class StreamExperiment:
+    """What every method of a run shares: tasks, frozen backbone, mesh, compiled train step.
 
-    config: ExperimentConfig
-    tasks: list[TaskData]
-    table: ClassTable
-    mesh: Mesh
-    base_params: dict
-    targets: list[str]
+    Model-specific parts are supplied by subclasses: the task loss, training batches and the
+    per-task score that fills the accuracy matrix. Tasks need ``name``, ``modality`` and
+    ``num_train``.
+    """
 
-    def __post_init__(self):
-        check_divisible(self.config.train.batch_size, self.mesh, "train.batch_size")
-        self.model = DualEncoder(self.config.model, lora_dropout=self.config.lora.dropout)
-        self.optimizer = make_optimizer(
-            self.config.train.weight_decay, self.config.train.grad_clip_norm
-        )
-        loss_fn = adapter_loss(self.model, sharded_clip_loss(self.mesh))
+    def __init__(self, config: ExperimentConfig, tasks, mesh: Mesh, base_params: dict, targets):
+        check_divisible(config.train.batch_size, mesh, "train.batch_size")
+        self.config, self.tasks, self.mesh = config, tasks, mesh
+        self.base_params, self.targets = base_params, targets
+        self.optimizer = make_optimizer(config.train.weight_decay, config.train.grad_clip_norm)
+        loss_fn = regularized_adapter_loss(self.task_loss())
         self.train_step = jax.jit(make_train_step(loss_fn, self.optimizer), donate_argnums=0)
-        self.predict_fn = make_predict_fn(self.model)
-        self.max_classes = max(self.table.sizes)
-        self.eval_batch_size = (
-            math.ceil(self.config.train.eval_batch_size / self.mesh.size) * self.mesh.size
-        )
+        self.eval_batch_size = math.ceil(config.train.eval_batch_size / mesh.size) * mesh.size
 
+    # --- supplied by subclasses -------------------------------------------------------------
+    def task_loss(self):
+        raise NotImplementedError
+
+    def train_batches(self, task_indices: list[int], num_steps: int, seed: int):
+        raise NotImplementedError
+
+    def accuracy(self, slots: dict[int, dict], active: list[int], task: int) -> float:
+        """Score in [0, 1] of ``task`` with the adapters ``active`` (of ``slots``) summed."""
+        raise NotImplementedError
+
+    def extra_trainables(self) -> dict:
+        """Trainable leaves besides the adapter (e.g. a learned temperature)."""
+        return {}
+
+    def context_inputs(self) -> dict:
+        """Extra AdapterContext fields the task loss reads."""
+        return {}
+
+    # --- shared -----------------------------------------------------------------------------
     @property
     def num_tasks(self) -> int:
         return len(self.tasks)
@@ -93,6 +104,59 @@ class Experiment:
     def mask(self, slots: list[int]) -> jax.Array:
         return jnp.asarray([i in slots for i in range(self.num_tasks)])
 
+    def num_steps(self, task_indices: list[int]) -> int:
+        cfg = self.config.train
+        if cfg.steps_per_task:
+            return cfg.steps_per_task * len(task_indices)
+        total = 0
+        for i in task_indices:
+            epochs = self.config.stream[i].epochs or cfg.epochs
+            total += math.ceil(epochs * self.tasks[i].num_train / cfg.batch_size)
+        return total
+
+    def learning_rate(self, task_indices: list[int]) -> float:
+        rates = {
+            self.config.stream[i].learning_rate or self.config.train.learning_rate
+            for i in task_indices
+        }
+        return rates.pop() if len(rates) == 1 else self.config.train.learning_rate
+
+
+class Experiment(StreamExperiment):
+    """The dual encoder on image classification tasks (prediction = nearest class prompt)."""
+
+    def __init__(
+        self, config, tasks: list[TaskData], table: ClassTable, mesh, base_params, targets
+    ):
+        self.table = table
+        self.model = DualEncoder(config.model, lora_dropout=config.lora.dropout)
+        self.predict_fn = make_predict_fn(self.model)
+        self.max_classes = max(table.sizes)
+        super().__init__(config, tasks, mesh, base_params, targets)
+
+    def task_loss(self):
+        return clip_task_loss(self.model, sharded_clip_loss(self.mesh))
+
+    def extra_trainables(self) -> dict:
+        if self.config.train.learn_temperature:
+            return {"logit_scale": self.base_params["logit_scale"]}
+        return {}
+
+    def context_inputs(self) -> dict:
+        return {"class_tokens": jnp.asarray(self.table.tokens)}
+
+    def train_batches(self, task_indices: list[int], num_steps: int, seed: int):
+        images, labels = union_train_split(self.tasks, self.table, task_indices)
+        return train_batches(
+            images,
+            labels,
+            batch_size=self.config.train.batch_size,
+            num_steps=num_steps,
+            seed=seed,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
+
     def accuracy(self, slots: dict[int, dict], active: list[int], task: int) -> float:
         tokens, valid = self.table.task_tokens(task, self.max_classes)
         data = self.tasks[task]
@@ -109,29 +173,10 @@ class Experiment:
             self.eval_batch_size,
         )
 
-    def num_steps(self, task_indices: list[int]) -> int:
-        cfg = self.config.train
-        if cfg.steps_per_task:
-            return cfg.steps_per_task * len(task_indices)
-        total = 0
-        for i in task_indices:
-            epochs = self.config.stream[i].epochs or cfg.epochs
-            total += math.ceil(epochs * len(self.tasks[i].train_labels) / cfg.batch_size)
-        return total
 
-    def learning_rate(self, task_indices: list[int]) -> float:
-        rates = {
-            self.config.stream[i].learning_rate or self.config.train.learning_rate
-            for i in task_indices
-        }
-        return rates.pop() if len(rates) == 1 else self.config.train.learning_rate
-
-
-def initial_trainable(exp: Experiment, method: Method, adapter: dict) -> dict:
+def initial_trainable(exp: StreamExperiment, method: Method, adapter: dict) -> dict:
     """The trainable partition: the active adapter, plus what the config asks to learn."""
-    trainable = {"lora": adapter}
-    if exp.config.train.learn_temperature:
-        trainable["logit_scale"] = exp.base_params["logit_scale"]
+    trainable = {"lora": adapter, **exp.extra_trainables()}
     reg = exp.config.regularizer
     if reg.learn_weights and method.use_cr:
         trainable["log_alpha_cr"] = jnp.float32(reg.init_log_weight)
@@ -141,7 +186,7 @@ def initial_trainable(exp: Experiment, method: Method, adapter: dict) -> dict:
 
 
 def stage_context(
-    exp: Experiment, method: Method, stage: int, slots: dict, task_indices
+    exp: StreamExperiment, method: Method, stage: int, slots: dict, task_indices
 ) -> AdapterContext:
     reg = exp.config.regularizer
     modality = exp.tasks[stage].modality
@@ -162,15 +207,15 @@ def stage_context(
         ortho_mask=exp.mask(method.ortho_slots(stage)),
         alpha_cr=jnp.float32(weight(method.use_cr, reg.alpha_cr)),
         beta_ortho=jnp.float32(weight(method.use_ortho, reg.beta_ortho)),
-        class_tokens=jnp.asarray(exp.table.tokens),
         schedule=Schedule.create(
             exp.learning_rate(task_indices), steps, exp.config.train.warmup_ratio
         ),
+        **{"class_tokens": None, **exp.context_inputs()},
     )
 
 
 def train_stage(
-    exp: Experiment, method: Method, stage: int, slots: dict
+    exp: StreamExperiment, method: Method, stage: int, slots: dict
 ) -> tuple[TrainState, dict]:
     """Train the adapter of ``stage``; returns the final train state and timing."""
     task_indices = list(range(exp.num_tasks)) if method.joint else [stage]
@@ -183,17 +228,8 @@ def train_stage(
     state, context = replicate(
         exp.mesh, (state, stage_context(exp, method, stage, slots, task_indices))
     )
-    images, labels = union_train_split(exp.tasks, exp.table, task_indices)
     steps = exp.num_steps(task_indices)
-    batches = train_batches(
-        images,
-        labels,
-        batch_size=exp.config.train.batch_size,
-        num_steps=steps,
-        seed=exp.config.seed * 7919 + stage,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-    )
+    batches = exp.train_batches(task_indices, steps, seed=exp.config.seed * 7919 + stage)
     name = "joint" if method.joint else exp.tasks[stage].name
     state, stats = run_steps(
         exp.train_step,
@@ -209,7 +245,9 @@ def train_stage(
     return state, {"timing": timing, "final": stats.final_metrics}
 
 
-def evaluate_row(exp: Experiment, method: Method, stage: int, slots: dict) -> list[float | None]:
+def evaluate_row(
+    exp: StreamExperiment, method: Method, stage: int, slots: dict
+) -> list[float | None]:
     """Row ``stage`` of the accuracy matrix (every task for ``joint``)."""
     row: list[float | None] = []
     for task in range(exp.num_tasks):
@@ -221,7 +259,7 @@ def evaluate_row(exp: Experiment, method: Method, stage: int, slots: dict) -> li
 
 
 def run_method(
-    exp: Experiment, method: Method, checkpoints: StageCheckpoints | None, fingerprint: dict
+    exp: StreamExperiment, method: Method, checkpoints: StageCheckpoints | None, fingerprint: dict
 ) -> tuple[dict, dict[int, dict]]:
     """Learn the stream with ``method``, resuming after its last checkpointed stage.
 
