@@ -1,16 +1,29 @@
 """A modality-incremental stream over real biomedical images in the MedMNIST ``.npz`` layout.
 
-    mslora-jax run --config configs/real_medmnist.py:/path/to/data --workdir out/real
+The data folder is given after a colon (ml_collections passes it to ``get_config``); without it
+``get_config`` raises a ValueError that says how to pass it (there is no silent default path):
+
+    mslora-jax run --config configs/real_medmnist.py:/work/shared/data/real --workdir out/real
+    mslora-jax run --config configs/real_medmnist.py:/path/to/data --workdir out/real2 \
+        --config.lora.rank=8
 
 The folder must hold breastmnist.npz, pneumoniamnist.npz, retinamnist.npz, mednist.npz and
-bccd_cells.npz (keys train/val/test_images and _labels). MedNIST mixes modalities, so it is split
-by label into a CT-only task (AbdomenCT, ChestCT, HeadCT) and an X-ray-only task (CXR, Hand).
-Modalities: radiology (CT, chest X-ray, hand/chest X-ray, breast ultrasound), microscopy (blood
-cells) and ophthalmology (fundus), interleaved so that radiology recurs (CR has same-modality
-pairs) between tasks of other modalities.
+bccd_cells.npz (keys train/val/test_images and _labels); each task's ``file`` is resolved relative
+to ``data_dir``. MedNIST mixes modalities, so it is split by label into a CT-only task (AbdomenCT,
+ChestCT, HeadCT) and an X-ray-only task (CXR, Hand); its MRI class is left out.
 
-No pretrained weights can be downloaded here, so the backbone is pretrained on the synthetic base
-tasks of the demo (at 28 px): a generic, honest stand-in, not a biomedical foundation model.
+Six tasks, three modalities: radiology (CT, pediatric chest X-ray, chest/hand X-ray, breast
+ultrasound), microscopy (blood cells) and ophthalmology (fundus). The order interleaves them so
+that radiology recurs after tasks of other modalities: CR then has same-modality pairs
+(pneumonia after CT, X-ray after pneumonia, ultrasound after X-ray) and old modalities must be
+kept while new ones are learned.
+
+Backbone: no pretrained weights can be downloaded here, so it is pretrained on the demo's
+synthetic base tasks (pathology/radiology/dermatology, at 28 px): a generic stand-in, not a
+biomedical foundation model; expect a frozen-backbone zero-shot accuracy near chance.
+
+Budget: 28 px images with 7 px patches (16 image tokens), train sets capped at 3000 and test sets
+at 1500 (seeded subsets), 150 steps per task. All six methods: 3 min 7 s measured on 2 CPU cores.
 """
 
 import ml_collections
@@ -41,6 +54,7 @@ def get_config(data_dir: str = "") -> ml_collections.ConfigDict:
     c.seed = 0
     c.data_dir = data_dir
     c.methods = ("each", "seq", "mslora", "mslora_cr", "mslora_cr_ortho", "joint")
+    # pathology and dermatology are only used by the synthetic base tasks (pretraining).
     c.modalities = ("radiology", "microscopy", "ophthalmology", "pathology", "dermatology")
     c.prompt_template = "a {modality} image of {label}"
     c.stream = [
@@ -86,6 +100,7 @@ def get_config(data_dir: str = "") -> ml_collections.ConfigDict:
         num_heads=4,
         mlp_dim=128,
         vocab_size=1024,
+        # [CLS] + the longest prompt, "a radiology image of benign or normal" (7 words) = 8.
         max_text_len=10,
         text_width=64,
         text_depth=1,
@@ -98,6 +113,9 @@ def get_config(data_dir: str = "") -> ml_collections.ConfigDict:
     c.train = dict(
         batch_size=64,
         steps_per_task=150,
+        # The demo's 2e-3. Tried 5e-3, 300 steps and rank 8: within a point or two per task
+        # (BreastMNIST, 156 test images, stays near its 73% majority class), and at 5e-3 seq
+        # collapsed (33% average), so the demo's settings stay.
         learning_rate=2e-3,
         warmup_ratio=0.03,
         eval_batch_size=256,
