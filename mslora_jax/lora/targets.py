@@ -5,6 +5,10 @@ A module path is the '/'-joined key path of a layer in the backbone's ``params``
 either tower are LoRA-capable; a user's patterns choose among them (as PEFT's
 ``target_modules``). Every pattern must match at least one layer, so a typo is an error rather
 than a silently un-adapted model.
+
+In the LLaVA model (``mslora_jax.models.llava``) the capable layers are the decoder's attention
+(q, k, v, o) and SwiGLU MLP (gate, up, down) projections; its ``vision_tower`` (a ViT built from
+the same blocks) and projector stay frozen as released.
 """
 
 from __future__ import annotations
@@ -14,8 +18,12 @@ from collections.abc import Mapping, Sequence
 
 from mslora_jax.errors import ConfigError
 
-# The LoraDense layers of mslora_jax.models.transformer.
-LORA_CAPABLE = re.compile(r"(^|/)(attn/(q|k|v|out)|mlp/(fc1|fc2))$")
+# The LoraDense layers of mslora_jax.models.transformer (attn q/k/v/out, mlp fc1/fc2) and of
+# mslora_jax.models.decoder (attn q/k/v/o, mlp gate/up/down), except under the LLaVA
+# ``vision_tower/`` (frozen). The dual encoder's matches are unchanged (it has no such paths).
+LORA_CAPABLE = re.compile(
+    r"^(?!vision_tower/)(.*/)?(attn/(q|k|v|o|out)|mlp/(fc1|fc2|gate|up|down))$"
+)
 
 
 def module_paths(params: Mapping, prefix: str = "") -> list[str]:
@@ -53,7 +61,7 @@ def select_targets(params: Mapping, patterns: Sequence[str]) -> list[str]:
         if not any(regex.search(p) for p in capable):
             raise ConfigError(
                 f"lora.targets pattern {pattern!r} matches no LoRA-capable layer; "
-                f"capable layers look like {capable[:4]} ... (attn q/k/v/out, mlp fc1/fc2)"
+                f"capable layers look like {capable[:4]} ... (attention and MLP projections)"
             )
     return [p for p in capable if any(r.search(p) for r in compiled)]
 

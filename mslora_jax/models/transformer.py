@@ -72,18 +72,27 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
-    """A stack of ``depth`` pre-LN blocks followed by a final LayerNorm."""
+    """A stack of ``depth`` pre-LN blocks followed by a final LayerNorm.
+
+    With ``return_hidden_states=True`` it returns ``(output, hidden_states)``, where
+    ``hidden_states`` holds ``depth + 1`` arrays ``[B, L, D]``: the input, then each block's
+    output (before ``ln_final``), as Hugging Face's ``output_hidden_states`` (LLaVA takes ``[-2]``).
+    """
 
     width: int
     depth: int
     num_heads: int
     mlp_dim: int
     lora_dropout: float = 0.0
+    return_hidden_states: bool = False
 
     @nn.compact
     def __call__(self, x, mask, task_weights, deterministic: bool = True):
+        hidden_states = [x]
         for i in range(self.depth):
             x = Block(
                 self.width, self.num_heads, self.mlp_dim, self.lora_dropout, name=f"block_{i}"
             )(x, mask, task_weights, deterministic)
-        return nn.LayerNorm(name="ln_final")(x)
+            hidden_states.append(x)
+        out = nn.LayerNorm(name="ln_final")(x)
+        return (out, tuple(hidden_states)) if self.return_hidden_states else out

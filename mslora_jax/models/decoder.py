@@ -1,0 +1,342 @@
+"""A Mistral/LLaMA-style causal language model with LoRA-targetable projections and a KV cache.
+
+Block ``i`` (``block_{i}``): ``x + attn(attn_norm(x))`` then ``x + mlp(mlp_norm(x))``, with RMSNorm,
+rotary position embeddings (RoPE, the "rotate half" layout of Hugging Face checkpoints),
+grouped-query attention (``num_heads`` query heads share ``num_kv_heads`` key/value heads) and a
+SwiGLU MLP ``down(silu(gate(x)) * up(x))``. The seven projections ``attn/{q,k,v,o}`` and
+``mlp/{gate,up,down}`` are bias-free ``LoraDense`` layers (adapters come from the ``lora``
+collection); ``embed_tokens``, the norms and ``lm_head`` (untied) are never adapted.
+
+The forward takes input *embeddings* (so LLaVA can splice image tokens in), per-token positions
+(``positions_from_mask``: 0 at each row's first real token, so left padding does not shift them),
+a padding mask, and optionally a ``KVCache``. Cache slots and positions are different things: a
+prompt of length L occupies slots ``[index, index + L)`` whatever its padding, the slot mask
+remembers which slots are padding, and RoPE uses the positions.
+
+Not implemented: Mistral-7B-v0.1's 4096-token sliding window (v0.2, the base of LLaVA-Med v1.5,
+has none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from mslora_jax.errors import ConfigError
+from mslora_jax.models.lora_dense import LoraDense
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Sizes of the causal LM; ``max_len`` is the longest sequence (prompt + generation)."""
+
+    vocab_size: int
+    width: int
+    depth: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_dim: int
+    max_len: int
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("vocab_size", "width", "depth", "num_heads", "num_kv_heads", "mlp_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"decoder.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_len < 1:
+            raise ConfigError(f"decoder.max_len must be >= 1, got {self.max_len}")
+        if self.width % self.num_heads:
+            raise ConfigError(
+                f"decoder.width={self.width} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"decoder.num_heads={self.num_heads} is not a multiple of "
+                f"num_kv_heads={self.num_kv_heads} (grouped-query attention)"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"decoder head_dim={self.head_dim} must be even for RoPE")
+        if self.rope_theta <= 0 or self.rms_eps <= 0:
+            raise ConfigError(
+                f"decoder.rope_theta={self.rope_theta} and rms_eps={self.rms_eps} must be > 0"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @classmethod
+    def mistral_7b(cls, max_len: int = 32768, rope_theta: float = 1e6) -> DecoderConfig:
+        """Mistral-7B sizes; the defaults are those of Mistral-7B-Instruct-v0.2 (LLaVA-Med v1.5)."""
+        return cls(
+            vocab_size=32000,
+            width=4096,
+            depth=32,
+            num_heads=32,
+            num_kv_heads=8,
+            mlp_dim=14336,
+            max_len=max_len,
+            rope_theta=rope_theta,
+        )
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer keys and values plus which slots hold real tokens and where to write next.
+
+    ``layers[i]["k"]``/``["v"]``: ``[B, S, num_kv_heads, head_dim]`` (S = cache length);
+    ``mask``: ``[B, S]`` bool, True where a slot holds a real (non-padding) token;
+    ``index``: ``[B]`` int32, the slot the next token of each example is written to.
+    """
+
+    layers: tuple[dict[str, jax.Array], ...]
+    mask: jax.Array
+    index: jax.Array
+
+    @property
+    def size(self) -> int:
+        return self.mask.shape[1]
+
+
+def init_cache(
+    config: DecoderConfig, batch: int, size: int, dtype: jnp.dtype = jnp.float32
+) -> KVCache:
+    """An empty cache of ``size`` slots (all masked, index 0)."""
+    if size > config.max_len:
+        raise ConfigError(f"cache size {size} is over decoder.max_len={config.max_len}")
+    shape = (batch, size, config.num_kv_heads, config.head_dim)
+    layers = tuple(
+        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.depth)
+    )
+    return KVCache(layers, jnp.zeros((batch, size), bool), jnp.zeros((batch,), jnp.int32))
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """``[B, L]`` position ids: 0 at each row's first real token, counting real tokens only."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def _write(cache: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
+    """Per example ``b``: ``cache[b, index[b] : index[b] + L] = update[b]`` (dim 1 is slots)."""
+
+    def one(c, u, i):
+        return jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (i,) + (0,) * (c.ndim - 1))
+
+    return jax.vmap(one)(cache, update, index)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotates ``x`` ``[B, L, H, Dh]`` by ``positions`` ``[B, L]`` (RoPE, "rotate half" layout).
+
+    Pair ``(x[i], x[i + Dh/2])`` is rotated by the angle ``position * theta ** (-2 i / Dh)``.
+    Computed in float32 and cast back.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])  # [Dh/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, Dh/2]
+    cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]  # [B, L, 1, Dh/2]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * scale``, computed in float32."""
+
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * scale).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE; LoRA-targetable projections q, k, v, o."""
+
+    config: DecoderConfig
+    lora_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        visible: jax.Array,
+        task_weights: jax.Array | None = None,
+        layer_cache: dict[str, jax.Array] | None = None,
+        cache_index: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        """x: [B, L, D]; positions: [B, L]; visible: [B, L, S] bool, query l may attend key s.
+
+        Without a cache the keys are this call's L tokens (S = L); with one, the new keys and
+        values are written at slots ``cache_index + [0, L)`` and the keys are all S cache slots.
+        """
+        cfg = self.config
+        heads, kv_heads, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        groups = heads // kv_heads
+
+        def dense(features: int, name: str):
+            return LoraDense(features, use_bias=False, lora_dropout=self.lora_dropout, name=name)
+
+        b, length = x.shape[:2]
+        q = dense(heads * dh, "q")(x, task_weights, deterministic).reshape(b, length, heads, dh)
+        k = dense(kv_heads * dh, "k")(x, task_weights, deterministic)
+        v = dense(kv_heads * dh, "v")(x, task_weights, deterministic)
+        k = k.reshape(b, length, kv_heads, dh)
+        v = v.reshape(b, length, kv_heads, dh)
+        q = apply_rope(q, positions, cfg.rope_theta)
+        k = apply_rope(k, positions, cfg.rope_theta)
+        if layer_cache is not None:
+            layer_cache = {
+                "k": _write(layer_cache["k"], k, cache_index),
+                "v": _write(layer_cache["v"], v, cache_index),
+            }
+            k, v = layer_cache["k"].astype(x.dtype), layer_cache["v"].astype(x.dtype)  # [B,S,K,Dh]
+        # Query head h = kv * groups + g uses kv head h // groups (HF's repeat_kv order).
+        q = q.reshape(b, length, kv_heads, groups, dh)
+        logits = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
+        logits = logits / jnp.sqrt(dh)
+        logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1).astype(x.dtype)  # [B, K, G, L, S]
+        out = jnp.einsum("bkgls,bskd->blkgd", weights, v).reshape(b, length, heads * dh)
+        return dense(cfg.width, "o")(out, task_weights, deterministic), layer_cache
+
+
+class SwiGluMlp(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` with LoRA-targetable gate, up, down (no bias)."""
+
+    config: DecoderConfig
+    lora_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, task_weights: jax.Array | None = None, deterministic: bool = True
+    ) -> jax.Array:
+        cfg = self.config
+
+        def dense(features: int, name: str):
+            return LoraDense(features, use_bias=False, lora_dropout=self.lora_dropout, name=name)
+
+        gate = dense(cfg.mlp_dim, "gate")(x, task_weights, deterministic)
+        up = dense(cfg.mlp_dim, "up")(x, task_weights, deterministic)
+        return dense(cfg.width, "down")(nn.silu(gate) * up, task_weights, deterministic)
+
+
+class DecoderBlock(nn.Module):
+    """``x + attn(RMSNorm(x))`` then ``x + mlp(RMSNorm(x))``."""
+
+    config: DecoderConfig
+    lora_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        visible: jax.Array,
+        task_weights: jax.Array | None = None,
+        layer_cache: dict[str, jax.Array] | None = None,
+        cache_index: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        cfg = self.config
+        h = RMSNorm(cfg.rms_eps, name="attn_norm")(x)
+        h, layer_cache = Attention(cfg, self.lora_dropout, name="attn")(
+            h, positions, visible, task_weights, layer_cache, cache_index, deterministic
+        )
+        x = x + h
+        h = RMSNorm(cfg.rms_eps, name="mlp_norm")(x)
+        x = x + SwiGluMlp(cfg, self.lora_dropout, name="mlp")(h, task_weights, deterministic)
+        return x, layer_cache
+
+
+class Decoder(nn.Module):
+    """The causal LM: ``embed`` ids, then ``__call__`` on embeddings -> (logits, cache)."""
+
+    config: DecoderConfig
+    lora_dropout: float = 0.0
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.width, name="embed_tokens")
+        self.blocks = [
+            DecoderBlock(cfg, self.lora_dropout, name=f"block_{i}") for i in range(cfg.depth)
+        ]
+        self.norm = RMSNorm(cfg.rms_eps, name="norm")
+        self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head")
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """``[B, L]`` ids -> ``[B, L, D]`` embeddings."""
+        return self.embed_tokens(input_ids)
+
+    def __call__(
+        self,
+        input_embeds: jax.Array,
+        positions: jax.Array,
+        attention_mask: jax.Array,
+        task_weights: jax.Array | None = None,
+        cache: KVCache | None = None,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Logits ``[B, L, V]`` for ``input_embeds`` ``[B, L, D]``, and the updated cache.
+
+        ``attention_mask`` ``[B, L]`` is True on real tokens. With ``cache``, the L tokens are
+        written at slots ``cache.index + [0, L)`` (prefill: a whole prompt; decode: L = 1) and
+        attend to every earlier real slot; the returned cache has ``index + L``. The caller keeps
+        ``index + L <= cache.size`` (``dynamic_update_slice`` would clamp, not fail).
+        """
+        attention_mask = attention_mask.astype(bool)
+        length = input_embeds.shape[1]
+        if cache is None:
+            key_mask, query_slot = attention_mask, jnp.arange(length)[None]  # [B, S=L], [1, L]
+            key_slot = jnp.arange(length)
+        else:
+            key_mask = _write(cache.mask, attention_mask, cache.index)  # [B, S]
+            query_slot = cache.index[:, None] + jnp.arange(length)  # [B, L]
+            key_slot = jnp.arange(cache.size)
+        # visible[b, l, s]: key slot s is real and not in the future of query l.
+        visible = key_mask[:, None, :] & (key_slot[None, None, :] <= query_slot[..., None])
+        x = input_embeds
+        new_layers = []
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache.layers[i]
+            index = None if cache is None else cache.index
+            x, layer_cache = block(
+                x, positions, visible, task_weights, layer_cache, index, deterministic
+            )
+            new_layers.append(layer_cache)
+        logits = self.lm_head(self.norm(x))
+        if cache is None:
+            return logits, None
+        return logits, KVCache(tuple(new_layers), key_mask, cache.index + length)
+
+    def logits_from_ids(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        task_weights: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Uncached forward over token ids (mask defaults to all real) -> ``[B, L, V]``."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, bool)
+        positions = positions_from_mask(attention_mask)
+        logits, _ = self(
+            self.embed(input_ids), positions, attention_mask, task_weights, None, deterministic
+        )
+        return logits
+
+
+def init_decoder(config: DecoderConfig, rng: jax.Array) -> dict:
+    """Random decoder parameters (the ``params`` collection only)."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    init = lambda key: Decoder(config).init(key, ids, method=Decoder.logits_from_ids)["params"]
+    return jax.jit(init)(rng)  # one compiled program instead of many eager ops
