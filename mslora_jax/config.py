@@ -16,9 +16,11 @@ from typing import Any
 
 from mslora_jax.errors import ConfigError
 from mslora_jax.models.clip import ModelConfig
+from mslora_jax.models.decoder import DecoderConfig
 
 METHODS = ("each", "seq", "mslora", "mslora_cr", "mslora_cr_ortho", "joint")
-TASK_SOURCES = ("synthetic", "medmnist")
+TASK_SOURCES = ("synthetic", "medmnist", "vqa")
+MODEL_KINDS = ("dual_encoder", "llava")
 BACKBONE_SOURCES = ("pretrain", "random", "load")
 
 
@@ -108,6 +110,12 @@ class TaskConfig:
     labels: tuple[int, ...] = ()  # subset of the file's label ids, remapped to 0..n-1
     max_train: int = 0  # 0 = all
     max_test: int = 0
+    # vqa (the paper's format, files relative to data_dir/<folder or name>/)
+    folder: str = ""  # defaults to the task name
+    train_file: str = "train.json"
+    test_file: str = "test.jsonl"
+    image_dir: str = "images"
+    primary_metric: str = "closed_accuracy"
     # per-task overrides of the train config (0 = use train.*)
     learning_rate: float = 0.0
     epochs: float = 0.0
@@ -123,6 +131,18 @@ class TaskConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LlavaSettings:
+    """The generative model (``model_kind="llava"``): ViT sizes, its layer, and the decoder."""
+
+    vision: ModelConfig = ModelConfig()
+    vision_layer: int = -2
+    decoder: DecoderConfig = DecoderConfig(
+        vocab_size=512, width=64, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=128, max_len=256
+    )
+    image_token_id: int = 4  # "<image>" in mslora_jax.data.conversation.SPECIAL_TOKENS
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     seed: int = 0
     methods: tuple[str, ...] = METHODS
@@ -132,7 +152,9 @@ class ExperimentConfig:
     stream: tuple[TaskConfig, ...] = ()
     base_tasks: tuple[TaskConfig, ...] = ()  # for backbone pretraining, not part of the stream
     data_dir: str = ""  # medmnist files are resolved relative to this folder
+    model_kind: str = "dual_encoder"  # dual_encoder | llava
     model: ModelConfig = ModelConfig()
+    llava: LlavaSettings = LlavaSettings()
     lora: LoraConfig = LoraConfig()
     regularizer: RegularizerConfig = RegularizerConfig()
     train: TrainConfig = TrainConfig()
@@ -142,6 +164,8 @@ class ExperimentConfig:
     progress: bool = True
 
     def __post_init__(self):
+        if self.model_kind not in MODEL_KINDS:
+            raise ConfigError(f"model_kind={self.model_kind!r} is unknown; expected {MODEL_KINDS}")
         for method in self.methods:
             if method not in METHODS:
                 raise ConfigError(f"unknown method {method!r}; expected one of {METHODS}")

@@ -17,11 +17,11 @@ from mslora_jax.train.stream import Experiment, build_experiment
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_config_file(name: str) -> ml_collections.ConfigDict:
+def load_config_file(name: str, *args: str) -> ml_collections.ConfigDict:
     spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / "configs" / name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(*args)
 
 
 def smoke_dict(**overrides) -> dict:

@@ -19,6 +19,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (created; a rerun resumes).")
 _METHOD = flags.DEFINE_string("method", None, "inspect: which method's adapters.")
 _TASK = flags.DEFINE_string("task", None, "inspect: a task name or id (default: all).")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry-run", False, "run: size the model abstractly and check the data layout; train nothing."
+)
 
 COMMANDS = ("run", "inspect")
 
@@ -31,6 +34,11 @@ def _run() -> None:
     if _CONFIG.value is None:
         raise MsloraError("run needs --config (e.g. --config configs/demo.py)")
     config = experiment_config(_CONFIG.value)
+    if _DRY_RUN.value:
+        from mslora_jax.train.dry_run import dry_run
+
+        print(dry_run(config))
+        return
     results = run_experiment(config, _WORKDIR.value)
     print(format_markdown_table(results))
     print(f"\nwrote {_WORKDIR.value}/results.json, results.md, results.csv, acc_matrices.png")

@@ -10,6 +10,7 @@ import jax
 
 from mslora_jax.config import ExperimentConfig, to_json_dict
 from mslora_jax.data.registry import load_tasks
+from mslora_jax.errors import MsloraError
 from mslora_jax.io_utils import atomic_write_json, read_json
 from mslora_jax.parallel.mesh import make_mesh
 from mslora_jax.report.results import write_results
@@ -41,6 +42,11 @@ def claim_workdir(config: ExperimentConfig, workdir: Path) -> None:
 
 def run_experiment(config: ExperimentConfig, workdir: str | os.PathLike) -> dict:
     """Run (or resume) every configured method and write results.json, tables and plots."""
+    if config.model_kind != "dual_encoder":
+        raise MsloraError(
+            f"model_kind={config.model_kind!r}: training is not implemented yet (only --dry-run);"
+            " see issue 3"
+        )
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     claim_workdir(config, workdir)

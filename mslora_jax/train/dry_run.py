@@ -1,0 +1,92 @@
+"""``--dry-run``: size a run without weights (``jax.eval_shape``) and check its data layout."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from mslora_jax.config import ExperimentConfig, LlavaSettings, TaskConfig
+from mslora_jax.lora.targets import get_by_path, select_targets
+from mslora_jax.models.clip import init_backbone
+from mslora_jax.models.llava import LlavaConfig, init_llava
+
+
+def llava_config(settings: LlavaSettings) -> LlavaConfig:
+    return LlavaConfig(
+        vision=settings.vision,
+        vision_layer=settings.vision_layer,
+        decoder=settings.decoder,
+        image_token_id=settings.image_token_id,
+    )
+
+
+def abstract_backbone(config: ExperimentConfig):
+    """The backbone's parameter shapes, with no parameter in memory."""
+    key = jax.random.PRNGKey(0)
+    if config.model_kind == "llava":
+        return jax.eval_shape(functools.partial(init_llava, llava_config(config.llava)), key)
+    return jax.eval_shape(functools.partial(init_backbone, config.model), key)
+
+
+def count(tree) -> int:
+    return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(tree)))
+
+
+def lora_params_per_task(backbone, targets: list[str], rank: int) -> int:
+    """Every targeted kernel ``[in, out]`` gets A ``[r, in]`` and B ``[out, r]``."""
+    return int(sum(rank * sum(get_by_path(backbone, p)["kernel"].shape) for p in targets))
+
+
+def expected_files(config: ExperimentConfig, task: TaskConfig) -> list[Path]:
+    root = Path(config.data_dir)
+    if task.source == "medmnist":
+        return [root / task.file]
+    if task.source == "vqa":
+        folder = root / (task.folder or task.name)
+        return [folder / task.train_file, folder / task.test_file, folder / task.image_dir]
+    return []
+
+
+def check_data_layout(config: ExperimentConfig) -> list[str]:
+    """Lines describing what is present and what is missing under ``config.data_dir``."""
+    files = {t.name: expected_files(config, t) for t in config.stream}
+    if not any(files.values()):
+        return ["data: synthetic tasks only (generated, nothing to check)"]
+    root = Path(config.data_dir)
+    if not root.is_dir():
+        lines = [f"data: root {root} does not exist; expected:"]
+        lines += [f"  {p}" for paths in files.values() for p in paths]
+        return lines
+    lines = [f"data: root {root}"]
+    for name, paths in files.items():
+        missing = [str(p) for p in paths if not p.exists()]
+        lines.append(f"  {name}: " + (f"MISSING {', '.join(missing)}" if missing else "ok"))
+    return lines
+
+
+def dry_run(config: ExperimentConfig) -> str:
+    backbone = abstract_backbone(config)
+    targets = select_targets(backbone, config.lora.targets)
+    per_task = lora_params_per_task(backbone, targets, config.lora.rank)
+    lines = [
+        f"model: {config.model_kind}",
+        f"frozen backbone parameters: {count(backbone):,}",
+        f"LoRA: rank {config.lora.rank}, alpha {config.lora.alpha}, {len(targets)} adapted layers "
+        f"(e.g. {targets[0]})",
+        f"LoRA parameters per task: {per_task:,}",
+        "tasks:",
+    ]
+    for task in config.stream:
+        lr = task.learning_rate or config.train.learning_rate
+        epochs = task.epochs or config.train.epochs
+        lines.append(
+            f"  {task.name} ({task.modality}): lr {lr:g}, epochs {epochs:g}, "
+            f"{per_task:,} LoRA parameters"
+        )
+    if config.backbone.source == "load":
+        present = (Path(config.backbone.path) / "meta.json").exists()
+        lines.append(f"backbone: {config.backbone.path} " + ("ok" if present else "MISSING"))
+    return "\n".join(lines + check_data_layout(config))
