@@ -1,0 +1,216 @@
+"""The paper's generative setting: LLaVA-style VQA tasks learned with the same method runner.
+
+``GenerativeExperiment`` plugs the LLaVA model into ``StreamExperiment``: the task loss is
+teacher-forced cross-entropy on answer tokens only, batches come from the paper-format VQA
+pipeline, and a task's score is its declared primary metric (closed accuracy, F1, BLEU, ...)
+over greedy answers generated with the KV cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tokenizers import Tokenizer
+
+from mslora_jax.config import ExperimentConfig, TaskConfig
+from mslora_jax.data.conversation import encode_prompt, left_pad_prompts, special_ids
+from mslora_jax.data.vqa import VqaExample, VqaTestItem, load_image, read_test_file, read_train_file
+from mslora_jax.data.vqa_pipeline import vqa_train_batches
+from mslora_jax.eval.answer_metrics import primary_metric, score_answers
+from mslora_jax.models.generate import llava_generate
+from mslora_jax.models.llava import Llava
+from mslora_jax.models.lora_dense import LORA_COLLECTION
+from mslora_jax.parallel.mesh import replicate
+from mslora_jax.train.dry_run import llava_config
+from mslora_jax.train.objectives import normalize_images
+from mslora_jax.train.stream import StreamExperiment
+
+
+@dataclasses.dataclass(frozen=True)
+class VqaTask:
+    name: str
+    modality: str
+    examples: list[VqaExample]
+    test_items: list[VqaTestItem]
+    primary_metric: str
+
+    @property
+    def num_train(self) -> int:
+        return len(self.examples)
+
+
+def load_vqa_task(config: ExperimentConfig, task: TaskConfig) -> VqaTask:
+    """Read a task in the paper's format from ``data_dir/<folder or name>/``."""
+    folder = Path(config.data_dir) / (task.folder or task.name)
+    images = folder / task.image_dir
+    return VqaTask(
+        task.name,
+        task.modality,
+        read_train_file(folder / task.train_file, images),
+        read_test_file(folder / task.test_file, images),
+        task.primary_metric,
+    )
+
+
+def answer_loss(model: Llava, variables, batch: dict, task_weights, rng, deterministic: bool):
+    """Mean cross-entropy of the answer tokens (``loss_mask``), predicted from their prefix."""
+    inputs = model.apply(
+        variables,
+        normalize_images(batch["image"]),
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["loss_mask"],
+        method=Llava.prepare_inputs,
+    )
+    logits = model.apply(
+        variables,
+        inputs,
+        task_weights,
+        deterministic,
+        method=Llava.forward_spliced,
+        rngs={"dropout": rng},
+    )
+    targets = inputs.input_ids[:, 1:]
+    mask = inputs.loss_mask[:, 1:].astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    safe_targets = jnp.clip(targets, 0, logits.shape[-1] - 1)  # image slots hold a sentinel id
+    nll = -jnp.take_along_axis(log_probs, safe_targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+class GenerativeExperiment(StreamExperiment):
+    """LLaVA on VQA tasks; LoRA only in the decoder (see ``LLAVA_LORA_TARGETS``)."""
+
+    def __init__(
+        self,
+        config,
+        tasks: list[VqaTask],
+        tokenizer: Tokenizer,
+        mesh,
+        base_params,
+        targets,
+        *,
+        max_len: int,
+        max_new_tokens: int,
+    ):
+        self.model = Llava(llava_config(config.llava), lora_dropout=config.lora.dropout)
+        self.tokenizer, self.ids = tokenizer, special_ids(tokenizer)
+        self.max_len, self.max_new_tokens = max_len, max_new_tokens
+        super().__init__(config, tasks, mesh, base_params, targets)
+
+    def task_loss(self):
+        def loss(variables, trainable, context, batch, rng):
+            return answer_loss(self.model, variables, batch, context.forward_weights, rng, False)
+
+        return loss
+
+    def train_batches(self, task_indices: list[int], num_steps: int, seed: int):
+        examples = [e for i in task_indices for e in self.tasks[i].examples]
+        return vqa_train_batches(
+            examples,
+            self.tokenizer,
+            image_size=self.config.llava.vision.image_size,
+            max_len=self.max_len,
+            batch_size=self.config.train.batch_size,
+            num_steps=num_steps,
+            seed=seed,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
+
+    def answers(self, variables, weights, items: list[VqaTestItem]) -> list[str]:
+        """Greedy answers, in fixed-size batches (the last one padded) so one compile serves all."""
+        size = self.config.llava.vision.image_size
+        prompts = [encode_prompt(self.tokenizer, item.question) for item in items]
+        length = max(len(p) for p in prompts)
+        out = []
+        for start in range(0, len(items), self.eval_batch_size):
+            chunk = list(range(start, min(start + self.eval_batch_size, len(items))))
+            rows = chunk + [chunk[-1]] * (self.eval_batch_size - len(chunk))
+            padded = left_pad_prompts([prompts[i] for i in rows], self.ids.pad, length)
+            images = np.stack([load_image(items[i].image, size) for i in rows])
+            generation = llava_generate(
+                self.model,
+                variables,
+                normalize_images(jnp.asarray(images)),
+                jnp.asarray(padded["input_ids"]),
+                jnp.asarray(padded["attention_mask"]),
+                weights,
+                max_new_tokens=self.max_new_tokens,
+                stop_ids=(self.ids.eos,),
+                pad_id=self.ids.pad,
+                return_logits=False,
+            )
+            tokens = np.asarray(generation.tokens)
+            for row in range(len(chunk)):
+                ids = [int(t) for t in tokens[row] if t not in (self.ids.pad, self.ids.eos)]
+                out.append(self.tokenizer.decode(ids).strip())
+        return out
+
+    def score(self, variables, weights, task: int) -> float:
+        items = self.tasks[task].test_items
+        answers = self.answers(variables, weights, items)
+        refs = [
+            {"gt": it.gt, "answer_type": it.answer_type, "candidates": list(it.candidates) or None}
+            for it in items
+        ]
+        return primary_metric(score_answers(answers, refs), self.tasks[task].primary_metric)
+
+    def accuracy(self, slots: dict[int, dict], active: list[int], task: int) -> float:
+        variables = replicate(
+            self.mesh, {"params": self.base_params, LORA_COLLECTION: self.stack(slots)}
+        )
+        return self.score(variables, self.weights(active), task)
+
+
+def pretrain_llava(
+    config: ExperimentConfig, tasks: list[VqaTask], tokenizer: Tokenizer, mesh, rng, *, max_len: int
+) -> dict:
+    """Full training of a fresh LLaVA (vision tower, projector, decoder) on base VQA tasks."""
+    from mslora_jax.models.llava import init_llava
+    from mslora_jax.train.loop import run_steps
+    from mslora_jax.train.objectives import PretrainContext
+    from mslora_jax.train.optim import Schedule, make_optimizer
+    from mslora_jax.train.step import init_train_state, make_train_step
+
+    cfg = config.pretrain
+    model = Llava(llava_config(config.llava))
+    init_key, state_key = jax.random.split(rng)
+    params = init_llava(llava_config(config.llava), init_key)
+    optimizer = make_optimizer(cfg.weight_decay, grad_clip_norm=1.0)
+
+    def loss_fn(params, context, batch, rng):
+        loss = answer_loss(model, {"params": params}, batch, None, rng, True)
+        return loss, {"task_loss": loss}
+
+    step = jax.jit(make_train_step(loss_fn, optimizer), donate_argnums=0)
+    state = replicate(mesh, init_train_state(params, optimizer, state_key))
+    context = replicate(
+        mesh, PretrainContext(None, Schedule.create(cfg.learning_rate, cfg.steps, cfg.warmup_ratio))
+    )
+    batches = vqa_train_batches(
+        [e for t in tasks for e in t.examples],
+        tokenizer,
+        image_size=config.llava.vision.image_size,
+        max_len=max_len,
+        batch_size=cfg.batch_size,
+        num_steps=cfg.steps,
+        seed=config.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+    state, _ = run_steps(
+        step,
+        state,
+        context,
+        batches,
+        mesh,
+        num_steps=cfg.steps,
+        desc="pretrain llava",
+        progress=config.progress,
+    )
+    return state.trainable
