@@ -3,7 +3,7 @@
 import pytest
 
 from mslora_jax.config import experiment_config
-from mslora_jax.errors import MsloraError
+from mslora_jax.errors import DataError
 from mslora_jax.train.dry_run import dry_run
 from mslora_jax.train.experiment import run_experiment
 from tests.helpers import load_config_file
@@ -32,10 +32,10 @@ def test_dry_run_reports_present_and_missing_folders(tmp_path):
     assert "backbone:" in report and "MISSING" in report
 
 
-def test_dual_encoder_dry_run_and_llava_training_not_yet_available(tmp_path):
+def test_dual_encoder_dry_run_and_paper_run_without_data(tmp_path):
     report = dry_run(experiment_config(load_config_file("demo.py")))
     assert "model: dual_encoder" in report and "synthetic tasks only" in report
-    with pytest.raises(MsloraError, match="only --dry-run"):
+    with pytest.raises(DataError, match=r"pathvqa.*train\.json"):
         run_experiment(_paper(tmp_path), tmp_path / "w")
 
 

@@ -10,7 +10,6 @@ import jax
 
 from mslora_jax.config import ExperimentConfig, to_json_dict
 from mslora_jax.data.registry import load_tasks
-from mslora_jax.errors import MsloraError
 from mslora_jax.io_utils import atomic_write_json, read_json
 from mslora_jax.parallel.mesh import make_mesh
 from mslora_jax.report.results import write_results
@@ -42,18 +41,19 @@ def claim_workdir(config: ExperimentConfig, workdir: Path) -> None:
 
 def run_experiment(config: ExperimentConfig, workdir: str | os.PathLike) -> dict:
     """Run (or resume) every configured method and write results.json, tables and plots."""
-    if config.model_kind != "dual_encoder":
-        raise MsloraError(
-            f"model_kind={config.model_kind!r}: training is not implemented yet (only --dry-run);"
-            " see issue 3"
-        )
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     claim_workdir(config, workdir)
     mesh = make_mesh(config.num_devices)
-    tasks = load_tasks(config, config.stream)  # fail on bad data before any training
-    base_params, backbone_info = obtain_backbone(config, workdir, mesh)
-    exp = build_experiment(config, tasks, mesh, base_params)
+    if config.model_kind == "llava":
+        from mslora_jax.train.generative_run import prepare_generative
+
+        exp, backbone_info = prepare_generative(config, workdir, mesh)
+    else:
+        tasks = load_tasks(config, config.stream)  # fail on bad data before any training
+        base_params, backbone_info = obtain_backbone(config, workdir, mesh)
+        exp = build_experiment(config, tasks, mesh, base_params)
+    tasks = exp.tasks
     zero_shot = [exp.accuracy({}, [], t) for t in range(exp.num_tasks)]
     log.info("frozen backbone, no adapter: %s", zero_shot)
     methods = {}

@@ -1,0 +1,112 @@
+"""Set up a generative (``model_kind="llava"``) run: data, tokenizer and frozen backbone.
+
+Synthetic tasks are written to ``workdir/data/<task>/`` in the paper's file format first, so the
+demo goes through exactly the reader a user's real data goes through.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from pathlib import Path
+
+import jax
+from jax.sharding import Mesh
+
+from mslora_jax.config import ExperimentConfig, TaskConfig, to_json_dict
+from mslora_jax.data.conversation import (
+    build_tokenizer,
+    load_tokenizer,
+    render_conversation,
+    save_tokenizer,
+)
+from mslora_jax.data.synthetic import SyntheticTaskSpec
+from mslora_jax.data.synthetic_vqa import write_synthetic_vqa_task
+from mslora_jax.lora.targets import select_targets
+from mslora_jax.models.llava import init_llava
+from mslora_jax.train.checkpoints import abstract_like, load_backbone, save_backbone
+from mslora_jax.train.dry_run import llava_config
+from mslora_jax.train.generative import (
+    GenerativeExperiment,
+    VqaTask,
+    load_vqa_task,
+    pretrain_llava,
+)
+
+log = logging.getLogger(__name__)
+
+
+def load_generative_tasks(config: ExperimentConfig, tasks, workdir: Path) -> list[VqaTask]:
+    """Read VQA tasks; synthetic ones are first materialised under ``workdir/data``."""
+    out = []
+    for task in tasks:
+        if task.source == "synthetic":
+            folder = workdir / "data" / task.name
+            if not (folder / task.test_file).exists():
+                spec = SyntheticTaskSpec(task.name, task.modality, task.num_classes, task.seed)
+                write_synthetic_vqa_task(
+                    spec,
+                    folder,
+                    image_size=config.llava.vision.image_size,
+                    num_train=task.num_train,
+                    num_test=task.num_test,
+                )
+            local = dataclasses.replace(config, data_dir=str(workdir / "data"))
+            task = TaskConfig(**{**dataclasses.asdict(task), "source": "vqa"})
+            out.append(load_vqa_task(local, task))
+        else:
+            out.append(load_vqa_task(config, task))
+    return out
+
+
+def obtain_tokenizer(config: ExperimentConfig, tasks: list[VqaTask], workdir: Path):
+    """``llava.tokenizer_file``, else a byte-level BPE built once from the training texts."""
+    if config.llava.tokenizer_file:
+        return load_tokenizer(config.llava.tokenizer_file)
+    path = workdir / "tokenizer.json"
+    if path.exists():
+        return load_tokenizer(path)
+    texts = [render_conversation(e) for t in tasks for e in t.examples]
+    tokenizer = build_tokenizer(texts, config.llava.tokenizer_vocab_size)
+    save_tokenizer(tokenizer, path)
+    return tokenizer
+
+
+def prepare_generative(config: ExperimentConfig, workdir: Path, mesh: Mesh):
+    """(experiment, backbone info) for a LLaVA run; pretrains and saves the backbone once."""
+    stream = load_generative_tasks(config, config.stream, workdir)
+    base = load_generative_tasks(config, config.base_tasks, workdir)
+    tokenizer = obtain_tokenizer(config, base + stream, workdir)
+    model_cfg = llava_config(config.llava)
+    model_json = dataclasses.asdict(config.llava)
+    abstract = abstract_like(
+        jax.eval_shape(functools.partial(init_llava, model_cfg), jax.random.PRNGKey(0)), mesh
+    )
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 10_000)
+    directory = Path(config.backbone.path) if config.backbone.source == "load" else None
+    directory = directory or workdir / "backbone"
+    if config.backbone.source == "random":
+        params, info = init_llava(model_cfg, rng), {"source": "random"}
+    elif (directory / "meta.json").exists() or config.backbone.source == "load":
+        params, meta = load_backbone(directory, abstract, model_json)
+        info = meta.get("info", {})
+    else:
+        params = pretrain_llava(config, base, tokenizer, mesh, rng, max_len=config.llava.max_len)
+        info = {"source": "pretrain", "steps": config.pretrain.steps}
+        provenance = {k: to_json_dict(config)[k] for k in ("pretrain", "base_tasks", "seed")}
+        save_backbone(
+            directory, params, {"model": model_json, "provenance": provenance, "info": info}
+        )
+    targets = select_targets(params, config.lora.targets)
+    exp = GenerativeExperiment(
+        config,
+        stream,
+        tokenizer,
+        mesh,
+        params,
+        targets,
+        max_len=config.llava.max_len,
+        max_new_tokens=config.llava.max_new_tokens,
+    )
+    return exp, info
