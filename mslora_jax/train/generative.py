@@ -22,11 +22,12 @@ from mslora_jax.data.vqa import VqaExample, VqaTestItem, load_image, read_test_f
 from mslora_jax.data.vqa_pipeline import vqa_train_batches
 from mslora_jax.eval.answer_metrics import primary_metric, score_answers
 from mslora_jax.models.generate import llava_generate
-from mslora_jax.models.llava import Llava
+from mslora_jax.models.llava import Llava, init_llava
 from mslora_jax.models.lora_dense import LORA_COLLECTION
 from mslora_jax.parallel.mesh import replicate
 from mslora_jax.train.dry_run import llava_config
 from mslora_jax.train.objectives import normalize_images
+from mslora_jax.train.pretrain import train_all_params
 from mslora_jax.train.stream import StreamExperiment
 
 
@@ -171,27 +172,15 @@ def pretrain_llava(
     config: ExperimentConfig, tasks: list[VqaTask], tokenizer: Tokenizer, mesh, rng, *, max_len: int
 ) -> dict:
     """Full training of a fresh LLaVA (vision tower, projector, decoder) on base VQA tasks."""
-    from mslora_jax.models.llava import init_llava
-    from mslora_jax.train.loop import run_steps
-    from mslora_jax.train.objectives import PretrainContext
-    from mslora_jax.train.optim import Schedule, make_optimizer
-    from mslora_jax.train.step import init_train_state, make_train_step
-
     cfg = config.pretrain
     model = Llava(llava_config(config.llava))
     init_key, state_key = jax.random.split(rng)
     params = init_llava(llava_config(config.llava), init_key)
-    optimizer = make_optimizer(cfg.weight_decay, grad_clip_norm=1.0)
 
     def loss_fn(params, context, batch, rng):
         loss = answer_loss(model, {"params": params}, batch, None, rng, True)
         return loss, {"task_loss": loss}
 
-    step = jax.jit(make_train_step(loss_fn, optimizer), donate_argnums=0)
-    state = replicate(mesh, init_train_state(params, optimizer, state_key))
-    context = replicate(
-        mesh, PretrainContext(None, Schedule.create(cfg.learning_rate, cfg.steps, cfg.warmup_ratio))
-    )
     batches = vqa_train_batches(
         [e for t in tasks for e in t.examples],
         tokenizer,
@@ -203,14 +192,7 @@ def pretrain_llava(
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
     )
-    state, _ = run_steps(
-        step,
-        state,
-        context,
-        batches,
-        mesh,
-        num_steps=cfg.steps,
-        desc="pretrain llava",
-        progress=config.progress,
+    state, _ = train_all_params(
+        config, mesh, params, loss_fn, batches, state_key, class_tokens=None, desc="pretrain llava"
     )
     return state.trainable

@@ -49,18 +49,6 @@ def pretrain_backbone(config: ExperimentConfig, mesh: Mesh, rng) -> tuple[dict, 
     model = DualEncoder(config.model)
     init_key, state_key = jax.random.split(rng)
     params = init_backbone_sharded(config.model, mesh, init_key)
-    optimizer = make_optimizer(cfg.weight_decay, grad_clip_norm=1.0)
-    step = jax.jit(
-        make_train_step(pretrain_loss(model, sharded_clip_loss(mesh)), optimizer),
-        donate_argnums=0,
-    )
-    state = replicate(mesh, init_train_state(params, optimizer, state_key))
-    context = replicate(
-        mesh,
-        PretrainContext(
-            table.tokens, Schedule.create(cfg.learning_rate, cfg.steps, cfg.warmup_ratio)
-        ),
-    )
     batches = train_batches(
         images,
         labels,
@@ -70,15 +58,15 @@ def pretrain_backbone(config: ExperimentConfig, mesh: Mesh, rng) -> tuple[dict, 
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
     )
-    state, stats = run_steps(
-        step,
-        state,
-        context,
-        batches,
+    state, stats = train_all_params(
+        config,
         mesh,
-        num_steps=cfg.steps,
+        params,
+        pretrain_loss(model, sharded_clip_loss(mesh)),
+        batches,
+        state_key,
+        class_tokens=table.tokens,
         desc="pretrain",
-        progress=config.progress,
     )
     predict = make_predict_fn(model)
     accs = {}
@@ -104,6 +92,32 @@ def pretrain_backbone(config: ExperimentConfig, mesh: Mesh, rng) -> tuple[dict, 
     }
     log.info("pretrained backbone: %s", info)
     return state.trainable, info
+
+
+def train_all_params(
+    config: ExperimentConfig, mesh: Mesh, params, loss_fn, batches, rng, *, class_tokens, desc
+):
+    """Full training (every backbone parameter) for ``config.pretrain.steps`` steps.
+
+    ``loss_fn(params, context, batch, rng)`` reads ``context.class_tokens`` if it needs them.
+    Returns the final train state and loop stats.
+    """
+    cfg = config.pretrain
+    optimizer = make_optimizer(cfg.weight_decay, grad_clip_norm=1.0)
+    step = jax.jit(make_train_step(loss_fn, optimizer), donate_argnums=0)
+    state = replicate(mesh, init_train_state(params, optimizer, rng))
+    schedule = Schedule.create(cfg.learning_rate, cfg.steps, cfg.warmup_ratio)
+    context = replicate(mesh, PretrainContext(class_tokens, schedule))
+    return run_steps(
+        step,
+        state,
+        context,
+        batches,
+        mesh,
+        num_steps=cfg.steps,
+        desc=desc,
+        progress=config.progress,
+    )
 
 
 def _eval_batch(config: ExperimentConfig, mesh: Mesh) -> int:
