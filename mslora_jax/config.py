@@ -144,6 +144,8 @@ class LlavaSettings:
     max_new_tokens: int = 8  # generated answer length limit at evaluation
     tokenizer_file: str = ""  # a tokenizer.json; empty: build a byte-level BPE from the data
     tokenizer_vocab_size: int = 512  # for a built tokenizer
+    # The conversation's system line; None = LLaVA's default (mslora_jax.data.conversation.SYSTEM)
+    system_prompt: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

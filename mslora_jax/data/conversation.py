@@ -64,9 +64,9 @@ def special_ids(tokenizer: Tokenizer) -> SpecialIds:
     return SpecialIds(*ids)
 
 
-def render_conversation(example: VqaExample) -> str:
+def render_conversation(example: VqaExample, system: str = SYSTEM) -> str:
     """The template as text (without ``<s>``); e.g. a corpus for ``build_tokenizer``."""
-    parts = [SYSTEM + " "]
+    parts = [system + " "]
     for question, answer in example.turns:
         parts.append(f"USER: {question} ASSISTANT: {answer}</s>")
     return "".join(parts)
@@ -130,7 +130,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 
 def encode_conversation(
-    tokenizer: Tokenizer, example: VqaExample, max_len: int
+    tokenizer: Tokenizer, example: VqaExample, max_len: int, system: str = SYSTEM
 ) -> dict[str, np.ndarray]:
     """``{"input_ids": int32 [L], "loss_mask": bool [L]}`` with ``L = min(full length, max_len)``.
 
@@ -138,18 +138,18 @@ def encode_conversation(
     answer, go first). DataError if not even the first answer token would survive: such an
     example would train nothing and, silently dropped, would bias the data.
     """
-    return encode_conversations(tokenizer, [example], max_len)[0]
+    return encode_conversations(tokenizer, [example], max_len, system)[0]
 
 
 def encode_conversations(
-    tokenizer: Tokenizer, examples: Sequence[VqaExample], max_len: int
+    tokenizer: Tokenizer, examples: Sequence[VqaExample], max_len: int, system: str = SYSTEM
 ) -> list[dict[str, np.ndarray]]:
     """``encode_conversation`` for many examples; the system line is encoded once (~4x faster)."""
     if max_len < 2:
         raise ConfigError(f"encode_conversation: max_len must be >= 2, got {max_len}")
     ids = special_ids(tokenizer)
-    system = tokenizer.encode(SYSTEM, add_special_tokens=False).ids
-    return [_encode(tokenizer, ids, system, example, max_len) for example in examples]
+    system_ids = tokenizer.encode(system, add_special_tokens=False).ids
+    return [_encode(tokenizer, ids, system_ids, example, max_len) for example in examples]
 
 
 def _encode(
@@ -182,7 +182,9 @@ def _encode(
     }
 
 
-def encode_prompt(tokenizer: Tokenizer, question: str, *, max_len: int | None = None) -> np.ndarray:
+def encode_prompt(
+    tokenizer: Tokenizer, question: str, *, max_len: int | None = None, system: str = SYSTEM
+) -> np.ndarray:
     """int32 ids of ``<s>{SYSTEM} USER: {question} ASSISTANT:`` for generation.
 
     ``<image>\\n`` is put in front of a question without one (test files usually omit it).
@@ -192,7 +194,7 @@ def encode_prompt(tokenizer: Tokenizer, question: str, *, max_len: int | None = 
     question = question.strip()
     if IMAGE_TOKEN not in question:
         question = f"{IMAGE_TOKEN}\n{question}"
-    text = f"{SYSTEM} USER: {question} ASSISTANT:"
+    text = f"{system} USER: {question} ASSISTANT:"
     encoded = tokenizer.encode(text, add_special_tokens=False).ids
     _check_specials([encoded], ids, f"question {question!r}")
     prompt = np.asarray([ids.bos, *encoded], np.int32)

@@ -17,7 +17,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from mslora_jax.config import ExperimentConfig, TaskConfig
-from mslora_jax.data.conversation import encode_prompt, left_pad_prompts, special_ids
+from mslora_jax.data.conversation import SYSTEM, encode_prompt, left_pad_prompts, special_ids
 from mslora_jax.data.vqa import VqaExample, VqaTestItem, load_image, read_test_file, read_train_file
 from mslora_jax.data.vqa_pipeline import vqa_train_batches
 from mslora_jax.eval.answer_metrics import primary_metric, score_answers
@@ -42,6 +42,11 @@ class VqaTask:
     @property
     def num_train(self) -> int:
         return len(self.examples)
+
+
+def system_prompt(config: ExperimentConfig) -> str:
+    """The conversation's system line: ``llava.system_prompt`` or LLaVA's default."""
+    return SYSTEM if config.llava.system_prompt is None else config.llava.system_prompt
 
 
 def load_vqa_task(config: ExperimentConfig, task: TaskConfig) -> VqaTask:
@@ -121,12 +126,14 @@ class GenerativeExperiment(StreamExperiment):
             seed=seed,
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
+            system=system_prompt(self.config),
         )
 
     def answers(self, variables, weights, items: list[VqaTestItem]) -> list[str]:
         """Greedy answers, in fixed-size batches (the last one padded) so one compile serves all."""
         size = self.config.llava.vision.image_size
-        prompts = [encode_prompt(self.tokenizer, item.question) for item in items]
+        system = system_prompt(self.config)
+        prompts = [encode_prompt(self.tokenizer, it.question, system=system) for it in items]
         length = max(len(p) for p in prompts)
         out = []
         for start in range(0, len(items), self.eval_batch_size):
@@ -191,6 +198,7 @@ def pretrain_llava(
         seed=config.seed,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
+        system=system_prompt(config),
     )
     state, _ = train_all_params(
         config, mesh, params, loss_fn, batches, state_key, class_tokens=None, desc="pretrain llava"

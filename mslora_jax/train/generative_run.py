@@ -32,6 +32,7 @@ from mslora_jax.train.generative import (
     VqaTask,
     load_vqa_task,
     pretrain_llava,
+    system_prompt,
 )
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ def obtain_tokenizer(config: ExperimentConfig, tasks: list[VqaTask], workdir: Pa
     path = workdir / "tokenizer.json"
     if path.exists():
         return load_tokenizer(path)
-    texts = [render_conversation(e) for t in tasks for e in t.examples]
+    system = system_prompt(config)
+    texts = [render_conversation(e, system) for t in tasks for e in t.examples]
     tokenizer = build_tokenizer(texts, config.llava.tokenizer_vocab_size)
     save_tokenizer(tokenizer, path)
     return tokenizer
