@@ -19,7 +19,6 @@ from ml_collections import config_flags
 from mslora_jax.config import experiment_config
 from mslora_jax.models.generate import llava_generate
 from mslora_jax.models.llava import Llava, init_llava
-from mslora_jax.train.dry_run import llava_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo_generative.py", "Config.")
 _BATCH = flags.DEFINE_integer("batch", 64, "Prompts per batch.")
@@ -31,7 +30,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions after the compi
 def main(argv):
     del argv
     config = experiment_config(_CONFIG.value)
-    cfg = llava_config(config.llava)
+    cfg = config.llava.model_config()
     model = Llava(cfg)
     params = init_llava(cfg, jax.random.PRNGKey(0))
     size = cfg.vision.image_size

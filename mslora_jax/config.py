@@ -17,6 +17,7 @@ from typing import Any
 from mslora_jax.errors import ConfigError
 from mslora_jax.models.clip import ModelConfig
 from mslora_jax.models.decoder import DecoderConfig
+from mslora_jax.models.llava import LlavaConfig
 
 METHODS = ("each", "seq", "mslora", "mslora_cr", "mslora_cr_ortho", "joint")
 TASK_SOURCES = ("synthetic", "medmnist", "vqa")
@@ -146,6 +147,15 @@ class LlavaSettings:
     tokenizer_vocab_size: int = 512  # for a built tokenizer
     # The conversation's system line; None = LLaVA's default (mslora_jax.data.conversation.SYSTEM)
     system_prompt: str | None = None
+
+    def model_config(self) -> LlavaConfig:
+        """The model's own config (the training-only fields above are left out)."""
+        return LlavaConfig(
+            vision=self.vision,
+            vision_layer=self.vision_layer,
+            decoder=self.decoder,
+            image_token_id=self.image_token_id,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

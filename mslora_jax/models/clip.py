@@ -54,6 +54,20 @@ class ModelConfig:
                 raise ConfigError(f"model.{name}: {width} is not divisible by {heads}")
 
 
+def embed_patches(module: nn.Module, cfg: ModelConfig, images: jax.Array) -> jax.Array:
+    """ViT input: patch embedding, a [CLS] token in front, learned positions. ``[B, 1+P, D]``.
+
+    Called inside a compact ``__call__`` of ``module``; the parameter names (``patch_embed``,
+    ``cls``, ``pos_embed``) are shared by every ViT here, so their weights are interchangeable.
+    """
+    p = cfg.patch_size
+    x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", name="patch_embed")(images)
+    x = x.reshape(x.shape[0], -1, cfg.width)
+    cls = module.param("cls", nn.initializers.zeros, (1, 1, cfg.width))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, cfg.width)), x], axis=1)
+    return x + module.param("pos_embed", nn.initializers.normal(0.02), x.shape[1:])
+
+
 class ImageEncoder(nn.Module):
     """ViT: patch embedding, [CLS] + learned positions, pre-LN blocks, [CLS] pooling, projection."""
 
@@ -63,12 +77,7 @@ class ImageEncoder(nn.Module):
     @nn.compact
     def __call__(self, images, task_weights=None, deterministic: bool = True):
         cfg = self.config
-        p = cfg.patch_size
-        x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", name="patch_embed")(images)
-        x = x.reshape(x.shape[0], -1, cfg.width)
-        cls = self.param("cls", nn.initializers.zeros, (1, 1, cfg.width))
-        x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, cfg.width)), x], axis=1)
-        x = x + self.param("pos_embed", nn.initializers.normal(0.02), x.shape[1:])
+        x = embed_patches(self, cfg, images)
         x = Encoder(
             cfg.width, cfg.depth, cfg.num_heads, cfg.mlp_dim, self.lora_dropout, name="encoder"
         )(x, None, task_weights, deterministic)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mslora_jax.errors import ConfigError, DataError
-from mslora_jax.models.clip import ModelConfig
+from mslora_jax.models.clip import ModelConfig, embed_patches
 from mslora_jax.models.decoder import Decoder, DecoderConfig, positions_from_mask
 from mslora_jax.models.transformer import Encoder
 
@@ -98,13 +98,8 @@ class VisionTower(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         cfg = self.config
-        p = cfg.patch_size
         # Same modules and names as clip.ImageEncoder (see test_vision_tower_matches_image_encoder).
-        x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", name="patch_embed")(images)
-        x = x.reshape(x.shape[0], -1, cfg.width)
-        cls = self.param("cls", nn.initializers.zeros, (1, 1, cfg.width))
-        x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, cfg.width)), x], axis=1)
-        x = x + self.param("pos_embed", nn.initializers.normal(0.02), x.shape[1:])
+        x = embed_patches(self, cfg, images)
         _, hidden = Encoder(
             cfg.width,
             cfg.depth,

@@ -8,26 +8,17 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from mslora_jax.config import ExperimentConfig, LlavaSettings, TaskConfig
+from mslora_jax.config import ExperimentConfig, TaskConfig
 from mslora_jax.lora.targets import get_by_path, select_targets
 from mslora_jax.models.clip import init_backbone
-from mslora_jax.models.llava import LlavaConfig, init_llava
-
-
-def llava_config(settings: LlavaSettings) -> LlavaConfig:
-    return LlavaConfig(
-        vision=settings.vision,
-        vision_layer=settings.vision_layer,
-        decoder=settings.decoder,
-        image_token_id=settings.image_token_id,
-    )
+from mslora_jax.models.llava import init_llava
 
 
 def abstract_backbone(config: ExperimentConfig):
     """The backbone's parameter shapes, with no parameter in memory."""
     key = jax.random.PRNGKey(0)
     if config.model_kind == "llava":
-        return jax.eval_shape(functools.partial(init_llava, llava_config(config.llava)), key)
+        return jax.eval_shape(functools.partial(init_llava, config.llava.model_config()), key)
     return jax.eval_shape(functools.partial(init_backbone, config.model), key)
 
 

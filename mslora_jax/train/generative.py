@@ -25,7 +25,6 @@ from mslora_jax.models.generate import llava_generate
 from mslora_jax.models.llava import Llava, init_llava
 from mslora_jax.models.lora_dense import LORA_COLLECTION
 from mslora_jax.parallel.mesh import replicate
-from mslora_jax.train.dry_run import llava_config
 from mslora_jax.train.objectives import normalize_images
 from mslora_jax.train.pretrain import train_all_params
 from mslora_jax.train.stream import StreamExperiment
@@ -103,7 +102,7 @@ class GenerativeExperiment(StreamExperiment):
         max_len: int,
         max_new_tokens: int,
     ):
-        self.model = Llava(llava_config(config.llava), lora_dropout=config.lora.dropout)
+        self.model = Llava(config.llava.model_config(), lora_dropout=config.lora.dropout)
         self.tokenizer, self.ids = tokenizer, special_ids(tokenizer)
         self.max_len, self.max_new_tokens = max_len, max_new_tokens
         super().__init__(config, tasks, mesh, base_params, targets)
@@ -180,9 +179,9 @@ def pretrain_llava(
 ) -> dict:
     """Full training of a fresh LLaVA (vision tower, projector, decoder) on base VQA tasks."""
     cfg = config.pretrain
-    model = Llava(llava_config(config.llava))
+    model = Llava(config.llava.model_config())
     init_key, state_key = jax.random.split(rng)
-    params = init_llava(llava_config(config.llava), init_key)
+    params = init_llava(config.llava.model_config(), init_key)
 
     def loss_fn(params, context, batch, rng):
         loss = answer_loss(model, {"params": params}, batch, None, rng, True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 from jax.sharding import Mesh
 
-from mslora_jax.config import ExperimentConfig, TaskConfig, to_json_dict
+from mslora_jax.config import ExperimentConfig, TaskConfig
 from mslora_jax.data.conversation import (
     build_tokenizer,
     load_tokenizer,
@@ -25,8 +25,7 @@ from mslora_jax.data.synthetic import SyntheticTaskSpec
 from mslora_jax.data.synthetic_vqa import write_synthetic_vqa_task
 from mslora_jax.lora.targets import select_targets
 from mslora_jax.models.llava import init_llava
-from mslora_jax.train.checkpoints import abstract_like, load_backbone, save_backbone
-from mslora_jax.train.dry_run import llava_config
+from mslora_jax.train.checkpoints import abstract_like
 from mslora_jax.train.generative import (
     GenerativeExperiment,
     VqaTask,
@@ -34,6 +33,7 @@ from mslora_jax.train.generative import (
     pretrain_llava,
     system_prompt,
 )
+from mslora_jax.train.pretrain import obtain_frozen_backbone, pretrain_provenance
 
 log = logging.getLogger(__name__)
 
@@ -80,26 +80,20 @@ def prepare_generative(config: ExperimentConfig, workdir: Path, mesh: Mesh):
     stream = load_generative_tasks(config, config.stream, workdir)
     base = load_generative_tasks(config, config.base_tasks, workdir)
     tokenizer = obtain_tokenizer(config, base + stream, workdir)
-    model_cfg = llava_config(config.llava)
-    model_json = dataclasses.asdict(config.llava)
-    abstract = abstract_like(
-        jax.eval_shape(functools.partial(init_llava, model_cfg), jax.random.PRNGKey(0)), mesh
+    model_cfg = config.llava.model_config()
+    init = functools.partial(init_llava, model_cfg)
+    params, info = obtain_frozen_backbone(
+        config,
+        workdir,
+        abstract=abstract_like(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh),
+        model_json=dataclasses.asdict(config.llava),
+        provenance=pretrain_provenance(config),
+        init_fn=init,
+        pretrain_fn=lambda rng: (
+            pretrain_llava(config, base, tokenizer, mesh, rng, max_len=config.llava.max_len),
+            {"steps": config.pretrain.steps},
+        ),
     )
-    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 10_000)
-    directory = Path(config.backbone.path) if config.backbone.source == "load" else None
-    directory = directory or workdir / "backbone"
-    if config.backbone.source == "random":
-        params, info = init_llava(model_cfg, rng), {"source": "random"}
-    elif (directory / "meta.json").exists() or config.backbone.source == "load":
-        params, meta = load_backbone(directory, abstract, model_json)
-        info = meta.get("info", {})
-    else:
-        params = pretrain_llava(config, base, tokenizer, mesh, rng, max_len=config.llava.max_len)
-        info = {"source": "pretrain", "steps": config.pretrain.steps}
-        provenance = {k: to_json_dict(config)[k] for k in ("pretrain", "base_tasks", "seed")}
-        save_backbone(
-            directory, params, {"model": model_json, "provenance": provenance, "info": info}
-        )
     targets = select_targets(params, config.lora.targets)
     exp = GenerativeExperiment(
         config,

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -125,29 +126,29 @@ def _eval_batch(config: ExperimentConfig, mesh: Mesh) -> int:
     return math.ceil(config.train.eval_batch_size / mesh.size) * mesh.size
 
 
-def obtain_backbone(config: ExperimentConfig, workdir: Path, mesh: Mesh) -> tuple[dict, dict]:
-    """The frozen backbone of a run, saved once under ``workdir/backbone``.
+def obtain_frozen_backbone(
+    config: ExperimentConfig,
+    workdir: Path,
+    *,
+    abstract,
+    model_json: dict,
+    provenance: dict,
+    init_fn: Callable[[jax.Array], dict],
+    pretrain_fn: Callable[[jax.Array], tuple[dict, dict]],
+) -> tuple[dict, dict]:
+    """The frozen backbone of a run (any model), saved once under ``workdir/backbone``.
 
-    ``random``: a seeded random init; ``load``: restored from ``backbone.path``; ``pretrain``:
-    restored from the workdir if a previous run saved one, otherwise pretrained and saved.
+    ``random``: ``init_fn(rng)``; ``load``: restored from ``backbone.path``; ``pretrain``:
+    restored from the workdir if a previous run saved one with the same ``provenance`` (how it
+    was pretrained), otherwise ``pretrain_fn(rng) -> (params, info)`` and saved.
     """
-    model_json = dataclasses.asdict(config.model)
-    abstract = abstract_like(
-        jax.eval_shape(functools.partial(init_backbone, config.model), jax.random.PRNGKey(0)), mesh
-    )
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 10_000)
     if config.backbone.source == "load":
         params, meta = load_backbone(config.backbone.path, abstract, model_json)
         return params, meta.get("info", {})
     if config.backbone.source == "random":
-        return init_backbone_sharded(config.model, mesh, rng), {"source": "random"}
+        return init_fn(rng), {"source": "random"}
     directory = workdir / "backbone"
-    provenance = {
-        "pretrain": to_json_dict(config)["pretrain"],
-        "base_tasks": to_json_dict(config)["base_tasks"],
-        "seed": config.seed,
-        "prompt_template": config.prompt_template,
-    }
     if (directory / "meta.json").exists():
         params, meta = load_backbone(directory, abstract, model_json)
         if meta.get("provenance") != provenance:
@@ -157,10 +158,32 @@ def obtain_backbone(config: ExperimentConfig, workdir: Path, mesh: Mesh) -> tupl
             )
         log.info("loaded the pretrained backbone from %s", directory)
         return params, meta.get("info", {})
-    params, info = pretrain_backbone(config, mesh, rng)
-    save_backbone(
-        directory,
-        params,
-        {"model": model_json, "provenance": provenance, "info": {**info, "source": "pretrain"}},
+    params, info = pretrain_fn(rng)
+    info = {**info, "source": "pretrain"}
+    save_backbone(directory, params, {"model": model_json, "provenance": provenance, "info": info})
+    return params, info
+
+
+def pretrain_provenance(config: ExperimentConfig, **extra) -> dict:
+    """What a pretrained backbone depends on besides its model config."""
+    cfg = to_json_dict(config)
+    return {
+        "pretrain": cfg["pretrain"],
+        "base_tasks": cfg["base_tasks"],
+        "seed": config.seed,
+        **extra,
+    }
+
+
+def obtain_backbone(config: ExperimentConfig, workdir: Path, mesh: Mesh) -> tuple[dict, dict]:
+    """The dual encoder's frozen backbone (see ``obtain_frozen_backbone``)."""
+    init = functools.partial(init_backbone, config.model)
+    return obtain_frozen_backbone(
+        config,
+        workdir,
+        abstract=abstract_like(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh),
+        model_json=dataclasses.asdict(config.model),
+        provenance=pretrain_provenance(config, prompt_template=config.prompt_template),
+        init_fn=lambda rng: init_backbone_sharded(config.model, mesh, rng),
+        pretrain_fn=lambda rng: pretrain_backbone(config, mesh, rng),
     )
-    return params, {**info, "source": "pretrain"}
