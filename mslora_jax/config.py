@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mslora_jax.errors import ConfigError
+from mslora_jax.eval.answer_metrics import METRIC_NAMES
 from mslora_jax.models.clip import ModelConfig
 from mslora_jax.models.decoder import DecoderConfig
 from mslora_jax.models.llava import LlavaConfig
@@ -199,6 +200,13 @@ class ExperimentConfig:
                 )
         if self.backbone.source == "pretrain" and not self.base_tasks:
             raise ConfigError('backbone.source="pretrain" needs config.base_tasks')
+        if self.model_kind == "llava":
+            for task in self.stream:
+                if task.primary_metric not in METRIC_NAMES:
+                    raise ConfigError(
+                        f"task {task.name!r}: primary_metric={task.primary_metric!r} is unknown; "
+                        f"expected one of {METRIC_NAMES}"
+                    )
 
     def task_index(self, name_or_id: str | int) -> int:
         """Stream position of a task given by name or id; ConfigError if there is none."""

@@ -54,3 +54,10 @@ def test_bad_values_and_types():
     cfg.stream[1]["name"] = cfg.stream[0]["name"]
     with pytest.raises(ConfigError, match="unique"):
         experiment_config(cfg)
+
+
+def test_unknown_primary_metric_is_named():
+    cfg = load_config_file("demo_generative.py")
+    cfg.stream[1]["primary_metric"] = "bleu"
+    with pytest.raises(ConfigError, match="task 'rad_a': primary_metric='bleu' is unknown"):
+        experiment_config(cfg)

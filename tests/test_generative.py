@@ -76,7 +76,12 @@ def test_two_stage_generative_run_lifts_the_new_task(tmp_path):
         config, stream, tokenizer, mesh, params, targets, max_len=160, max_new_tokens=6
     )
     before = exp.accuracy({}, [], 1)
-    summary, _ = run_method(exp, get_method("mslora_cr"), None, {})
+    outcome = run_method(exp, get_method("mslora_cr"), None, {})
+    summary = outcome.summary
     after = summary["acc_matrix"][1][1]
     assert after > before + 0.05, (before, after)
     assert np.isfinite(summary["unified_avg_acc"])
+    # Every answer metric is kept per stage and task; the matrix holds the primary one.
+    first, second = outcome.task_metrics
+    assert first[1] is None and set(second[1]) >= {"closed_accuracy", "f1", "bleu4"}
+    assert second[1]["closed_accuracy"] == after

@@ -14,6 +14,7 @@ import pytest
 from mslora_jax.cli.inspect import inspect_adapters, load_stage_adapters
 from mslora_jax.errors import CheckpointError, ConfigError, DataError
 from mslora_jax.report.results import load_results
+from mslora_jax.report.task_metrics import validate_task_metrics
 from mslora_jax.train import stream
 from mslora_jax.train.checkpoints import StageCheckpoints
 from mslora_jax.train.experiment import run_experiment
@@ -46,6 +47,19 @@ def test_run_writes_results_tables_and_plots(full_run):
     assert results["methods"]["mslora_cr"]["train_steps_per_s"] > 0
     assert len(results["backbone"]["zero_shot_acc"]) == 3
     assert "| mslora_cr |" in (workdir / "results.md").read_text()
+    # The per-task metric table: the dual encoder's only metric is accuracy, which fills the
+    # accuracy matrix, stage by stage.
+    report = json.loads((workdir / "task_metrics.json").read_text())
+    validate_task_metrics(report)
+    assert [t["primary_metric"] for t in report["tasks"]] == ["accuracy"] * 3
+    for method in METHODS:
+        matrix = results["methods"][method]["acc_matrix"]
+        stages = report["methods"][method]
+        assert [[None if m is None else m["accuracy"] for m in row] for row in stages] == matrix
+    assert [m["accuracy"] for m in report["zero_shot"]] == results["backbone"]["zero_shot_acc"]
+    table = (workdir / "task_metrics.md").read_text().splitlines()
+    assert len(table) == 2 + 3 * (1 + len(METHODS))  # header, rule, (frozen + methods) x tasks
+    assert (workdir / "task_metrics.csv").read_text().startswith("method,task,modality,")
 
 
 def test_interrupted_then_resumed_run_equals_uninterrupted(full_run, tmp_path, monkeypatch):
@@ -74,6 +88,9 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(full_run, tmp_path, m
             resumed["methods"][method]["acc_matrix"]
             == full_results["methods"][method]["acc_matrix"]
         )
+    assert (tmp_path / "task_metrics.json").read_text() == (
+        full_dir / "task_metrics.json"
+    ).read_text()
 
 
 def test_rerun_with_a_different_config_is_refused_and_keeps_files(full_run):

@@ -79,7 +79,8 @@ def test_two_stage_run_learns_the_new_task():
     exp.tasks, exp.table = exp.tasks[:2], exp.table  # two stages: path_a then rad_a
     chance = 1 / exp.tasks[1].num_classes
     before = exp.accuracy({}, [], 1)
-    summary, slots = run_method(exp, get_method("mslora_cr"), None, {})
+    outcome = run_method(exp, get_method("mslora_cr"), None, {})
+    summary, slots = outcome.summary, outcome.adapters
     after = summary["acc_matrix"][1][1]
     assert after > chance + 0.2 and after > before + 0.15, (before, after)
     assert set(slots) == {0, 1}

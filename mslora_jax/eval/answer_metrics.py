@@ -38,6 +38,7 @@ MetricName = Literal[
     "open_recall",
     "open_f1",
 ]
+METRIC_NAMES: tuple[str, ...] = get_args(MetricName)
 ANSWER_TYPES = ("OPEN", "CLOSED")
 BLEU_EPSILON = 0.1  # NLTK SmoothingFunction().method1 default.
 _APOSTROPHES = frozenset("'\u2019\u2018`")
@@ -201,7 +202,7 @@ def score_answers(preds: Sequence[str], refs: Sequence[Mapping[str, object]]) ->
         raise ValueError(f"got {len(preds)} predictions but {len(refs)} references")
     if not preds:
         raise ValueError("no answers to score (preds and refs are empty)")
-    per: dict[str, list[float]] = {name: [] for name in get_args(MetricName)}
+    per: dict[str, list[float]] = {name: [] for name in METRIC_NAMES}
     for i, (pred, ref) in enumerate(zip(preds, refs)):
         if not isinstance(pred, str):
             raise ValueError(f"preds[{i}] must be a string, got {pred!r}")
@@ -230,9 +231,8 @@ def score_answers(preds: Sequence[str], refs: Sequence[Mapping[str, object]]) ->
 def primary_metric(scores: Mapping[str, float], name: str) -> float:
     """``scores[name]`` for a known metric name; raises if the name is unknown, missing from
     ``scores``, or its value is NaN (e.g. closed_accuracy on a split with no CLOSED items)."""
-    valid = get_args(MetricName)
-    if name not in valid:
-        raise ValueError(f"unknown answer metric {name!r}; expected one of {list(valid)}")
+    if name not in METRIC_NAMES:
+        raise ValueError(f"unknown answer metric {name!r}; expected one of {list(METRIC_NAMES)}")
     if name not in scores:
         raise ValueError(f"metric {name!r} is missing from the scores (keys: {sorted(scores)})")
     value = float(scores[name])

@@ -165,18 +165,18 @@ def format_markdown_table(results: dict[str, Any]) -> str:
 
     Accuracies are percentages with one decimal; BWT is in percentage points.
     """
-    names = [_md_escape(t["name"]) for t in results["tasks"]]
+    names = [md_escape(t["name"]) for t in results["tasks"]]
     header = ["method", "avg acc (%)", "BWT (pp)", "unified avg acc (%)", "steps/s", *names]
     align = ["---"] + ["---:"] * (len(header) - 1)  # numbers right-aligned
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for method, m in results["methods"].items():
         row = [
-            _md_escape(method),
-            _pct(m["avg_acc"]),
-            _pct(m["bwt"]),
-            _pct(m["unified_avg_acc"]),
+            md_escape(method),
+            format_percent(m["avg_acc"]),
+            format_percent(m["bwt"]),
+            format_percent(m["unified_avg_acc"]),
             f"{m['train_steps_per_s']:.2f}",
-            *(_pct(x) for x in m["acc_matrix"][-1]),
+            *(format_percent(x) for x in m["acc_matrix"][-1]),
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -251,12 +251,12 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"invalid JSON constant {name} (NaN or infinity)")
 
 
-def _pct(x: float | None) -> str:
+def format_percent(x: float | None) -> str:
     if x is None:
         return "–"
     s = f"{100.0 * x:.1f}"
     return "0.0" if s == "-0.0" else s
 
 
-def _md_escape(s: str) -> str:
+def md_escape(s: str) -> str:
     return s.replace("|", "\\|")

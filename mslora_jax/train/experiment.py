@@ -13,6 +13,7 @@ from mslora_jax.data.registry import load_tasks
 from mslora_jax.io_utils import atomic_write_json, read_json
 from mslora_jax.parallel.mesh import make_mesh
 from mslora_jax.report.results import write_results
+from mslora_jax.report.task_metrics import validate_task_metrics, write_task_metrics
 from mslora_jax.train.checkpoints import StageCheckpoints, check_same_config
 from mslora_jax.train.methods import get_method
 from mslora_jax.train.pretrain import obtain_backbone
@@ -40,7 +41,11 @@ def claim_workdir(config: ExperimentConfig, workdir: Path) -> None:
 
 
 def run_experiment(config: ExperimentConfig, workdir: str | os.PathLike) -> dict:
-    """Run (or resume) every configured method and write results.json, tables and plots."""
+    """Run (or resume) every configured method; write results.json, tables and plots.
+
+    Beside them, task_metrics.json/.md/.csv hold every metric of every task (see
+    ``mslora_jax.report.task_metrics``); results.json holds each task's primary metric.
+    """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     claim_workdir(config, workdir)
@@ -54,12 +59,14 @@ def run_experiment(config: ExperimentConfig, workdir: str | os.PathLike) -> dict
         base_params, backbone_info = obtain_backbone(config, workdir, mesh)
         exp = build_experiment(config, tasks, mesh, base_params)
     tasks = exp.tasks
-    zero_shot = [exp.accuracy({}, [], t) for t in range(exp.num_tasks)]
+    zero_shot_metrics = [exp.task_metrics({}, [], t) for t in range(exp.num_tasks)]
+    zero_shot = [exp.primary_value(m, t) for t, m in enumerate(zero_shot_metrics)]
     log.info("frozen backbone, no adapter: %s", zero_shot)
-    methods = {}
+    methods, method_metrics = {}, {}
     for name in config.methods:
         checkpoints = StageCheckpoints(workdir / "checkpoints" / name)
-        methods[name], _ = run_method(exp, get_method(name), checkpoints, fingerprint(config))
+        outcome = run_method(exp, get_method(name), checkpoints, fingerprint(config))
+        methods[name], method_metrics[name] = outcome.summary, outcome.task_metrics
     results = {
         "tasks": [{"name": t.name, "modality": t.modality} for t in tasks],
         "methods": methods,
@@ -71,5 +78,16 @@ def run_experiment(config: ExperimentConfig, workdir: str | os.PathLike) -> dict
             "platform": jax.devices()[0].platform,
         },
     }
+    task_metrics = {
+        "tasks": [
+            {"name": t.name, "modality": t.modality, "primary_metric": exp.primary_metric(i)}
+            for i, t in enumerate(tasks)
+        ],
+        "zero_shot": zero_shot_metrics,
+        "methods": method_metrics,
+    }
+    # Both reports are validated before either is written, so bad numbers leave no half set.
+    validate_task_metrics(task_metrics)
     write_results(workdir, results)
+    write_task_metrics(workdir, task_metrics)
     return results

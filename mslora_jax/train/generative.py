@@ -9,6 +9,7 @@ over greedy answers generated with the KV cache.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import jax
@@ -20,14 +21,14 @@ from mslora_jax.config import ExperimentConfig, TaskConfig
 from mslora_jax.data.conversation import SYSTEM, encode_prompt, left_pad_prompts, special_ids
 from mslora_jax.data.vqa import VqaExample, VqaTestItem, load_image, read_test_file, read_train_file
 from mslora_jax.data.vqa_pipeline import vqa_train_batches
-from mslora_jax.eval.answer_metrics import primary_metric, score_answers
+from mslora_jax.eval.answer_metrics import score_answers
 from mslora_jax.models.generate import llava_generate
 from mslora_jax.models.llava import Llava, init_llava
 from mslora_jax.models.lora_dense import LORA_COLLECTION
 from mslora_jax.parallel.mesh import replicate
 from mslora_jax.train.objectives import normalize_images
 from mslora_jax.train.pretrain import train_all_params
-from mslora_jax.train.stream import StreamExperiment
+from mslora_jax.train.stream import StreamExperiment, TaskMetrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,20 +159,22 @@ class GenerativeExperiment(StreamExperiment):
                 out.append(self.tokenizer.decode(ids).strip())
         return out
 
-    def score(self, variables, weights, task: int) -> float:
+    def task_metrics(self, slots: dict[int, dict], active: list[int], task: int) -> TaskMetrics:
+        """LLaVA-Med's answer metrics over ``task``'s test items (NaN means become ``None``)."""
+        variables = replicate(
+            self.mesh, {"params": self.base_params, LORA_COLLECTION: self.stack(slots)}
+        )
         items = self.tasks[task].test_items
-        answers = self.answers(variables, weights, items)
+        answers = self.answers(variables, self.weights(active), items)
         refs = [
             {"gt": it.gt, "answer_type": it.answer_type, "candidates": list(it.candidates) or None}
             for it in items
         ]
-        return primary_metric(score_answers(answers, refs), self.tasks[task].primary_metric)
+        scores = score_answers(answers, refs)
+        return {k: None if math.isnan(v) else v for k, v in scores.items()}
 
-    def accuracy(self, slots: dict[int, dict], active: list[int], task: int) -> float:
-        variables = replicate(
-            self.mesh, {"params": self.base_params, LORA_COLLECTION: self.stack(slots)}
-        )
-        return self.score(variables, self.weights(active), task)
+    def primary_metric(self, task: int) -> str:
+        return self.tasks[task].primary_metric
 
 
 def pretrain_llava(

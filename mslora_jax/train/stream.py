@@ -7,6 +7,7 @@ regularizers are on) is passed as data in the ``AdapterContext``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -35,6 +36,9 @@ from mslora_jax.train.step import TrainState, init_train_state, make_train_step
 
 log = logging.getLogger(__name__)
 
+# Every metric of one task: name -> value (None where undefined, e.g. no items of a kind).
+TaskMetrics = dict[str, float | None]
+
 
 class StreamExperiment:
     """What every method of a run shares: tasks, frozen backbone, mesh, compiled train step.
@@ -60,9 +64,17 @@ class StreamExperiment:
     def train_batches(self, task_indices: list[int], num_steps: int, seed: int):
         raise NotImplementedError
 
-    def accuracy(self, slots: dict[int, dict], active: list[int], task: int) -> float:
-        """Score in [0, 1] of ``task`` with the adapters ``active`` (of ``slots``) summed."""
+    def task_metrics(self, slots: dict[int, dict], active: list[int], task: int) -> TaskMetrics:
+        """Every metric of ``task`` with the adapters ``active`` (of ``slots``) summed.
+
+        Values are fractions in [0, 1] (``None`` where undefined), except counts named
+        ``num_*``; the task's primary metric must be among them.
+        """
         raise NotImplementedError
+
+    def primary_metric(self, task: int) -> str:
+        """The metric that fills the accuracy matrix for ``task``."""
+        return "accuracy"
 
     def extra_trainables(self) -> dict:
         """Trainable leaves besides the adapter (e.g. a learned temperature)."""
@@ -73,6 +85,20 @@ class StreamExperiment:
         return {}
 
     # --- shared -----------------------------------------------------------------------------
+    def accuracy(self, slots: dict[int, dict], active: list[int], task: int) -> float:
+        """The primary metric (in [0, 1]) of ``task`` with the adapters ``active`` summed."""
+        return self.primary_value(self.task_metrics(slots, active, task), task)
+
+    def primary_value(self, metrics: TaskMetrics, task: int) -> float:
+        name = self.primary_metric(task)
+        value = metrics.get(name)
+        if value is None:
+            raise ValueError(
+                f"task {self.tasks[task].name!r}: its primary metric {name!r} is undefined "
+                f"(got metrics {sorted(metrics)}); pick one that its test split defines"
+            )
+        return float(value)
+
     @property
     def num_tasks(self) -> int:
         return len(self.tasks)
@@ -157,10 +183,10 @@ class Experiment(StreamExperiment):
             shard_count=jax.process_count(),
         )
 
-    def accuracy(self, slots: dict[int, dict], active: list[int], task: int) -> float:
+    def task_metrics(self, slots: dict[int, dict], active: list[int], task: int) -> TaskMetrics:
         tokens, valid = self.table.task_tokens(task, self.max_classes)
         data = self.tasks[task]
-        return evaluate_accuracy(
+        accuracy = evaluate_accuracy(
             self.predict_fn,
             self.mesh,
             self.base_params,
@@ -172,6 +198,7 @@ class Experiment(StreamExperiment):
             valid,
             self.eval_batch_size,
         )
+        return {"accuracy": accuracy}
 
 
 def initial_trainable(exp: StreamExperiment, method: Method, adapter: dict) -> dict:
@@ -247,26 +274,42 @@ def train_stage(
 
 def evaluate_row(
     exp: StreamExperiment, method: Method, stage: int, slots: dict
-) -> list[float | None]:
-    """Row ``stage`` of the accuracy matrix (every task for ``joint``)."""
-    row: list[float | None] = []
+) -> list[TaskMetrics | None]:
+    """Every metric of every task seen after ``stage`` (all tasks for ``joint``)."""
+    row: list[TaskMetrics | None] = []
     for task in range(exp.num_tasks):
         if method.joint or task <= stage:
-            row.append(exp.accuracy(slots, method.eval_slots(task), task))
+            row.append(exp.task_metrics(slots, method.eval_slots(task), task))
         else:
             row.append(None)
     return row
 
 
+def primary_row(exp: StreamExperiment, row: list[TaskMetrics | None]) -> list[float | None]:
+    """A row of the accuracy matrix: each task's primary metric."""
+    return [None if m is None else exp.primary_value(m, task) for task, m in enumerate(row)]
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodRun:
+    """What learning the stream with one method produced.
+
+    ``summary`` is the method's ``results.json`` entry, ``adapters`` its adapters by slot, and
+    ``task_metrics[stage][task]`` every metric of each task after each stage (``None`` for a
+    task not yet seen).
+    """
+
+    summary: dict
+    adapters: dict[int, dict]
+    task_metrics: list[list[TaskMetrics | None]]
+
+
 def run_method(
     exp: StreamExperiment, method: Method, checkpoints: StageCheckpoints | None, fingerprint: dict
-) -> tuple[dict, dict[int, dict]]:
-    """Learn the stream with ``method``, resuming after its last checkpointed stage.
-
-    Returns the method's ``results.json`` entry and its adapters by slot.
-    """
+) -> MethodRun:
+    """Learn the stream with ``method``, resuming after its last checkpointed stage."""
     slots: dict[int, dict] = {}
-    rows, timings = [], []
+    rows, timings, metric_rows = [], [], []
     finished = set(checkpoints.finished_stages()) if checkpoints else set()
     num_stages = method.num_stages(exp.num_tasks)
     stages = tqdm(range(num_stages), desc=method.name, disable=not exp.config.progress)
@@ -288,13 +331,21 @@ def run_method(
             )
             slots[slot] = adapter
             rows.append(metrics["row"])
+            # Checkpoints written before per-task metrics existed hold the primary metric only.
+            primary_only = [
+                None if x is None else {exp.primary_metric(t): x}
+                for t, x in enumerate(metrics["row"])
+            ]
+            metric_rows.append(metrics.get("task_metrics", primary_only))
             timings.append(metrics["timing"])
             log.info("%s: restored stage %d from %s", method.name, stage, checkpoints.directory)
             continue
         state, info = train_stage(exp, method, stage, slots)
         slots[slot] = state.trainable["lora"]
-        row = evaluate_row(exp, method, stage, slots)
+        metric_row = evaluate_row(exp, method, stage, slots)
+        row = primary_row(exp, metric_row)
         rows.append(row)
+        metric_rows.append(metric_row)
         timings.append(info["timing"])
         log.info("%s stage %d: %s (final %s)", method.name, stage, row, info["final"])
         if checkpoints:
@@ -302,7 +353,12 @@ def run_method(
                 stage,
                 adapter=state.trainable["lora"],
                 trainer=state,
-                metrics={"row": row, "timing": info["timing"], "final": info["final"]},
+                metrics={
+                    "row": row,
+                    "task_metrics": metric_row,
+                    "timing": info["timing"],
+                    "final": info["final"],
+                },
                 meta={
                     "fingerprint": fingerprint,
                     "method": method.name,
@@ -318,7 +374,8 @@ def run_method(
     unified = [exp.accuracy(slots, unified_slots, task) for task in range(exp.num_tasks)]
     timed = sum(t["timed_steps"] for t in timings)
     seconds = sum(t["seconds"] for t in timings)
-    return method_summary(rows, unified, timed / seconds if seconds > 0 else 0.0), slots
+    summary = method_summary(rows, unified, timed / seconds if seconds > 0 else 0.0)
+    return MethodRun(summary, slots, metric_rows)
 
 
 def build_experiment(
