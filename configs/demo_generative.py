@@ -22,15 +22,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.modalities = ("pathology", "radiology", "dermatology")
     c.stream = [
         {
-            **synthetic_task("path_a", "pathology", seed=101, num_train=512, num_test=128),
+            **synthetic_task("path_a", "pathology", seed=101, num_train=512, num_test=256),
             "primary_metric": "closed_accuracy",
         },
         {
-            **synthetic_task("rad_a", "radiology", seed=201, num_train=512, num_test=128),
+            **synthetic_task("rad_a", "radiology", seed=201, num_train=512, num_test=256),
             "primary_metric": "closed_accuracy",
         },
         {
-            **synthetic_task("path_b", "pathology", seed=102, num_train=512, num_test=128),
+            **synthetic_task("path_b", "pathology", seed=102, num_train=512, num_test=256),
             "primary_metric": "closed_accuracy",
         },
     ]
@@ -55,9 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
         max_new_tokens=6,
         tokenizer_vocab_size=512,
     )
-    c.lora = dict(rank=4, alpha=8.0, targets=LLAVA_LORA_TARGETS)
+    c.lora = dict(rank=8, alpha=16.0, targets=LLAVA_LORA_TARGETS)
     c.regularizer = dict(alpha_cr=0.1, beta_ortho=0.01)
-    c.train = dict(batch_size=16, steps_per_task=250, learning_rate=3e-3, eval_batch_size=64)
+    c.train = dict(batch_size=16, steps_per_task=200, learning_rate=5e-3, eval_batch_size=64)
     c.pretrain = dict(steps=500, batch_size=16, learning_rate=2e-3)
     c.backbone = dict(source="pretrain")
     c.num_devices = 0

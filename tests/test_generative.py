@@ -1,5 +1,8 @@
 """The generative (LLaVA) setting through the shared method runner, on tiny synthetic VQA data."""
 
+import dataclasses
+
+import chex
 import jax
 import numpy as np
 
@@ -8,37 +11,36 @@ from mslora_jax.data.conversation import build_tokenizer, render_conversation
 from mslora_jax.data.synthetic import SyntheticTaskSpec
 from mslora_jax.data.synthetic_vqa import write_synthetic_vqa_task
 from mslora_jax.lora.targets import select_targets
-from mslora_jax.models.llava import LLAVA_LORA_TARGETS
-from mslora_jax.parallel.mesh import make_mesh
+from mslora_jax.models.llava import LLAVA_LORA_TARGETS, init_llava
+from mslora_jax.parallel.mesh import make_mesh, replicate, to_global_batch
 from mslora_jax.train.generative import GenerativeExperiment, load_vqa_task, pretrain_llava
 from mslora_jax.train.methods import get_method
-from mslora_jax.train.stream import run_method
+from mslora_jax.train.step import init_train_state
+from mslora_jax.train.stream import initial_trainable, run_method, stage_context
 
 
 def _task(name, modality):
     return dict(name=name, modality=modality, source="vqa", primary_metric="closed_accuracy")
 
 
-def test_two_stage_generative_run_lifts_the_new_task(tmp_path):
-    specs = [
-        ("base_p", "pathology", 900, 512),
-        ("base_r", "radiology", 901, 512),
-        ("s_p", "pathology", 11, 256),
-        ("s_r", "radiology", 21, 256),
-    ]
+def _write_tasks(root, specs, num_test):
     for name, modality, seed, num_train in specs:
         write_synthetic_vqa_task(
             SyntheticTaskSpec(name, modality, 4, seed),
-            tmp_path / name,
+            root / name,
             image_size=16,
             num_train=num_train,
-            num_test=64,
+            num_test=num_test,
         )
-    config = experiment_config(
+
+
+def _tiny_llava_config(root, stream, base=(), **train):
+    """A tiny LLaVA on the VQA tasks written under ``root`` (the test's own data)."""
+    return experiment_config(
         dict(
-            stream=[_task("s_p", "pathology"), _task("s_r", "radiology")],
-            base_tasks=[_task("base_p", "pathology"), _task("base_r", "radiology")],
-            data_dir=str(tmp_path),
+            stream=[_task(name, modality) for name, modality in stream],
+            base_tasks=[_task(name, modality) for name, modality in base],
+            data_dir=str(root),
             model_kind="llava",
             backbone=dict(source="random"),
             llava=dict(
@@ -57,11 +59,27 @@ def test_two_stage_generative_run_lifts_the_new_task(tmp_path):
                 image_token_id=4,
             ),
             lora=dict(rank=4, alpha=8.0, targets=LLAVA_LORA_TARGETS),
-            train=dict(batch_size=16, steps_per_task=60, learning_rate=3e-3, eval_batch_size=64),
+            train=dict(batch_size=16, learning_rate=3e-3, eval_batch_size=64, **train),
             pretrain=dict(steps=150, batch_size=16, learning_rate=2e-3),
             num_devices=1,
             progress=False,
         )
+    )
+
+
+def test_two_stage_generative_run_lifts_the_new_task(tmp_path):
+    specs = [
+        ("base_p", "pathology", 900, 512),
+        ("base_r", "radiology", 901, 512),
+        ("s_p", "pathology", 11, 256),
+        ("s_r", "radiology", 21, 256),
+    ]
+    _write_tasks(tmp_path, specs, num_test=64)
+    config = _tiny_llava_config(
+        tmp_path,
+        stream=[("s_p", "pathology"), ("s_r", "radiology")],
+        base=[("base_p", "pathology"), ("base_r", "radiology")],
+        steps_per_task=60,
     )
     base = [load_vqa_task(config, t) for t in config.base_tasks]
     stream = [load_vqa_task(config, t) for t in config.stream]
@@ -85,3 +103,47 @@ def test_two_stage_generative_run_lifts_the_new_task(tmp_path):
     first, second = outcome.task_metrics
     assert first[1] is None and set(second[1]) >= {"closed_accuracy", "f1", "bleu4"}
     assert second[1]["closed_accuracy"] == after
+
+
+def test_sharded_training_and_generation_equal_single_device(tmp_path):
+    _write_tasks(tmp_path, [("s_p", "pathology", 11, 32), ("s_r", "radiology", 21, 32)], 20)
+    config = _tiny_llava_config(
+        tmp_path, stream=[("s_p", "pathology"), ("s_r", "radiology")], steps_per_task=1
+    )
+    config = dataclasses.replace(
+        config, train=dataclasses.replace(config.train, eval_batch_size=16)
+    )
+    tasks = [load_vqa_task(config, t) for t in config.stream]
+    tokenizer = build_tokenizer([render_conversation(e) for t in tasks for e in t.examples], 512)
+    params = init_llava(config.llava.model_config(), jax.random.PRNGKey(0))
+    targets = select_targets(params, config.lora.targets)
+    method = get_method("mslora_cr_ortho")
+    outputs = []
+    for devices in (8, 1):
+        mesh = make_mesh(devices)
+        exp = GenerativeExperiment(
+            config, tasks, tokenizer, mesh, params, targets, max_len=160, max_new_tokens=4
+        )
+        # Nonzero B everywhere, so the adapters change the answers and get nonzero gradients.
+        earlier = jax.tree.map(lambda x: x + 0.05, exp.fresh_adapter(0))
+        active = jax.tree.map(lambda x: x - 0.05, exp.fresh_adapter(1))
+        context = replicate(mesh, stage_context(exp, method, 1, {0: earlier}, [1]))
+        state = replicate(
+            mesh,
+            init_train_state(
+                initial_trainable(exp, method, active), exp.optimizer, jax.random.PRNGKey(1)
+            ),
+        )
+        batch = next(exp.train_batches([1], 1, seed=3))
+        state, metrics = exp.train_step(state, context, to_global_batch(mesh, batch))
+        variables = replicate(
+            mesh, {"params": params, "lora": exp.stack({0: earlier, 1: state.trainable["lora"]})}
+        )
+        # 20 test items: one full batch of 16 and one padded one.
+        answers = exp.answers(variables, exp.weights([0, 1]), tasks[1].test_items)
+        outputs.append((jax.device_get(metrics), jax.device_get(state.trainable), answers))
+    (metrics_8, trainable_8, answers_8), (metrics_1, trainable_1, answers_1) = outputs
+    for key in ("loss", "task_loss", "cr", "ortho"):
+        np.testing.assert_allclose(metrics_8[key], metrics_1[key], rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(trainable_8, trainable_1, rtol=1e-4, atol=1e-6)
+    assert len(answers_8) == 20 and answers_8 == answers_1

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tokenizers import Tokenizer
 
 from mslora_jax.config import ExperimentConfig, TaskConfig
@@ -25,7 +26,7 @@ from mslora_jax.eval.answer_metrics import score_answers
 from mslora_jax.models.generate import llava_generate
 from mslora_jax.models.llava import Llava, init_llava
 from mslora_jax.models.lora_dense import LORA_COLLECTION
-from mslora_jax.parallel.mesh import replicate
+from mslora_jax.parallel.mesh import process_rows, replicate, to_global_batch
 from mslora_jax.train.objectives import normalize_images
 from mslora_jax.train.pretrain import train_all_params
 from mslora_jax.train.stream import StreamExperiment, TaskMetrics
@@ -141,19 +142,22 @@ class GenerativeExperiment(StreamExperiment):
             rows = chunk + [chunk[-1]] * (self.eval_batch_size - len(chunk))
             padded = left_pad_prompts([prompts[i] for i in rows], self.ids.pad, length)
             images = np.stack([load_image(items[i].image, size) for i in rows])
+            # Data parallel like training: each device generates for its rows of the batch.
+            batch = to_global_batch(self.mesh, process_rows({"image": images, **padded}))
             generation = llava_generate(
                 self.model,
                 variables,
-                normalize_images(jnp.asarray(images)),
-                jnp.asarray(padded["input_ids"]),
-                jnp.asarray(padded["attention_mask"]),
+                normalize_images(batch["image"]),
+                batch["input_ids"],
+                batch["attention_mask"],
                 weights,
                 max_new_tokens=self.max_new_tokens,
                 stop_ids=(self.ids.eos,),
                 pad_id=self.ids.pad,
                 return_logits=False,
             )
-            tokens = np.asarray(generation.tokens)
+            # Every host gets every answer (a no-op copy on a single process).
+            tokens = np.asarray(multihost_utils.process_allgather(generation.tokens, tiled=True))
             for row in range(len(chunk)):
                 ids = [int(t) for t in tokens[row] if t not in (self.ids.pad, self.ids.eos)]
                 out.append(self.tokenizer.decode(ids).strip())
