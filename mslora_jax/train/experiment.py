@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ import jax
 
 from mslora_jax.config import ExperimentConfig, to_json_dict
 from mslora_jax.data.registry import load_tasks
-from mslora_jax.io_utils import atomic_write_json, read_json
+from mslora_jax.io_utils import atomic_write_json, atomic_write_text, read_json
 from mslora_jax.parallel.mesh import make_mesh
 from mslora_jax.report.results import write_results
 from mslora_jax.report.task_metrics import validate_task_metrics, write_task_metrics
@@ -20,6 +21,8 @@ from mslora_jax.train.pretrain import obtain_backbone
 from mslora_jax.train.stream import build_experiment, run_method
 
 log = logging.getLogger(__name__)
+
+ZERO_SHOT_DIR = "frozen_backbone"  # answers/ folder of the model without adapters
 
 # Keys that may change between a run and its resumption without invalidating checkpoints.
 RESUMABLE_KEYS = ("methods", "progress", "num_devices")
@@ -44,7 +47,8 @@ def run_experiment(config: ExperimentConfig, workdir: str | os.PathLike) -> dict
     """Run (or resume) every configured method; write results.json, tables and plots.
 
     Beside them, task_metrics.json/.md/.csv hold every metric of every task (see
-    ``mslora_jax.report.task_metrics``); results.json holds each task's primary metric.
+    ``mslora_jax.report.task_metrics``); results.json holds each task's primary metric. A
+    generative run also saves every final model's answers under ``answers/``.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -62,11 +66,17 @@ def run_experiment(config: ExperimentConfig, workdir: str | os.PathLike) -> dict
     zero_shot_metrics = [exp.task_metrics({}, [], t) for t in range(exp.num_tasks)]
     zero_shot = [exp.primary_value(m, t) for t, m in enumerate(zero_shot_metrics)]
     log.info("frozen backbone, no adapter: %s", zero_shot)
-    methods, method_metrics = {}, {}
-    for name in config.methods:
-        checkpoints = StageCheckpoints(workdir / "checkpoints" / name)
-        outcome = run_method(exp, get_method(name), checkpoints, fingerprint(config))
-        methods[name], method_metrics[name] = outcome.summary, outcome.task_metrics
+    outcomes = {
+        name: run_method(
+            exp,
+            get_method(name),
+            StageCheckpoints(workdir / "checkpoints" / name),
+            fingerprint(config),
+        )
+        for name in config.methods
+    }
+    methods = {name: outcome.summary for name, outcome in outcomes.items()}
+    method_metrics = {name: outcome.task_metrics for name, outcome in outcomes.items()}
     results = {
         "tasks": [{"name": t.name, "modality": t.modality} for t in tasks],
         "methods": methods,
@@ -90,4 +100,26 @@ def run_experiment(config: ExperimentConfig, workdir: str | os.PathLike) -> dict
     validate_task_metrics(task_metrics)
     write_results(workdir, results)
     write_task_metrics(workdir, task_metrics)
+    write_answers(
+        exp,
+        workdir / "answers",
+        {ZERO_SHOT_DIR: ({}, None)}
+        | {name: (outcome.adapters, get_method(name)) for name, outcome in outcomes.items()},
+    )
     return results
+
+
+def write_answers(exp, directory: Path, runs: dict) -> None:
+    """``directory/<method>/<task>.jsonl``: each final model's answer to every test question.
+
+    ``runs`` maps a folder name to (adapters by slot, method); method None is the frozen
+    backbone. Models without per-item answers (the dual encoder) write nothing.
+    """
+    for name, (adapters, method) in runs.items():
+        for task in range(exp.num_tasks):
+            active = [] if method is None else method.eval_slots(task)
+            records = exp.answer_records(adapters, active, task)
+            if records is None:
+                return
+            lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            atomic_write_text(directory / name / f"{exp.tasks[task].name}.jsonl", lines)

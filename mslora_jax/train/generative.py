@@ -163,18 +163,38 @@ class GenerativeExperiment(StreamExperiment):
                 out.append(self.tokenizer.decode(ids).strip())
         return out
 
-    def task_metrics(self, slots: dict[int, dict], active: list[int], task: int) -> TaskMetrics:
-        """LLaVA-Med's answer metrics over ``task``'s test items (NaN means become ``None``)."""
+    def answer_records(self, slots: dict[int, dict], active: list[int], task: int) -> list[dict]:
+        """One record per test item of ``task``: the generated answer beside the reference.
+
+        Keys: ``question_id``, ``image``, ``question``, ``answer``, ``gt``, ``answer_type``,
+        ``candidates`` (what LLaVA-Med's answer files hold, plus the reference).
+        """
         variables = replicate(
             self.mesh, {"params": self.base_params, LORA_COLLECTION: self.stack(slots)}
         )
         items = self.tasks[task].test_items
         answers = self.answers(variables, self.weights(active), items)
-        refs = [
-            {"gt": it.gt, "answer_type": it.answer_type, "candidates": list(it.candidates) or None}
-            for it in items
+        return [
+            {
+                "question_id": it.question_id,
+                "image": str(it.image),
+                "question": it.question,
+                "answer": answer,
+                "gt": it.gt,
+                "answer_type": it.answer_type,
+                "candidates": list(it.candidates),
+            }
+            for it, answer in zip(items, answers, strict=True)
         ]
-        scores = score_answers(answers, refs)
+
+    def task_metrics(self, slots: dict[int, dict], active: list[int], task: int) -> TaskMetrics:
+        """LLaVA-Med's answer metrics over ``task``'s test items (NaN means become ``None``)."""
+        records = self.answer_records(slots, active, task)
+        refs = [
+            {"gt": r["gt"], "answer_type": r["answer_type"], "candidates": r["candidates"] or None}
+            for r in records
+        ]
+        scores = score_answers([r["answer"] for r in records], refs)
         return {k: None if math.isnan(v) else v for k, v in scores.items()}
 
     def primary_metric(self, task: int) -> str:

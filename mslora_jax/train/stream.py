@@ -76,6 +76,10 @@ class StreamExperiment:
         """The metric that fills the accuracy matrix for ``task``."""
         return "accuracy"
 
+    def answer_records(self, slots: dict[int, dict], active: list[int], task: int):
+        """Per-item predictions of ``task`` worth saving (generated answers), or None."""
+        return None
+
     def extra_trainables(self) -> dict:
         """Trainable leaves besides the adapter (e.g. a learned temperature)."""
         return {}
