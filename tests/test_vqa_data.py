@@ -9,6 +9,7 @@ from PIL import Image
 from mslora_jax.data.conversation import (
     SPECIAL_TOKENS,
     build_tokenizer,
+    check_tokenizer_fits,
     encode_conversation,
     encode_prompt,
     left_pad_prompts,
@@ -266,6 +267,15 @@ def test_tokenizer_errors(tmp_path):
         build_tokenizer(["a"], vocab_size=100)
     with pytest.raises(ConfigError, match="must start with"):
         build_tokenizer(["a"], vocab_size=300, special_tokens=("<s>", "<pad>"))
+
+
+def test_tokenizer_must_fit_the_model(tokenizer):
+    size = tokenizer.get_vocab_size()
+    check_tokenizer_fits(tokenizer, vocab_size=size, image_token_id=special_ids(tokenizer).image)
+    with pytest.raises(ConfigError, match=f"has {size} tokens but llava.decoder.vocab_size"):
+        check_tokenizer_fits(tokenizer, vocab_size=size - 1, image_token_id=4)
+    with pytest.raises(ConfigError, match="set llava.image_token_id=4"):
+        check_tokenizer_fits(tokenizer, vocab_size=size, image_token_id=7)
 
 
 def _examples(data):

@@ -64,6 +64,26 @@ def special_ids(tokenizer: Tokenizer) -> SpecialIds:
     return SpecialIds(*ids)
 
 
+def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, image_token_id: int) -> None:
+    """ConfigError unless the model can embed every token id and finds ``<image>`` where it looks.
+
+    Without this check, ids past the embedding table would be silently clamped, and a different
+    ``<image>`` id would leave the image out of every prompt.
+    """
+    size = tokenizer.get_vocab_size()
+    if size > vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {size} tokens but llava.decoder.vocab_size is {vocab_size}; "
+            f"set vocab_size >= {size} (or build a smaller tokenizer)"
+        )
+    image = special_ids(tokenizer).image
+    if image != image_token_id:
+        raise ConfigError(
+            f"the tokenizer's {IMAGE_TOKEN!r} has id {image} but llava.image_token_id is "
+            f"{image_token_id}; set llava.image_token_id={image}"
+        )
+
+
 def render_conversation(example: VqaExample, system: str = SYSTEM) -> str:
     """The template as text (without ``<s>``); e.g. a corpus for ``build_tokenizer``."""
     parts = [system + " "]

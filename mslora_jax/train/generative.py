@@ -19,7 +19,13 @@ from jax.experimental import multihost_utils
 from tokenizers import Tokenizer
 
 from mslora_jax.config import ExperimentConfig, TaskConfig
-from mslora_jax.data.conversation import SYSTEM, encode_prompt, left_pad_prompts, special_ids
+from mslora_jax.data.conversation import (
+    SYSTEM,
+    check_tokenizer_fits,
+    encode_prompt,
+    left_pad_prompts,
+    special_ids,
+)
 from mslora_jax.data.vqa import VqaExample, VqaTestItem, load_image, read_test_file, read_train_file
 from mslora_jax.data.vqa_pipeline import vqa_train_batches
 from mslora_jax.eval.answer_metrics import score_answers
@@ -104,6 +110,9 @@ class GenerativeExperiment(StreamExperiment):
         max_len: int,
         max_new_tokens: int,
     ):
+        check_tokenizer_fits(
+            tokenizer, config.llava.decoder.vocab_size, config.llava.image_token_id
+        )
         self.model = Llava(config.llava.model_config(), lora_dropout=config.lora.dropout)
         self.tokenizer, self.ids = tokenizer, special_ids(tokenizer)
         self.max_len, self.max_new_tokens = max_len, max_new_tokens
@@ -205,6 +214,7 @@ def pretrain_llava(
     config: ExperimentConfig, tasks: list[VqaTask], tokenizer: Tokenizer, mesh, rng, *, max_len: int
 ) -> dict:
     """Full training of a fresh LLaVA (vision tower, projector, decoder) on base VQA tasks."""
+    check_tokenizer_fits(tokenizer, config.llava.decoder.vocab_size, config.llava.image_token_id)
     cfg = config.pretrain
     model = Llava(config.llava.model_config())
     init_key, state_key = jax.random.split(rng)
