@@ -68,6 +68,7 @@ def get_config(data_root: str = "data/paper_8task") -> ml_collections.ConfigDict
             rope_theta=1e6,
         ),
         image_token_id=-200,
+        pad_to_square=True,  # LLaVA v1.5's image_aspect_ratio="pad"
     )
     c.lora = dict(rank=64, alpha=64.0, targets=LLAVA_LORA_TARGETS)
     c.regularizer = dict(alpha_cr=0.1, beta_ortho=0.01)

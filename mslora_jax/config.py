@@ -142,6 +142,9 @@ class LlavaSettings:
         vocab_size=512, width=64, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=128, max_len=256
     )
     image_token_id: int = 4  # "<image>" in mslora_jax.data.conversation.SPECIAL_TOKENS
+    # Centre non-square images on a square before resizing (LLaVA's image_aspect_ratio="pad")
+    # instead of squashing them.
+    pad_to_square: bool = False
     max_len: int = 160  # text tokens per training sequence (before the image tokens are spliced)
     max_new_tokens: int = 8  # generated answer length limit at evaluation
     tokenizer_file: str = ""  # a tokenizer.json; empty: build a byte-level BPE from the data

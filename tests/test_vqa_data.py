@@ -20,6 +20,7 @@ from mslora_jax.data.conversation import (
     special_ids,
 )
 from mslora_jax.data.vqa import (
+    PAD_COLOR,
     VqaExample,
     load_image,
     read_test_file,
@@ -243,6 +244,21 @@ def test_load_image(data, tmp_path):
         load_image(tmp_path / "gone.png", 8)
 
 
+def test_load_image_pad_to_square_keeps_the_aspect_ratio(tmp_path):
+    # A white 8x4 (w x h) image: padded, it fills the middle half of the rows of a square;
+    # squashed, it fills the whole square.
+    path = tmp_path / "landscape.png"
+    Image.fromarray(np.full((4, 8, 3), 255, np.uint8)).save(path)
+    np.testing.assert_array_equal(load_image(path, 8), 255)
+    padded = load_image(path, 8, pad_to_square=True)
+    np.testing.assert_array_equal(padded[2:6], 255)
+    np.testing.assert_array_equal(padded[:2], np.broadcast_to(PAD_COLOR, (2, 8, 3)))
+    np.testing.assert_array_equal(padded[6:], np.broadcast_to(PAD_COLOR, (2, 8, 3)))
+    square = tmp_path / "square.png"
+    Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3)).save(square)
+    np.testing.assert_array_equal(load_image(square, 4, True), load_image(square, 4))
+
+
 # --- tokenizer and template ------------------------------------------------------------------
 
 
@@ -392,13 +408,17 @@ def test_pipeline_shapes_and_determinism(data, tokenizer):
     assert any((a["input_ids"] != b["input_ids"]).any() for a, b in zip(first, other))
 
 
-def test_pipeline_rows_pair_images_with_text(data, tokenizer):
+@pytest.mark.parametrize("pad_to_square", [False, True])  # a.png is 24 x 20, not square
+def test_pipeline_rows_pair_images_with_text(data, tokenizer, pad_to_square):
     examples = _examples(data)
     by_ids = {
-        tuple(encode_conversation(tokenizer, e, MAX_LEN)["input_ids"]): load_image(e.image, 8)
+        tuple(encode_conversation(tokenizer, e, MAX_LEN)["input_ids"]): load_image(
+            e.image, 8, pad_to_square
+        )
         for e in examples
     }
-    for batch in _batches(examples, tokenizer, batch_size=1, num_steps=6):
+    batches = _batches(examples, tokenizer, batch_size=1, num_steps=6, pad_to_square=pad_to_square)
+    for batch in batches:
         ids = batch["input_ids"][0][batch["attention_mask"][0]]
         np.testing.assert_array_equal(batch["image"][0], by_ids[tuple(ids)])
 

@@ -29,6 +29,8 @@ from PIL import Image
 from mslora_jax.errors import ConfigError, DataError
 
 IMAGE_TOKEN = "<image>"
+# Background of pad_to_square: the CLIP image mean in 0..255, as LLaVA pads with.
+PAD_COLOR = (122, 116, 104)
 ANSWER_TYPES = ("OPEN", "CLOSED")
 _ROLES = ("human", "gpt")
 
@@ -134,13 +136,15 @@ def read_test_file(
     return items
 
 
-def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
+def load_image(path: str | os.PathLike, image_size: int, pad_to_square: bool = False) -> np.ndarray:
     """Reads an image as uint8 ``[image_size, image_size, 3]`` RGB.
 
-    The image is resized straight to a square with Pillow's bicubic filter (antialiased when
-    shrinking); the aspect ratio is not kept, as most medical images are near-square. Alpha is
-    dropped, grayscale is repeated to 3 channels, and 16-bit grayscale is mapped 0..65535 ->
-    0..255 (Pillow's own conversion would clip it).
+    The image is resized to a square with Pillow's bicubic filter (antialiased when shrinking).
+    By default it is resized straight, not keeping the aspect ratio (most medical images are
+    near-square); with ``pad_to_square`` it is first centred on a square of ``PAD_COLOR``, as
+    LLaVA's ``image_aspect_ratio="pad"`` does. Alpha is dropped, grayscale is repeated to 3
+    channels, and 16-bit grayscale is mapped 0..65535 -> 0..255 (Pillow's own conversion would
+    clip it).
     """
     if image_size < 1:
         raise ConfigError(f"load_image: image_size must be >= 1, got {image_size}")
@@ -150,12 +154,25 @@ def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
             if image.mode.startswith("I;16"):
                 wide = np.asarray(image, dtype=np.float32)
                 image = Image.fromarray(np.rint(wide / 257.0).astype(np.uint8), mode="L")
-            rgb = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
+            rgb = image.convert("RGB")
+            if pad_to_square:
+                rgb = _expand_to_square(rgb)
+            rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{path}: cannot read image ({error})") from None
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def _expand_to_square(image: Image.Image) -> Image.Image:
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new("RGB", (side, side), PAD_COLOR)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
 
 
 def _read_text(path: str | os.PathLike) -> str:

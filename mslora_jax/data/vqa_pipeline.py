@@ -17,8 +17,9 @@ several questions are decoded once. The paper's VQA sets have a few thousand ima
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -47,14 +48,15 @@ def vqa_train_batches(
     cache_images: bool = True,
     num_threads: int = 8,
     system: str = SYSTEM,
+    pad_to_square: bool = False,
 ) -> Iterator[Batch]:
     """Yields batches for steps ``start_step..num_steps-1`` with ``b = batch_size // shard_count``:
 
     ``{"image": uint8 [b, S, S, 3], "input_ids": int32 [b, max_len], "loss_mask": bool
     [b, max_len], "attention_mask": bool [b, max_len]}`` (see ``conversation`` for the template
-    and mask convention). ``shard_index`` is ``jax.process_index()`` and ``shard_count``
-    ``jax.process_count()``; each process gets a disjoint shard. Arguments and every
-    conversation are checked here, not on the first ``next``.
+    and mask convention); ``pad_to_square`` as in ``vqa.load_image``. ``shard_index`` is
+    ``jax.process_index()`` and ``shard_count`` ``jax.process_count()``; each process gets a
+    disjoint shard. Arguments and every conversation are checked here, not on the first ``next``.
     """
     if image_size < 1:
         raise ConfigError(f"vqa_train_batches: image_size must be >= 1, got {image_size}")
@@ -77,14 +79,15 @@ def vqa_train_batches(
         start_step=start_step,
     )
     paths = [example.image for example in examples]
-    return _batches(steps, text, paths, image_size, cache_images, num_threads)
+    load = functools.partial(load_image, image_size=image_size, pad_to_square=pad_to_square)
+    return _batches(steps, text, paths, load, cache_images, num_threads)
 
 
 def _batches(
     steps: Iterator[Batch],
     text: Batch,
     paths: Sequence[str | os.PathLike],
-    image_size: int,
+    load: Callable[[str | os.PathLike], np.ndarray],
     cache_images: bool,
     num_threads: int,
 ) -> Iterator[Batch]:
@@ -94,7 +97,7 @@ def _batches(
             rows = step["label"]
             wanted = [paths[row] for row in rows]
             missing = [path for path in dict.fromkeys(wanted) if path not in cache]
-            loaded = dict(zip(missing, pool.map(lambda p: load_image(p, image_size), missing)))
+            loaded = dict(zip(missing, pool.map(load, missing)))
             images = np.stack([cache[p] if p in cache else loaded[p] for p in wanted])
             if cache_images:
                 cache.update(loaded)

@@ -137,11 +137,12 @@ class GenerativeExperiment(StreamExperiment):
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
             system=system_prompt(self.config),
+            pad_to_square=self.config.llava.pad_to_square,
         )
 
     def answers(self, variables, weights, items: list[VqaTestItem]) -> list[str]:
         """Greedy answers, in fixed-size batches (the last one padded) so one compile serves all."""
-        size = self.config.llava.vision.image_size
+        size, pad = self.config.llava.vision.image_size, self.config.llava.pad_to_square
         system = system_prompt(self.config)
         prompts = [encode_prompt(self.tokenizer, it.question, system=system) for it in items]
         length = max(len(p) for p in prompts)
@@ -150,7 +151,7 @@ class GenerativeExperiment(StreamExperiment):
             chunk = list(range(start, min(start + self.eval_batch_size, len(items))))
             rows = chunk + [chunk[-1]] * (self.eval_batch_size - len(chunk))
             padded = left_pad_prompts([prompts[i] for i in rows], self.ids.pad, length)
-            images = np.stack([load_image(items[i].image, size) for i in rows])
+            images = np.stack([load_image(items[i].image, size, pad) for i in rows])
             # Data parallel like training: each device generates for its rows of the batch.
             batch = to_global_batch(self.mesh, process_rows({"image": images, **padded}))
             generation = llava_generate(
@@ -235,6 +236,7 @@ def pretrain_llava(
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
         system=system_prompt(config),
+        pad_to_square=config.llava.pad_to_square,
     )
     state, _ = train_all_params(
         config, mesh, params, loss_fn, batches, state_key, class_tokens=None, desc="pretrain llava"
