@@ -5,15 +5,19 @@ import dataclasses
 import chex
 import jax
 import numpy as np
+import pytest
+from tokenizers import Tokenizer, models
 
 from mslora_jax.config import experiment_config
 from mslora_jax.data.conversation import build_tokenizer, render_conversation
 from mslora_jax.data.synthetic import SyntheticTaskSpec
 from mslora_jax.data.synthetic_vqa import write_synthetic_vqa_task
+from mslora_jax.errors import ConfigError, DataError
 from mslora_jax.lora.targets import select_targets
 from mslora_jax.models.llava import LLAVA_LORA_TARGETS, init_llava
 from mslora_jax.parallel.mesh import make_mesh, replicate, to_global_batch
 from mslora_jax.train.generative import GenerativeExperiment, load_vqa_task, pretrain_llava
+from mslora_jax.train.generative_run import obtain_tokenizer
 from mslora_jax.train.methods import get_method
 from mslora_jax.train.step import init_train_state
 from mslora_jax.train.stream import initial_trainable, run_method, stage_context
@@ -147,3 +151,26 @@ def test_sharded_training_and_generation_equal_single_device(tmp_path):
         np.testing.assert_allclose(metrics_8[key], metrics_1[key], rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(trainable_8, trainable_1, rtol=1e-4, atol=1e-6)
     assert len(answers_8) == 20 and answers_8 == answers_1
+
+
+def test_tokenizer_file_that_does_not_fit_is_named_before_training(tmp_path):
+    _write_tasks(tmp_path, [("s_p", "pathology", 11, 8)], num_test=4)
+    no_image = tmp_path / "mistral_like.json"
+    Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>")).save(
+        str(no_image)
+    )
+    config = _tiny_llava_config(tmp_path, stream=[("s_p", "pathology")])
+    with_file = dataclasses.replace(
+        config, llava=dataclasses.replace(config.llava, tokenizer_file=str(no_image))
+    )
+    with pytest.raises(DataError, match=r"mistral_like\.json: tokenizer has no special token"):
+        obtain_tokenizer(with_file, [], tmp_path / "work")
+    # A built tokenizer is checked too, and not saved when it does not fit.
+    (tmp_path / "work").mkdir()
+    wrong_id = dataclasses.replace(
+        config, llava=dataclasses.replace(config.llava, image_token_id=9)
+    )
+    task = load_vqa_task(config, config.stream[0])
+    with pytest.raises(ConfigError, match=r"tokenizer\.json: .*set llava\.image_token_id=4"):
+        obtain_tokenizer(wrong_id, [task], tmp_path / "work")
+    assert not (tmp_path / "work" / "tokenizer.json").exists()

@@ -17,12 +17,14 @@ from jax.sharding import Mesh
 from mslora_jax.config import ExperimentConfig, TaskConfig
 from mslora_jax.data.conversation import (
     build_tokenizer,
+    check_tokenizer_fits,
     load_tokenizer,
     render_conversation,
     save_tokenizer,
 )
 from mslora_jax.data.synthetic import SyntheticTaskSpec
 from mslora_jax.data.synthetic_vqa import write_synthetic_vqa_task
+from mslora_jax.errors import ConfigError, DataError
 from mslora_jax.lora.targets import select_targets
 from mslora_jax.models.llava import init_llava
 from mslora_jax.train.checkpoints import abstract_like
@@ -62,16 +64,25 @@ def load_generative_tasks(config: ExperimentConfig, tasks, workdir: Path) -> lis
 
 
 def obtain_tokenizer(config: ExperimentConfig, tasks: list[VqaTask], workdir: Path):
-    """``llava.tokenizer_file``, else a byte-level BPE built once from the training texts."""
-    if config.llava.tokenizer_file:
-        return load_tokenizer(config.llava.tokenizer_file)
-    path = workdir / "tokenizer.json"
-    if path.exists():
-        return load_tokenizer(path)
-    system = system_prompt(config)
-    texts = [render_conversation(e, system) for t in tasks for e in t.examples]
-    tokenizer = build_tokenizer(texts, config.llava.tokenizer_vocab_size)
-    save_tokenizer(tokenizer, path)
+    """``llava.tokenizer_file``, else a byte-level BPE built once from the training texts.
+
+    Checked against the model before anything is trained; errors name the tokenizer file.
+    """
+    path = Path(config.llava.tokenizer_file or workdir / "tokenizer.json")
+    if config.llava.tokenizer_file or path.exists():
+        tokenizer = load_tokenizer(path)
+    else:
+        system = system_prompt(config)
+        texts = [render_conversation(e, system) for t in tasks for e in t.examples]
+        tokenizer = build_tokenizer(texts, config.llava.tokenizer_vocab_size)
+    try:
+        check_tokenizer_fits(
+            tokenizer, config.llava.decoder.vocab_size, config.llava.image_token_id
+        )
+    except (ConfigError, DataError) as error:
+        raise type(error)(f"{path}: {error}") from None
+    if not path.exists():
+        save_tokenizer(tokenizer, path)
     return tokenizer
 
 
