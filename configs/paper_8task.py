@@ -51,9 +51,19 @@ def get_config(data_root: str = "data/paper_8task") -> ml_collections.ConfigDict
         for name, modality, epochs, lr, metric in _TASKS
     ]
     c.llava = dict(
-        # CLIP ViT-L/14 at 336 px (576 patch tokens from the penultimate layer).
+        # CLIP ViT-L/14 at 336 px (576 patch tokens from the penultimate layer), in the layout
+        # of OpenAI's released towers.
         vision=dict(
-            image_size=336, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096
+            image_size=336,
+            patch_size=14,
+            width=1024,
+            depth=24,
+            num_heads=16,
+            mlp_dim=4096,
+            patch_bias=False,
+            pre_norm=True,
+            mlp_activation="quick_gelu",
+            layer_norm_eps=1e-5,
         ),
         vision_layer=-2,
         # Mistral-7B (Instruct v0.2 settings).

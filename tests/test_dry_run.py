@@ -16,6 +16,9 @@ def _paper(data_root):
 
 def test_paper_config_dry_run_counts_and_missing_root(tmp_path):
     report = dry_run(_paper(tmp_path / "nowhere"))
+    # LLaVA-Med v1.5's own count: Mistral-7B 7,241,732,096 + CLIP ViT-L/14-336 vision tower
+    # 303,507,456 + mlp2x_gelu projector 20,979,712.
+    assert "frozen backbone parameters: 7,566,219,264" in report
     # Mistral-7B, rank 64 on q, k, v, o, gate, up, down of 32 layers.
     assert "LoRA parameters per task: 167,772,160" in report
     assert "224 adapted layers" in report

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mslora_jax.models.transformer import Encoder
+from mslora_jax.models.transformer import ACTIVATIONS, Encoder
 
 PAD_ID = 0  # token id 0 is padding; see mslora_jax.data.tokenizer (kept equal)
 
@@ -37,9 +37,24 @@ class ModelConfig:
     text_mlp_dim: int = 128
     embed_dim: int = 64
     init_temperature: float = 0.07
+    # Transformer variant, both towers. Defaults: this repo's ViT. OpenAI's released CLIP towers
+    # (e.g. LLaVA's ViT-L/14-336): patch_bias=False, pre_norm=True, mlp_activation="quick_gelu",
+    # layer_norm_eps=1e-5.
+    patch_bias: bool = True  # a bias in the patch embedding
+    pre_norm: bool = False  # LayerNorm "ln_pre" on the ViT's input tokens (CLIP's pre_layrnorm)
+    mlp_activation: str = "gelu_tanh"  # a key of transformer.ACTIVATIONS
+    layer_norm_eps: float = 1e-6
 
     def __post_init__(self):
         from mslora_jax.errors import ConfigError
+
+        if self.mlp_activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"model.mlp_activation={self.mlp_activation!r} is unknown; "
+                f"expected one of {sorted(ACTIVATIONS)}"
+            )
+        if self.layer_norm_eps <= 0:
+            raise ConfigError(f"model.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
 
         if self.image_size % self.patch_size:
             raise ConfigError(
@@ -61,11 +76,38 @@ def embed_patches(module: nn.Module, cfg: ModelConfig, images: jax.Array) -> jax
     ``cls``, ``pos_embed``) are shared by every ViT here, so their weights are interchangeable.
     """
     p = cfg.patch_size
-    x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", name="patch_embed")(images)
+    x = nn.Conv(
+        cfg.width,
+        (p, p),
+        strides=(p, p),
+        padding="VALID",
+        use_bias=cfg.patch_bias,
+        name="patch_embed",
+    )(images)
     x = x.reshape(x.shape[0], -1, cfg.width)
     cls = module.param("cls", nn.initializers.zeros, (1, 1, cfg.width))
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, cfg.width)), x], axis=1)
-    return x + module.param("pos_embed", nn.initializers.normal(0.02), x.shape[1:])
+    x = x + module.param("pos_embed", nn.initializers.normal(0.02), x.shape[1:])
+    if cfg.pre_norm:
+        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="ln_pre")(x)
+    return x
+
+
+def vit_encoder(
+    cfg: ModelConfig, lora_dropout: float = 0.0, return_hidden_states: bool = False
+) -> Encoder:
+    """The ViT's block stack (named ``encoder``), shared by every ViT here."""
+    return Encoder(
+        cfg.width,
+        cfg.depth,
+        cfg.num_heads,
+        cfg.mlp_dim,
+        lora_dropout,
+        return_hidden_states,
+        cfg.mlp_activation,
+        cfg.layer_norm_eps,
+        name="encoder",
+    )
 
 
 class ImageEncoder(nn.Module):
@@ -78,9 +120,7 @@ class ImageEncoder(nn.Module):
     def __call__(self, images, task_weights=None, deterministic: bool = True):
         cfg = self.config
         x = embed_patches(self, cfg, images)
-        x = Encoder(
-            cfg.width, cfg.depth, cfg.num_heads, cfg.mlp_dim, self.lora_dropout, name="encoder"
-        )(x, None, task_weights, deterministic)
+        x = vit_encoder(cfg, self.lora_dropout)(x, None, task_weights, deterministic)
         return nn.Dense(cfg.embed_dim, use_bias=False, name="proj")(x[:, 0])
 
 
@@ -102,6 +142,8 @@ class TextEncoder(nn.Module):
             cfg.text_num_heads,
             cfg.text_mlp_dim,
             self.lora_dropout,
+            activation=cfg.mlp_activation,
+            layer_norm_eps=cfg.layer_norm_eps,
             name="encoder",
         )(x, mask, task_weights, deterministic)
         return nn.Dense(cfg.embed_dim, use_bias=False, name="proj")(x[:, 0])

@@ -34,9 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mslora_jax.errors import ConfigError, DataError
-from mslora_jax.models.clip import ModelConfig, embed_patches
+from mslora_jax.models.clip import ModelConfig, embed_patches, vit_encoder
 from mslora_jax.models.decoder import Decoder, DecoderConfig, positions_from_mask
-from mslora_jax.models.transformer import Encoder
 
 # LoRA targets of the LLaVA model: the decoder's q, k, v, o, gate, up, down in every block.
 LLAVA_LORA_TARGETS = (
@@ -88,8 +87,8 @@ class LlavaConfig:
 class VisionTower(nn.Module):
     """``clip.ImageEncoder``'s ViT returning the patch tokens ``[B, P, width]`` of one hidden state.
 
-    Differences from the released CLIP ViT-L (this repo's ViT has none of them): no pre-LayerNorm
-    and tanh-GELU instead of quick-GELU.
+    Set ``pre_norm=True, mlp_activation="quick_gelu", layer_norm_eps=1e-5`` in its
+    ``ModelConfig`` for the layout of OpenAI's released CLIP ViTs (LLaVA's vision tower).
     """
 
     config: ModelConfig
@@ -100,14 +99,8 @@ class VisionTower(nn.Module):
         cfg = self.config
         # Same modules and names as clip.ImageEncoder (see test_vision_tower_matches_image_encoder).
         x = embed_patches(self, cfg, images)
-        _, hidden = Encoder(
-            cfg.width,
-            cfg.depth,
-            cfg.num_heads,
-            cfg.mlp_dim,
-            return_hidden_states=True,
-            name="encoder",
-        )(x, None, None)  # no task_weights: the tower is never adapted
+        # No task_weights: the tower is never adapted.
+        _, hidden = vit_encoder(cfg, return_hidden_states=True)(x, None, None)
         return hidden[self.layer][:, 1:]  # drop [CLS]
 
 

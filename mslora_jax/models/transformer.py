@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,19 +35,34 @@ class SelfAttention(nn.Module):
         return dense("out")(out, task_weights, deterministic)
 
 
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """``x * sigmoid(1.702 x)``: the GELU approximation OpenAI's CLIP towers were trained with."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# MLP activations by config name. "gelu_tanh" is this repo's default ViT; released CLIP towers
+# use "quick_gelu"; "gelu" is the exact (erf) GELU.
+ACTIVATIONS = {
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "quick_gelu": quick_gelu,
+}
+
+
 class Mlp(nn.Module):
-    """Two-layer GELU MLP with LoRA-targetable layers fc1 and fc2."""
+    """Two-layer MLP (activation from ``ACTIVATIONS``) with LoRA-targetable fc1 and fc2."""
 
     width: int
     mlp_dim: int
     lora_dropout: float = 0.0
+    activation: str = "gelu_tanh"
 
     @nn.compact
     def __call__(self, x, task_weights, deterministic: bool = True):
         h = LoraDense(self.mlp_dim, lora_dropout=self.lora_dropout, name="fc1")(
             x, task_weights, deterministic
         )
-        h = nn.gelu(h)
+        h = ACTIVATIONS[self.activation](h)
         return LoraDense(self.width, lora_dropout=self.lora_dropout, name="fc2")(
             h, task_weights, deterministic
         )
@@ -58,17 +75,18 @@ class Block(nn.Module):
     num_heads: int
     mlp_dim: int
     lora_dropout: float = 0.0
+    activation: str = "gelu_tanh"
+    layer_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x, mask, task_weights, deterministic: bool = True):
-        h = nn.LayerNorm(name="ln_attn")(x)
+        h = nn.LayerNorm(epsilon=self.layer_norm_eps, name="ln_attn")(x)
         x = x + SelfAttention(self.width, self.num_heads, self.lora_dropout, name="attn")(
             h, mask, task_weights, deterministic
         )
-        h = nn.LayerNorm(name="ln_mlp")(x)
-        return x + Mlp(self.width, self.mlp_dim, self.lora_dropout, name="mlp")(
-            h, task_weights, deterministic
-        )
+        h = nn.LayerNorm(epsilon=self.layer_norm_eps, name="ln_mlp")(x)
+        mlp = Mlp(self.width, self.mlp_dim, self.lora_dropout, self.activation, name="mlp")
+        return x + mlp(h, task_weights, deterministic)
 
 
 class Encoder(nn.Module):
@@ -85,14 +103,22 @@ class Encoder(nn.Module):
     mlp_dim: int
     lora_dropout: float = 0.0
     return_hidden_states: bool = False
+    activation: str = "gelu_tanh"
+    layer_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x, mask, task_weights, deterministic: bool = True):
         hidden_states = [x]
         for i in range(self.depth):
             x = Block(
-                self.width, self.num_heads, self.mlp_dim, self.lora_dropout, name=f"block_{i}"
+                self.width,
+                self.num_heads,
+                self.mlp_dim,
+                self.lora_dropout,
+                self.activation,
+                self.layer_norm_eps,
+                name=f"block_{i}",
             )(x, mask, task_weights, deterministic)
             hidden_states.append(x)
-        out = nn.LayerNorm(name="ln_final")(x)
+        out = nn.LayerNorm(epsilon=self.layer_norm_eps, name="ln_final")(x)
         return (out, tuple(hidden_states)) if self.return_hidden_states else out
