@@ -10,9 +10,10 @@ alpha_cr 0.1, beta_ortho 0.01.
 
 Data root: one folder per dataset, each in the paper's format: ``train.json`` (a JSON list of
 {"id", "image", "conversations"}), ``test.jsonl`` ({"question_id", "image", "text", "gt",
-"answer_type"} per line) and ``images/``. The real run needs an accelerator and a LLaVA-Med v1.5
-backbone saved with orbax under ``<data_root>/llava_med_v15_backbone`` (``backbone/params`` +
-``meta.json`` as written by mslora_jax); the dry run needs neither and checks the layout.
+"answer_type"} per line) and ``images/``. The real run needs an accelerator, a LLaVA-Med v1.5
+backbone converted from the released weights under ``<data_root>/llava_med_v15_backbone``
+(``mslora-jax convert-llava-med``, see the README) and Mistral's ``tokenizer.json`` in that
+folder; the dry run needs none of them and checks the layout.
 """
 
 import ml_collections
@@ -77,8 +78,14 @@ def get_config(data_root: str = "data/paper_8task") -> ml_collections.ConfigDict
             max_len=32768,
             rope_theta=1e6,
         ),
+        # Mistral's tokenizer has no <image> token: the placeholder gets LLaVA's id -200.
         image_token_id=-200,
         pad_to_square=True,  # LLaVA v1.5's image_aspect_ratio="pad"
+        template="mistral_instruct",  # LLaVA-Med v1.5's conversation template
+        # CLIP's image normalization (openai/clip-vit-large-patch14-336's preprocessor).
+        image_mean=(0.48145466, 0.4578275, 0.40821073),
+        image_std=(0.26862954, 0.26130258, 0.27577711),
+        tokenizer_file=f"{data_root}/llava_med_v15_backbone/tokenizer.json",
     )
     c.lora = dict(rank=64, alpha=64.0, targets=LLAVA_LORA_TARGETS)
     c.regularizer = dict(alpha_cr=0.1, beta_ortho=0.01)

@@ -14,6 +14,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+from mslora_jax.data.chat_template import ChatTemplate
 from mslora_jax.errors import ConfigError
 from mslora_jax.eval.answer_metrics import METRIC_NAMES
 from mslora_jax.models.clip import ModelConfig
@@ -149,8 +150,33 @@ class LlavaSettings:
     max_new_tokens: int = 8  # generated answer length limit at evaluation
     tokenizer_file: str = ""  # a tokenizer.json; empty: build a byte-level BPE from the data
     tokenizer_vocab_size: int = 512  # for a built tokenizer
-    # The conversation's system line; None = LLaVA's default (mslora_jax.data.conversation.SYSTEM)
+    # Conversation template (mslora_jax.data.chat_template): "vicuna_v1" (LLaVA v1) or
+    # "mistral_instruct" (LLaVA-Med v1.5's); system line: None = the template's default.
+    template: str = "vicuna_v1"
     system_prompt: str | None = None
+    # Image normalization per RGB channel, on [0, 1] pixels: (x - mean) / std. None: x * 2 - 1
+    # (what the backbones trained here use); a released CLIP tower needs CLIP's mean and std.
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[float, float, float] | None = None
+
+    def __post_init__(self):
+        ChatTemplate(self.template, self.system_prompt)  # raises for an unknown template
+        if (self.image_mean is None) != (self.image_std is None):
+            raise ConfigError("llava.image_mean and llava.image_std must be set together")
+        if self.image_mean is not None:
+            try:
+                mean, std = (tuple(float(v) for v in x) for x in (self.image_mean, self.image_std))
+            except (TypeError, ValueError):
+                mean = std = ()
+            if len(mean) != 3 or len(std) != 3:
+                raise ConfigError(
+                    f"llava.image_mean and image_std need 3 numbers (RGB), got "
+                    f"{self.image_mean!r} and {self.image_std!r}"
+                )
+            object.__setattr__(self, "image_mean", mean)  # lists from a ConfigDict -> tuples
+            object.__setattr__(self, "image_std", std)
+            if min(std) <= 0:
+                raise ConfigError(f"llava.image_std must be > 0, got {self.image_std}")
 
     def model_config(self) -> LlavaConfig:
         """The model's own config (the training-only fields above are left out)."""

@@ -163,8 +163,19 @@ def test_tokenizer_file_that_does_not_fit_is_named_before_training(tmp_path):
     with_file = dataclasses.replace(
         config, llava=dataclasses.replace(config.llava, tokenizer_file=str(no_image))
     )
-    with pytest.raises(DataError, match=r"mistral_like\.json: tokenizer has no special token"):
-        obtain_tokenizer(with_file, [], tmp_path / "work")
+    # Without an <image> token the placeholder id must not be one of the tokenizer's ids.
+    on_bos = dataclasses.replace(
+        with_file, llava=dataclasses.replace(with_file.llava, image_token_id=1)
+    )
+    with pytest.raises(ConfigError, match=r"mistral_like\.json: .*no '<image>'.*-200"):
+        obtain_tokenizer(on_bos, [], tmp_path / "work")
+    no_eos = tmp_path / "no_eos.json"
+    Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1}, unk_token="<unk>")).save(str(no_eos))
+    without_eos = dataclasses.replace(
+        config, llava=dataclasses.replace(config.llava, tokenizer_file=str(no_eos))
+    )
+    with pytest.raises(DataError, match=r"no_eos\.json: tokenizer has no special token '</s>'"):
+        obtain_tokenizer(without_eos, [], tmp_path / "work")
     # A built tokenizer is checked too, and not saved when it does not fit.
     (tmp_path / "work").mkdir()
     wrong_id = dataclasses.replace(

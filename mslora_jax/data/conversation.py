@@ -1,27 +1,21 @@
-"""Conversation template, a small BPE tokenizer, and tokenisation for generative VQA training.
+"""Tokenizers and the encoding of VQA conversations for generative training and generation.
 
-Template (LLaVA v1 / Mistral-instruct flavoured) for a conversation of n turns::
+The text of a conversation comes from a ``chat_template.ChatTemplate`` (LLaVA's ``vicuna_v1`` or
+``mistral_instruct``); here it becomes ids and a loss mask. ``<s>`` is one id put in front; the
+``<image>`` placeholder becomes one id (``SpecialIds.image``) that the model replaces with the
+image features. As LLaVA's ``tokenizer_image_token`` does, the text is split at ``<image>`` and
+each piece is encoded on its own, so a tokenizer without an ``<image>`` token (Mistral's) works:
+the placeholder then gets ``llava.image_token_id`` (LLaVA uses -200, never looked up).
 
-    <s>{SYSTEM} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>...
-
-``<s>``/``</s>`` are single special-token ids, never text. ``<image>`` stays inside ``q1`` (as
-one special token; the model replaces it with the image features). A generation prompt is the
-same text up to and including the last ``ASSISTANT:``; the answer then starts with a space.
-
-Loss mask: True exactly on the tokens of ``" {a_i}"`` and the ``</s>`` after it (system,
-``USER:``, questions and ``ASSISTANT:`` are False). ``loss_mask[t]`` marks ``input_ids[t]`` as a
-target, i.e. the loss compares ``logits[:, :-1]`` with ``input_ids[:, 1:]`` under
-``loss_mask[:, 1:]``.
-
-Each segment (the system line, each ``USER: ... ASSISTANT:`` part, each answer) is encoded on its
-own and the ids are concatenated, so the mask is exact by construction. With the byte-level
-pre-tokenizer every segment boundary is also a pre-token boundary, so the ids equal those of
-encoding the whole rendered string (tested). Another tokenizer loaded from a ``tokenizer.json``
-still gets an exact mask, but its ids may differ slightly from whole-string encoding.
+Loss mask: True exactly on the tokens of each answer with its leading space and its ``</s>``
+(``ChatTemplate`` targets; tokens are matched by their character offsets). ``loss_mask[t]``
+marks ``input_ids[t]`` as a target, i.e. the loss compares ``logits[:, :-1]`` with
+``input_ids[:, 1:]`` under ``loss_mask[:, 1:]``.
 
 Tokenizer (``build_tokenizer``): byte-level BPE (GPT-2 style: all 256 bytes in the base
 alphabet, so no text is ever unknown, and decoding is lossless), special tokens ``<pad>`` 0,
-``<s>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<image>`` 4.
+``<s>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<image>`` 4. A loaded ``tokenizer.json`` needs ``<s>``,
+``</s>`` and ``<unk>``; without ``<pad>`` it pads with ``<unk>`` (as LLaVA does for Mistral).
 """
 
 from __future__ import annotations
@@ -33,20 +27,19 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from mslora_jax.data.chat_template import DEFAULT_TEMPLATE, VICUNA_SYSTEM, ChatTemplate
 from mslora_jax.data.vqa import IMAGE_TOKEN, VqaExample
 from mslora_jax.errors import ConfigError, DataError
 
-SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
+SYSTEM = VICUNA_SYSTEM  # the default template's system line
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN)
+REQUIRED_TOKENS = ("<s>", "</s>", "<unk>")
 _BYTE_ALPHABET = 256
 
 
 @dataclass(frozen=True)
 class SpecialIds:
-    """Ids of the special tokens the template needs, looked up by name in a tokenizer."""
+    """Ids of the special tokens the encoding needs (``pad`` may equal ``unk``)."""
 
     pad: int
     bos: int
@@ -55,20 +48,35 @@ class SpecialIds:
     image: int
 
 
-def special_ids(tokenizer: Tokenizer) -> SpecialIds:
-    """Looks up ``<pad> <s> </s> <unk> <image>``; DataError if the tokenizer lacks one."""
-    ids = [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS]
-    missing = [token for token, i in zip(SPECIAL_TOKENS, ids) if i is None]
+def check_required_tokens(tokenizer: Tokenizer) -> None:
+    """DataError if the tokenizer lacks one of ``REQUIRED_TOKENS``."""
+    missing = [token for token in REQUIRED_TOKENS if tokenizer.token_to_id(token) is None]
     if missing:
-        raise DataError(f"tokenizer has no special token {missing[0]!r} (needs {SPECIAL_TOKENS})")
-    return SpecialIds(*ids)
+        raise DataError(f"tokenizer has no special token {missing[0]!r} (needs {REQUIRED_TOKENS})")
+
+
+def special_ids(tokenizer: Tokenizer, image_token_id: int | None = None) -> SpecialIds:
+    """Looks up the special tokens; DataError if the tokenizer lacks ``<s>``, ``</s>``, ``<unk>``.
+
+    ``<pad>`` falls back to ``<unk>``. ``<image>`` is the tokenizer's own token if it has one,
+    else ``image_token_id`` (DataError if that is None).
+    """
+    check_required_tokens(tokenizer)
+    bos, eos, unk = (tokenizer.token_to_id(token) for token in REQUIRED_TOKENS)
+    pad = tokenizer.token_to_id("<pad>")
+    image = tokenizer.token_to_id(IMAGE_TOKEN)
+    if image is None:
+        if image_token_id is None:
+            raise DataError(f"tokenizer has no {IMAGE_TOKEN!r} token and no image id was given")
+        image = image_token_id
+    return SpecialIds(pad=unk if pad is None else pad, bos=bos, eos=eos, unk=unk, image=image)
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, image_token_id: int) -> None:
     """ConfigError unless the model can embed every token id and finds ``<image>`` where it looks.
 
     Without this check, ids past the embedding table would be silently clamped, and a different
-    ``<image>`` id would leave the image out of every prompt.
+    ``<image>`` id would leave the image out of every prompt (or mistake a word for the image).
     """
     size = tokenizer.get_vocab_size()
     if size > vocab_size:
@@ -76,20 +84,23 @@ def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, image_token_id: 
             f"the tokenizer has {size} tokens but llava.decoder.vocab_size is {vocab_size}; "
             f"set vocab_size >= {size} (or build a smaller tokenizer)"
         )
-    image = special_ids(tokenizer).image
-    if image != image_token_id:
+    own = tokenizer.token_to_id(IMAGE_TOKEN)
+    if own is not None and own != image_token_id:
         raise ConfigError(
-            f"the tokenizer's {IMAGE_TOKEN!r} has id {image} but llava.image_token_id is "
-            f"{image_token_id}; set llava.image_token_id={image}"
+            f"the tokenizer's {IMAGE_TOKEN!r} has id {own} but llava.image_token_id is "
+            f"{image_token_id}; set llava.image_token_id={own}"
+        )
+    if own is None and 0 <= image_token_id < size:  # a real token's id
+        raise ConfigError(
+            f"the tokenizer has no {IMAGE_TOKEN!r} token and llava.image_token_id="
+            f"{image_token_id} is its token {tokenizer.id_to_token(image_token_id)!r}; set an id "
+            "the tokenizer does not use, e.g. LLaVA's -200"
         )
 
 
-def render_conversation(example: VqaExample, system: str = SYSTEM) -> str:
-    """The template as text (without ``<s>``); e.g. a corpus for ``build_tokenizer``."""
-    parts = [system + " "]
-    for question, answer in example.turns:
-        parts.append(f"USER: {question} ASSISTANT: {answer}</s>")
-    return "".join(parts)
+def render_conversation(example: VqaExample, template: ChatTemplate = DEFAULT_TEMPLATE) -> str:
+    """The template's text (without ``<s>``); e.g. a corpus for ``build_tokenizer``."""
+    return template.render(example.turns).text
 
 
 def build_tokenizer(
@@ -143,14 +154,18 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     except Exception as error:  # tokenizers raises a bare Exception for any parse failure.
         raise DataError(f"{path}: not a valid tokenizer.json ({error})") from None
     try:
-        special_ids(tokenizer)
+        check_required_tokens(tokenizer)
     except DataError as error:
         raise DataError(f"{path}: {error}") from None
     return tokenizer
 
 
 def encode_conversation(
-    tokenizer: Tokenizer, example: VqaExample, max_len: int, system: str = SYSTEM
+    tokenizer: Tokenizer,
+    example: VqaExample,
+    max_len: int,
+    template: ChatTemplate = DEFAULT_TEMPLATE,
+    image_token_id: int | None = None,
 ) -> dict[str, np.ndarray]:
     """``{"input_ids": int32 [L], "loss_mask": bool [L]}`` with ``L = min(full length, max_len)``.
 
@@ -158,39 +173,37 @@ def encode_conversation(
     answer, go first). DataError if not even the first answer token would survive: such an
     example would train nothing and, silently dropped, would bias the data.
     """
-    return encode_conversations(tokenizer, [example], max_len, system)[0]
+    return encode_conversations(tokenizer, [example], max_len, template, image_token_id)[0]
 
 
 def encode_conversations(
-    tokenizer: Tokenizer, examples: Sequence[VqaExample], max_len: int, system: str = SYSTEM
+    tokenizer: Tokenizer,
+    examples: Sequence[VqaExample],
+    max_len: int,
+    template: ChatTemplate = DEFAULT_TEMPLATE,
+    image_token_id: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """``encode_conversation`` for many examples; the system line is encoded once (~4x faster)."""
+    """``encode_conversation`` for many examples."""
     if max_len < 2:
         raise ConfigError(f"encode_conversation: max_len must be >= 2, got {max_len}")
-    ids = special_ids(tokenizer)
-    system_ids = tokenizer.encode(system, add_special_tokens=False).ids
-    return [_encode(tokenizer, ids, system_ids, example, max_len) for example in examples]
+    ids = special_ids(tokenizer, image_token_id)
+    return [_encode(tokenizer, ids, template, example, max_len) for example in examples]
 
 
 def _encode(
-    tokenizer: Tokenizer, ids: SpecialIds, system: list[int], example: VqaExample, max_len: int
+    tokenizer: Tokenizer, ids: SpecialIds, template: ChatTemplate, example: VqaExample, max_len: int
 ) -> dict[str, np.ndarray]:
     what = f"conversation {example.id!r}"
     if not example.turns:
         raise DataError(f"{what}: has no turns")
-    input_ids, loss_mask, texts = [ids.bos, *system], [False] * (1 + len(system)), []
-    for turn, (question, answer) in enumerate(example.turns):
-        # The first "USER:" follows the system line after a space, later ones follow "</s>".
-        space = " " if turn == 0 else ""
-        prompt = tokenizer.encode(f"{space}USER: {question} ASSISTANT:", add_special_tokens=False)
-        reply = tokenizer.encode(f" {answer}", add_special_tokens=False)
-        if turn == 0 and ids.image not in prompt.ids:
-            raise DataError(f"{what}: {IMAGE_TOKEN} must be in the first question")
-        texts += [prompt.ids, reply.ids]
-        input_ids += [*prompt.ids, *reply.ids, ids.eos]
-        loss_mask += [False] * len(prompt.ids) + [True] * (len(reply.ids) + 1)
-    _check_specials(texts, ids, what)
-    first_target = loss_mask.index(True)
+    if IMAGE_TOKEN not in example.turns[0][0]:
+        raise DataError(f"{what}: {IMAGE_TOKEN} must be in the first question")
+    rendered = template.render(example.turns)
+    text_ids, starts = _encode_text(tokenizer, rendered.text, ids.image)
+    _check_specials(text_ids, ids, what, eos_count=len(example.turns))
+    is_target = [any(a <= s < b for a, b in rendered.targets) for s in starts]
+    input_ids, loss_mask = [ids.bos, *text_ids], [False, *is_target]
+    first_target = loss_mask.index(True) if True in loss_mask else len(loss_mask)
     if first_target >= max_len:
         raise DataError(
             f"{what}: the first answer starts at token {first_target}, beyond max_len "
@@ -202,21 +215,43 @@ def _encode(
     }
 
 
+def _encode_text(tokenizer: Tokenizer, text: str, image_id: int) -> tuple[list[int], list[int]]:
+    """Ids of ``text`` with each ``<image>`` as ``image_id``, and each token's first character.
+
+    The pieces between placeholders are encoded separately (LLaVA's ``tokenizer_image_token``);
+    for a tokenizer with ``<image>`` as a special token this equals encoding the whole text.
+    """
+    out_ids, out_starts, offset = [], [], 0
+    for index, piece in enumerate(text.split(IMAGE_TOKEN)):
+        if index:
+            out_ids.append(image_id)
+            out_starts.append(offset - len(IMAGE_TOKEN))
+        encoding = tokenizer.encode(piece, add_special_tokens=False)
+        out_ids += encoding.ids
+        out_starts += [offset + start for start, _ in encoding.offsets]
+        offset += len(piece) + len(IMAGE_TOKEN)
+    return out_ids, out_starts
+
+
 def encode_prompt(
-    tokenizer: Tokenizer, question: str, *, max_len: int | None = None, system: str = SYSTEM
+    tokenizer: Tokenizer,
+    question: str,
+    *,
+    max_len: int | None = None,
+    template: ChatTemplate = DEFAULT_TEMPLATE,
+    image_token_id: int | None = None,
 ) -> np.ndarray:
-    """int32 ids of ``<s>{SYSTEM} USER: {question} ASSISTANT:`` for generation.
+    """int32 ids of ``<s>`` and the template's prompt for ``question`` (generation).
 
     ``<image>\\n`` is put in front of a question without one (test files usually omit it).
-    DataError if the prompt is longer than ``max_len`` (cutting it would drop ``ASSISTANT:``).
+    DataError if the prompt is longer than ``max_len`` (cutting it would drop its end).
     """
-    ids = special_ids(tokenizer)
+    ids = special_ids(tokenizer, image_token_id)
     question = question.strip()
     if IMAGE_TOKEN not in question:
         question = f"{IMAGE_TOKEN}\n{question}"
-    text = f"{system} USER: {question} ASSISTANT:"
-    encoded = tokenizer.encode(text, add_special_tokens=False).ids
-    _check_specials([encoded], ids, f"question {question!r}")
+    encoded, _ = _encode_text(tokenizer, template.render_prompt(question), ids.image)
+    _check_specials(encoded, ids, f"question {question!r}", eos_count=0)
     prompt = np.asarray([ids.bos, *encoded], np.int32)
     if max_len is not None and len(prompt) > max_len:
         raise DataError(
@@ -283,12 +318,15 @@ def left_pad_prompts(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "positions": positions}
 
 
-def _check_specials(encoded: Sequence[Sequence[int]], ids: SpecialIds, what: str) -> None:
-    """Text may hold exactly one ``<image>`` and no ``<pad>``, ``<s>`` or ``</s>``."""
-    flat = np.concatenate([np.asarray(e, np.int64) for e in encoded] + [np.zeros(0, np.int64)])
+def _check_specials(encoded: Sequence[int], ids: SpecialIds, what: str, eos_count: int) -> None:
+    """One ``<image>``, only the template's ``</s>``, no ``<s>`` or ``<pad>`` in the text."""
+    flat = np.asarray(encoded, np.int64)
     images = int(np.sum(flat == ids.image))
     if images != 1:
         raise DataError(f"{what}: expected exactly one {IMAGE_TOKEN} token, found {images}")
-    for name, token_id in (("<pad>", ids.pad), ("<s>", ids.bos), ("</s>", ids.eos)):
+    if int(np.sum(flat == ids.eos)) != eos_count:
+        raise DataError(f"{what}: the text contains the special token </s>")
+    names = [("<s>", ids.bos)] + ([("<pad>", ids.pad)] if ids.pad != ids.unk else [])
+    for name, token_id in names:
         if np.any(flat == token_id):
             raise DataError(f"{what}: the text contains the special token {name}")

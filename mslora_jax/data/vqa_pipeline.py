@@ -25,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from tokenizers import Tokenizer
 
-from mslora_jax.data.conversation import SYSTEM, encode_conversations, pad_batch, special_ids
+from mslora_jax.data.chat_template import DEFAULT_TEMPLATE, ChatTemplate
+from mslora_jax.data.conversation import encode_conversations, pad_batch, special_ids
 from mslora_jax.data.pipeline import train_batches
 from mslora_jax.data.vqa import VqaExample, load_image
 from mslora_jax.errors import ConfigError
@@ -47,7 +48,8 @@ def vqa_train_batches(
     start_step: int = 0,
     cache_images: bool = True,
     num_threads: int = 8,
-    system: str = SYSTEM,
+    template: ChatTemplate = DEFAULT_TEMPLATE,
+    image_token_id: int | None = None,
     pad_to_square: bool = False,
 ) -> Iterator[Batch]:
     """Yields batches for steps ``start_step..num_steps-1`` with ``b = batch_size // shard_count``:
@@ -62,8 +64,8 @@ def vqa_train_batches(
         raise ConfigError(f"vqa_train_batches: image_size must be >= 1, got {image_size}")
     if num_threads < 1:
         raise ConfigError(f"vqa_train_batches: num_threads must be >= 1, got {num_threads}")
-    pad_id = special_ids(tokenizer).pad
-    encodings = encode_conversations(tokenizer, examples, max_len, system)
+    pad_id = special_ids(tokenizer, image_token_id).pad
+    encodings = encode_conversations(tokenizer, examples, max_len, template, image_token_id)
     text = pad_batch(encodings, pad_id, max_len) if encodings else {}
     index = np.arange(len(examples))
     # train_batches gathers rows of its arrays; giving it the row numbers themselves yields the

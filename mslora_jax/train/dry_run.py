@@ -80,4 +80,9 @@ def dry_run(config: ExperimentConfig) -> str:
     if config.backbone.source == "load":
         present = (Path(config.backbone.path) / "meta.json").exists()
         lines.append(f"backbone: {config.backbone.path} " + ("ok" if present else "MISSING"))
+    if config.model_kind == "llava" and config.llava.tokenizer_file:
+        present = Path(config.llava.tokenizer_file).is_file()
+        lines.append(
+            f"tokenizer: {config.llava.tokenizer_file} " + ("ok" if present else "MISSING")
+        )
     return "\n".join(lines + check_data_layout(config))

@@ -19,8 +19,8 @@ from jax.experimental import multihost_utils
 from tokenizers import Tokenizer
 
 from mslora_jax.config import ExperimentConfig, TaskConfig
+from mslora_jax.data.chat_template import ChatTemplate
 from mslora_jax.data.conversation import (
-    SYSTEM,
     check_tokenizer_fits,
     encode_prompt,
     left_pad_prompts,
@@ -51,9 +51,14 @@ class VqaTask:
         return len(self.examples)
 
 
-def system_prompt(config: ExperimentConfig) -> str:
-    """The conversation's system line: ``llava.system_prompt`` or LLaVA's default."""
-    return SYSTEM if config.llava.system_prompt is None else config.llava.system_prompt
+def chat_template(config: ExperimentConfig) -> ChatTemplate:
+    """The conversation template of ``llava.template`` with ``llava.system_prompt``."""
+    return ChatTemplate(config.llava.template, config.llava.system_prompt)
+
+
+def pixels(config: ExperimentConfig, images: jax.Array) -> jax.Array:
+    """uint8 images -> the model's input, normalized as ``llava.image_mean/std`` say."""
+    return normalize_images(images, config.llava.image_mean, config.llava.image_std)
 
 
 def load_vqa_task(config: ExperimentConfig, task: TaskConfig) -> VqaTask:
@@ -70,10 +75,13 @@ def load_vqa_task(config: ExperimentConfig, task: TaskConfig) -> VqaTask:
 
 
 def answer_loss(model: Llava, variables, batch: dict, task_weights, rng, deterministic: bool):
-    """Mean cross-entropy of the answer tokens (``loss_mask``), predicted from their prefix."""
+    """Mean cross-entropy of the answer tokens (``loss_mask``), predicted from their prefix.
+
+    ``batch["image"]`` holds normalized float images (see ``pixels``).
+    """
     inputs = model.apply(
         variables,
-        normalize_images(batch["image"]),
+        batch["image"],
         batch["input_ids"],
         batch["attention_mask"],
         batch["loss_mask"],
@@ -114,12 +122,15 @@ class GenerativeExperiment(StreamExperiment):
             tokenizer, config.llava.decoder.vocab_size, config.llava.image_token_id
         )
         self.model = Llava(config.llava.model_config(), lora_dropout=config.lora.dropout)
-        self.tokenizer, self.ids = tokenizer, special_ids(tokenizer)
+        self.tokenizer = tokenizer
+        self.ids = special_ids(tokenizer, config.llava.image_token_id)
+        self.template = chat_template(config)
         self.max_len, self.max_new_tokens = max_len, max_new_tokens
         super().__init__(config, tasks, mesh, base_params, targets)
 
     def task_loss(self):
         def loss(variables, trainable, context, batch, rng):
+            batch = {**batch, "image": pixels(self.config, batch["image"])}
             return answer_loss(self.model, variables, batch, context.forward_weights, rng, False)
 
         return loss
@@ -136,15 +147,23 @@ class GenerativeExperiment(StreamExperiment):
             seed=seed,
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
-            system=system_prompt(self.config),
+            template=self.template,
+            image_token_id=self.config.llava.image_token_id,
             pad_to_square=self.config.llava.pad_to_square,
         )
 
     def answers(self, variables, weights, items: list[VqaTestItem]) -> list[str]:
         """Greedy answers, in fixed-size batches (the last one padded) so one compile serves all."""
         size, pad = self.config.llava.vision.image_size, self.config.llava.pad_to_square
-        system = system_prompt(self.config)
-        prompts = [encode_prompt(self.tokenizer, it.question, system=system) for it in items]
+        prompts = [
+            encode_prompt(
+                self.tokenizer,
+                it.question,
+                template=self.template,
+                image_token_id=self.config.llava.image_token_id,
+            )
+            for it in items
+        ]
         length = max(len(p) for p in prompts)
         out = []
         for start in range(0, len(items), self.eval_batch_size):
@@ -157,7 +176,7 @@ class GenerativeExperiment(StreamExperiment):
             generation = llava_generate(
                 self.model,
                 variables,
-                normalize_images(batch["image"]),
+                pixels(self.config, batch["image"]),
                 batch["input_ids"],
                 batch["attention_mask"],
                 weights,
@@ -222,6 +241,7 @@ def pretrain_llava(
     params = init_llava(config.llava.model_config(), init_key)
 
     def loss_fn(params, context, batch, rng):
+        batch = {**batch, "image": pixels(config, batch["image"])}
         loss = answer_loss(model, {"params": params}, batch, None, rng, True)
         return loss, {"task_loss": loss}
 
@@ -235,7 +255,8 @@ def pretrain_llava(
         seed=config.seed,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
-        system=system_prompt(config),
+        template=chat_template(config),
+        image_token_id=config.llava.image_token_id,
         pad_to_square=config.llava.pad_to_square,
     )
     state, _ = train_all_params(

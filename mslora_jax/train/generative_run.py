@@ -31,9 +31,9 @@ from mslora_jax.train.checkpoints import abstract_like
 from mslora_jax.train.generative import (
     GenerativeExperiment,
     VqaTask,
+    chat_template,
     load_vqa_task,
     pretrain_llava,
-    system_prompt,
 )
 from mslora_jax.train.pretrain import obtain_frozen_backbone, pretrain_provenance
 
@@ -72,8 +72,8 @@ def obtain_tokenizer(config: ExperimentConfig, tasks: list[VqaTask], workdir: Pa
     if config.llava.tokenizer_file or path.exists():
         tokenizer = load_tokenizer(path)
     else:
-        system = system_prompt(config)
-        texts = [render_conversation(e, system) for t in tasks for e in t.examples]
+        template = chat_template(config)
+        texts = [render_conversation(e, template) for t in tasks for e in t.examples]
         tokenizer = build_tokenizer(texts, config.llava.tokenizer_vocab_size)
     try:
         check_tokenizer_fits(

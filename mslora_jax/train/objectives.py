@@ -23,9 +23,16 @@ from mslora_jax.train.optim import Schedule
 ClipLossFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def normalize_images(images: jax.Array) -> jax.Array:
-    """uint8 [0, 255] -> float32 [-1, 1]; done on device so hosts ship bytes."""
-    return images.astype(jnp.float32) / 127.5 - 1.0
+def normalize_images(images: jax.Array, mean=None, std=None) -> jax.Array:
+    """uint8 [0, 255] -> float32; done on device so hosts ship bytes.
+
+    Default: [-1, 1]. With per-channel ``mean`` and ``std`` (on [0, 1] pixels, e.g. CLIP's):
+    ``(x / 255 - mean) / std``.
+    """
+    if mean is None:
+        return images.astype(jnp.float32) / 127.5 - 1.0
+    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+    return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
 @flax.struct.dataclass
