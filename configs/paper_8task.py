@@ -86,6 +86,7 @@ def get_config(data_root: str = "data/paper_8task") -> ml_collections.ConfigDict
         image_mean=(0.48145466, 0.4578275, 0.40821073),
         image_std=(0.26862954, 0.26130258, 0.27577711),
         tokenizer_file=f"{data_root}/llava_med_v15_backbone/tokenizer.json",
+        remat=True,  # recompute decoder blocks in the backward pass (activation memory)
     )
     c.lora = dict(rank=64, alpha=64.0, targets=LLAVA_LORA_TARGETS)
     c.regularizer = dict(alpha_cr=0.1, beta_ortho=0.01)

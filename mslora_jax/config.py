@@ -158,6 +158,9 @@ class LlavaSettings:
     # (what the backbones trained here use); a released CLIP tower needs CLIP's mean and std.
     image_mean: tuple[float, float, float] | None = None
     image_std: tuple[float, float, float] | None = None
+    # Recompute decoder blocks in the backward pass instead of keeping their activations: what
+    # makes a 7B decoder's LoRA training fit (experiments/bench_memory.py); same results.
+    remat: bool = False
 
     def __post_init__(self):
         ChatTemplate(self.template, self.system_prompt)  # raises for an unknown template

@@ -396,3 +396,33 @@ def test_mistral_7b_lora_parameter_count():
         lambda k: init_adapter_params(shapes, targets, rank=64, rng=k), jax.random.PRNGKey(0)
     )
     assert count(adapter) == 167_772_160
+
+
+def test_remat_keeps_parameters_values_and_lora_gradients(llava_params):
+    """``remat`` only changes what the backward pass stores, never names or numbers."""
+    targets = select_targets(llava_params, LLAVA_LORA_TARGETS)
+    adapter = jax.tree.map(
+        lambda x: x + 0.05, init_adapter_params(llava_params, targets, 2, jax.random.PRNGKey(3))
+    )
+    images = jnp.asarray(np.random.default_rng(9).random((2, 8, 8, 3)), jnp.float32)
+    ids, mask = _right_pad([[1, IMAGE_ID, 9, 10, 11], [1, IMAGE_ID, 12]], 5)
+
+    def loss_and_grad(remat):
+        model = Llava(LLAVA, remat=remat)
+        assert jax.tree.structure(
+            jax.eval_shape(lambda k: model.init(k, images, ids, mask)["params"], jax.random.key(0))
+        ) == jax.tree.structure(llava_params)
+
+        def loss(lora):
+            logits = model.apply(
+                {"params": llava_params, "lora": stack_params([lora])},
+                images, ids, mask, jnp.ones(1), False,
+            )  # fmt: skip
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 7])
+
+        return jax.jit(jax.value_and_grad(loss))(adapter)
+
+    (loss_plain, grad_plain), (loss_remat, grad_remat) = loss_and_grad(False), loss_and_grad(True)
+    np.testing.assert_allclose(loss_remat, loss_plain, rtol=1e-6)
+    chex.assert_trees_all_close(grad_remat, grad_plain, rtol=1e-5, atol=1e-7)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_plain)) > 0

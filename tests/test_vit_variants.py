@@ -1,4 +1,5 @@
-"""ViT variants: the layout of OpenAI's released CLIP towers against a NumPy reference."""
+"""ViT variants: the layout of OpenAI's released CLIP towers against a NumPy reference of HF's
+CLIPVisionTransformer (tests/helpers.py)."""
 
 import dataclasses
 
@@ -10,6 +11,7 @@ from mslora_jax.errors import ConfigError
 from mslora_jax.models.clip import ImageEncoder, ModelConfig
 from mslora_jax.models.llava import VisionTower
 from mslora_jax.models.transformer import quick_gelu
+from tests.helpers import clip_vision_hidden_states
 
 CLIP_LAYOUT = ModelConfig(
     image_size=8,
@@ -25,47 +27,28 @@ CLIP_LAYOUT = ModelConfig(
 )
 
 
-def _layer_norm(x, p, eps):
-    x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
-    return x * p["scale"] + p["bias"]
-
-
-def _reference_hidden_states(params, images, cfg):
-    """Hugging Face's CLIPVisionTransformer, written out: embeddings, pre-LN, pre-LN blocks.
-
-    Returns ``hidden_states`` as HF's ``output_hidden_states`` does: the encoder input, then each
-    layer's output.
-    """
-    p = {k: jax.tree.map(lambda a: np.asarray(a, np.float64), v) for k, v in params.items()}
-    b, s, q = images.shape[0], cfg.image_size, cfg.patch_size
-    n = s // q
-    patches = images.reshape(b, n, q, n, q, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, n * n, -1)
-    x = patches @ p["patch_embed"]["kernel"].reshape(-1, cfg.width)
-    if cfg.patch_bias:
-        x = x + p["patch_embed"]["bias"]
-    x = np.concatenate([np.broadcast_to(p["cls"], (b, 1, cfg.width)), x], axis=1)
-    x = _layer_norm(x + p["pos_embed"], p["ln_pre"], cfg.layer_norm_eps)
-    heads, dh = cfg.num_heads, cfg.width // cfg.num_heads
-    hidden = [x]
-    for i in range(cfg.depth):
-        blk = p["encoder"][f"block_{i}"]
-        h = _layer_norm(x, blk["ln_attn"], cfg.layer_norm_eps)
-
-        def proj(name, h=h, blk=blk):
-            out = h @ blk["attn"][name]["kernel"] + blk["attn"][name]["bias"]
-            return out.reshape(b, -1, heads, dh)
-
-        logits = np.einsum("bqhd,bkhd->bhqk", proj("q"), proj("k")) / np.sqrt(dh)
-        weights = np.exp(logits - logits.max(-1, keepdims=True))
-        weights /= weights.sum(-1, keepdims=True)
-        attn = np.einsum("bhqk,bkhd->bqhd", weights, proj("v")).reshape(b, -1, cfg.width)
-        x = x + attn @ blk["attn"]["out"]["kernel"] + blk["attn"]["out"]["bias"]
-        h = _layer_norm(x, blk["ln_mlp"], cfg.layer_norm_eps)
-        h = h @ blk["mlp"]["fc1"]["kernel"] + blk["mlp"]["fc1"]["bias"]
-        h = h / (1.0 + np.exp(-1.702 * h))  # quick GELU
-        x = x + h @ blk["mlp"]["fc2"]["kernel"] + blk["mlp"]["fc2"]["bias"]
-        hidden.append(x)
-    return hidden
+def _as_hf_clip(params, prefix: str = "vision_model.") -> dict[str, np.ndarray]:
+    """The VisionTower's params under HF ``CLIPVisionModel`` names and layouts (by hand, so the
+    shared reference in tests/helpers.py reads them as HF weights)."""
+    p = jax.tree.map(np.asarray, params)
+    hf = {
+        "embeddings.class_embedding": p["cls"].reshape(-1),
+        "embeddings.patch_embedding.weight": p["patch_embed"]["kernel"].transpose(3, 2, 0, 1),
+        "embeddings.position_embedding.weight": p["pos_embed"],
+        "pre_layrnorm.weight": p["ln_pre"]["scale"],
+        "pre_layrnorm.bias": p["ln_pre"]["bias"],
+    }
+    for i in range(CLIP_LAYOUT.depth):
+        blk, layer = p["encoder"][f"block_{i}"], f"encoder.layers.{i}."
+        modules = {f"self_attn.{n}_proj": blk["attn"][n] for n in ("q", "k", "v", "out")}
+        modules.update({f"mlp.{n}": blk["mlp"][n] for n in ("fc1", "fc2")})
+        for name, dense in modules.items():
+            hf[f"{layer}{name}.weight"] = dense["kernel"].T
+            hf[f"{layer}{name}.bias"] = dense["bias"]
+        for ours, theirs in (("ln_attn", "layer_norm1"), ("ln_mlp", "layer_norm2")):
+            hf[f"{layer}{theirs}.weight"] = blk[ours]["scale"]
+            hf[f"{layer}{theirs}.bias"] = blk[ours]["bias"]
+    return {prefix + name: value for name, value in hf.items()}
 
 
 def test_quick_gelu_formula():
@@ -81,7 +64,13 @@ def test_clip_layout_vision_tower_matches_reference():
     params = jax.tree.map(
         lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(np.float32), params
     )
-    hidden = _reference_hidden_states(params, images, CLIP_LAYOUT)
+    hidden = clip_vision_hidden_states(
+        _as_hf_clip(params),
+        "vision_model.",
+        images.transpose(0, 3, 1, 2),
+        num_heads=CLIP_LAYOUT.num_heads,
+        eps=CLIP_LAYOUT.layer_norm_eps,
+    )
     for layer in (-2, -1, 1):
         got = VisionTower(CLIP_LAYOUT, layer=layer).apply({"params": params}, images)
         np.testing.assert_allclose(got, hidden[layer][:, 1:], rtol=2e-5, atol=1e-5)

@@ -2,12 +2,15 @@
 
 mslora-jax run --config configs/demo.py --workdir OUT [--config.lora.rank=4 ...]
 mslora-jax inspect --workdir OUT --method mslora_cr [--task NAME_OR_ID]
+mslora-jax convert-llava-med --config configs/paper_8task.py:DATA --hf-dir DIR \
+    [--vision-hf-dir DIR] [--out DIR]
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -22,8 +25,20 @@ _TASK = flags.DEFINE_string("task", None, "inspect: a task name or id (default: 
 _DRY_RUN = flags.DEFINE_bool(
     "dry-run", False, "run: size the model abstractly and check the data layout; train nothing."
 )
+_HF_DIR = flags.DEFINE_string(
+    "hf-dir", None, "convert-llava-med: the Hugging Face LLaVA-Med folder (safetensors)."
+)
+_VISION_HF_DIR = flags.DEFINE_string(
+    "vision-hf-dir",
+    None,
+    "convert-llava-med: a CLIP folder (openai/clip-vit-large-patch14-336) to take the vision "
+    "tower from, for a LLaVA folder without one.",
+)
+_OUT = flags.DEFINE_string(
+    "out", None, "convert-llava-med: the backbone folder to write (default: backbone.path)."
+)
 
-COMMANDS = ("run", "inspect")
+COMMANDS = ("run", "inspect", "convert-llava-med")
 
 
 def _run() -> None:
@@ -52,6 +67,24 @@ def _inspect() -> None:
     print(inspect_adapters(_WORKDIR.value, _METHOD.value, _TASK.value))
 
 
+def _convert_llava_med() -> None:
+    from mslora_jax.config import experiment_config
+    from mslora_jax.train.hf_backbone import convert_llava_backbone
+
+    if _CONFIG.value is None or not _HF_DIR.value:
+        raise MsloraError("convert-llava-med needs --config and --hf-dir")
+    config = experiment_config(_CONFIG.value)
+    # Default: where a run with this config loads its backbone from.
+    out = _OUT.value or (config.backbone.path if config.backbone.source == "load" else "")
+    if not out:
+        raise MsloraError('convert-llava-med needs --out (or a config with backbone.source="load")')
+    count = convert_llava_backbone(config, _HF_DIR.value, out, _VISION_HF_DIR.value)
+    print(f"converted {count:,} parameters into {out}")
+    loaded_by_run = Path(out).absolute() == Path(config.backbone.path).absolute()
+    if config.backbone.source != "load" or not loaded_by_run:
+        print(f'run with --config.backbone.source=load --config.backbone.path="{out}"')
+
+
 def main(argv: list[str]) -> None:
     # Our own progress lines at INFO; orbax's very chatty INFO logs (absl) only from WARNING.
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -59,10 +92,10 @@ def main(argv: list[str]) -> None:
     commands = argv[1:]
     if len(commands) != 1 or commands[0] not in COMMANDS:
         raise app.UsageError(f"expected one command of {COMMANDS}, got {commands}")
-    if not _WORKDIR.value:
+    if commands[0] in ("run", "inspect") and not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     try:
-        {"run": _run, "inspect": _inspect}[commands[0]]()
+        {"run": _run, "inspect": _inspect, "convert-llava-med": _convert_llava_med}[commands[0]]()
     except MsloraError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -259,17 +259,22 @@ class DecoderBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-    """The causal LM: ``embed`` ids, then ``__call__`` on embeddings -> (logits, cache)."""
+    """The causal LM: ``embed`` ids, then ``__call__`` on embeddings -> (logits, cache).
+
+    ``remat``: keep only each block's input for the backward pass and recompute the rest
+    (``nn.remat``); same parameters and values, far less activation memory at full size.
+    """
 
     config: DecoderConfig
     lora_dropout: float = 0.0
+    remat: bool = False
 
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.width, name="embed_tokens")
-        self.blocks = [
-            DecoderBlock(cfg, self.lora_dropout, name=f"block_{i}") for i in range(cfg.depth)
-        ]
+        # static_argnums counts self: argument 7 is the Python bool ``deterministic``.
+        block = nn.remat(DecoderBlock, static_argnums=(7,)) if self.remat else DecoderBlock
+        self.blocks = [block(cfg, self.lora_dropout, name=f"block_{i}") for i in range(cfg.depth)]
         self.norm = RMSNorm(cfg.rms_eps, name="norm")
         self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head")
 

@@ -183,16 +183,21 @@ def splice_image_tokens(
 
 
 class Llava(nn.Module):
-    """``__call__(images, input_ids, attention_mask, task_weights) -> logits [B, L+P-1, V]``."""
+    """``__call__(images, input_ids, attention_mask, task_weights) -> logits [B, L+P-1, V]``.
+
+    ``remat`` rematerializes the decoder blocks in the backward pass (see ``Decoder``); the
+    frozen vision tower and projector need no backward pass.
+    """
 
     config: LlavaConfig
     lora_dropout: float = 0.0
+    remat: bool = False
 
     def setup(self):
         cfg = self.config
         self.vision_tower = VisionTower(cfg.vision, cfg.vision_layer)
         self.projector = Projector(cfg.decoder.width)
-        self.decoder = Decoder(cfg.decoder, self.lora_dropout)
+        self.decoder = Decoder(cfg.decoder, self.lora_dropout, self.remat)
 
     def encode_images(self, images: jax.Array) -> jax.Array:
         """``[B, H, W, 3]`` images -> ``[B, P, D]`` projected patch tokens."""

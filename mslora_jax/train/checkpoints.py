@@ -13,6 +13,7 @@ checkpoint to a temporary folder and renames it, so an interrupted save never lo
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,9 @@ def load_backbone(directory: os.PathLike | str, abstract_params, model_config: d
     if not (directory / "meta.json").exists() or not (directory / "params").exists():
         raise CheckpointError(f"no backbone at {directory} (expected params/ and meta.json)")
     meta = read_json(directory / "meta.json", "backbone")
-    check_same_config(meta.get("model", {}), model_config, f"backbone {directory}")
+    # meta.json went through JSON (tuples became lists), so compare against the same form.
+    current = json.loads(json.dumps(model_config))
+    check_same_config(meta.get("model", {}), current, f"backbone {directory}")
     try:
         params = ocp.StandardCheckpointer().restore(directory / "params", abstract_params)
     except Exception as e:

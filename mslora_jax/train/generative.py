@@ -121,7 +121,9 @@ class GenerativeExperiment(StreamExperiment):
         check_tokenizer_fits(
             tokenizer, config.llava.decoder.vocab_size, config.llava.image_token_id
         )
-        self.model = Llava(config.llava.model_config(), lora_dropout=config.lora.dropout)
+        self.model = Llava(
+            config.llava.model_config(), lora_dropout=config.lora.dropout, remat=config.llava.remat
+        )
         self.tokenizer = tokenizer
         self.ids = special_ids(tokenizer, config.llava.image_token_id)
         self.template = chat_template(config)
@@ -236,7 +238,7 @@ def pretrain_llava(
     """Full training of a fresh LLaVA (vision tower, projector, decoder) on base VQA tasks."""
     check_tokenizer_fits(tokenizer, config.llava.decoder.vocab_size, config.llava.image_token_id)
     cfg = config.pretrain
-    model = Llava(config.llava.model_config())
+    model = Llava(config.llava.model_config(), remat=config.llava.remat)
     init_key, state_key = jax.random.split(rng)
     params = init_llava(config.llava.model_config(), init_key)
 

@@ -86,6 +86,29 @@ def obtain_tokenizer(config: ExperimentConfig, tasks: list[VqaTask], workdir: Pa
     return tokenizer
 
 
+def llava_model_json(config: ExperimentConfig) -> dict:
+    """The ``model`` entry of a LLaVA backbone's meta.json: the architecture only, so settings
+    that do not change the weights' meaning (generation length, remat, ...) can change freely."""
+    return dataclasses.asdict(config.llava.model_config())
+
+
+# llava.* settings that change what a pretrained backbone learns (its provenance).
+_PRETRAINING_KEYS = (
+    "tokenizer_file",
+    "tokenizer_vocab_size",
+    "max_len",
+    "template",
+    "system_prompt",
+    "image_mean",
+    "image_std",
+    "pad_to_square",
+)
+
+
+def _pretraining_settings(config: ExperimentConfig) -> dict:
+    return {key: getattr(config.llava, key) for key in _PRETRAINING_KEYS}
+
+
 def prepare_generative(config: ExperimentConfig, workdir: Path, mesh: Mesh):
     """(experiment, backbone info) for a LLaVA run; pretrains and saves the backbone once."""
     stream = load_generative_tasks(config, config.stream, workdir)
@@ -97,8 +120,8 @@ def prepare_generative(config: ExperimentConfig, workdir: Path, mesh: Mesh):
         config,
         workdir,
         abstract=abstract_like(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh),
-        model_json=dataclasses.asdict(config.llava),
-        provenance=pretrain_provenance(config),
+        model_json=llava_model_json(config),
+        provenance=pretrain_provenance(config, llava=_pretraining_settings(config)),
         init_fn=init,
         pretrain_fn=lambda rng: (
             pretrain_llava(config, base, tokenizer, mesh, rng, max_len=config.llava.max_len),

@@ -1,0 +1,139 @@
+"""Write a run's frozen LLaVA backbone from released Hugging Face weights (LLaVA-Med v1.5).
+
+The folder written is what ``backbone.source="load"`` with ``backbone.path`` reads: orbax
+``params`` plus ``meta.json`` whose ``model`` is the LLaVA architecture (the json the run
+compares, ``generative_run.llava_model_json``), with provenance naming the HF folders.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from mslora_jax.config import ExperimentConfig
+from mslora_jax.errors import CheckpointError, ConfigError
+from mslora_jax.models.hf_llava import (
+    CLIP_VISION_PREFIX,
+    LLAVA_VISION_PREFIX,
+    check_hf_config,
+    convert_hf_llava,
+)
+from mslora_jax.models.llava import init_llava
+from mslora_jax.models.safetensors_folder import MergedSource, SafetensorsFolder
+from mslora_jax.train.checkpoints import save_backbone
+from mslora_jax.train.generative_run import llava_model_json
+
+log = logging.getLogger(__name__)
+
+# config.json keys kept in meta.json for the record (what the weights say about themselves).
+_RECORDED_KEYS = ("_name_or_path", "architectures", "mm_vision_tower", "sliding_window")
+# Copied from the LLaVA folder into the backbone folder when present: configs/paper_8task.py
+# reads its tokenizer from there.
+_COPIED_FILES = ("tokenizer.json",)
+
+
+def _read_hf_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from e
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(
+            f"{out} already exists and is not empty; remove it or choose another --out"
+        )
+
+
+def convert_llava_backbone(
+    config: ExperimentConfig,
+    hf_dir: os.PathLike | str,
+    out: os.PathLike | str,
+    vision_hf_dir: os.PathLike | str | None = None,
+) -> int:
+    """Convert the HF folder(s) into a backbone folder ``out``; returns the parameter count.
+
+    ``hf_dir``: the LLaVA(-Med) folder (decoder, projector and possibly the CLIP tower);
+    ``vision_hf_dir``: a CLIP folder to take the tower from instead (the LLaVA folder's own copy
+    of the tower, if any, is then ignored, as LLaVA itself reloads the tower from CLIP).
+    ``tokenizer.json``, if the LLaVA folder has one, is copied next to the weights.
+    ``out`` must not exist or be empty; it is written under a temporary name next to it and
+    renamed at the end, so a failure leaves nothing half-written there.
+    """
+    if config.model_kind != "llava":
+        raise ConfigError(
+            f'converting LLaVA weights needs model_kind="llava", not {config.model_kind!r}'
+        )
+    out = Path(out).absolute()
+    _check_out_dir(out)
+    hf_dir = Path(hf_dir).absolute()
+    model_cfg = config.llava.model_config()
+    llava_source = SafetensorsFolder(hf_dir)
+    hf_config = _read_hf_config(hf_dir)
+    check_hf_config(hf_config, model_cfg, str(hf_dir / "config.json"))
+    if vision_hf_dir is None:
+        source, prefix, where, skip = llava_source, LLAVA_VISION_PREFIX, str(hf_dir), None
+    else:
+        vision_hf_dir = Path(vision_hf_dir).absolute()
+        vision_source = SafetensorsFolder(vision_hf_dir)
+        vision_config = _read_hf_config(vision_hf_dir)
+        check_hf_config(vision_config, model_cfg, str(vision_hf_dir / "config.json"), vision=True)
+        source = MergedSource([llava_source, vision_source])
+        prefix, where = CLIP_VISION_PREFIX, f"{hf_dir} + {vision_hf_dir}"
+
+        def skip(name: str) -> bool:  # LLaVA's own copy of the tower, superseded
+            return name.startswith("model.vision_tower.")
+
+    abstract = jax.eval_shape(functools.partial(init_llava, model_cfg), jax.random.PRNGKey(0))
+    params = convert_hf_llava(abstract, source, vision_prefix=prefix, skip=skip, where=where)
+    count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+    folders = {
+        "hf_dir": str(hf_dir),
+        "vision_hf_dir": None if vision_hf_dir is None else str(vision_hf_dir),
+        "vision_prefix": prefix,
+    }
+    recorded = {k: hf_config[k] for k in _RECORDED_KEYS if k in hf_config}
+    copied = [hf_dir / name for name in _COPIED_FILES if (hf_dir / name).is_file()]
+    info = {
+        "source": "huggingface",
+        **folders,
+        "num_params": count,
+        "hf_config": recorded,
+        "copied_files": [f.name for f in copied],
+    }
+    meta = {
+        "model": llava_model_json(config),
+        "provenance": {"source": "huggingface", **folders},
+        "info": info,
+    }
+    _save_atomically(out, params, meta, copied)
+    log.info("wrote %s (%d parameters converted from %s)", out, count, where)
+    return count
+
+
+def _save_atomically(out: Path, params: dict, meta: dict, files: list[Path]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A dot-name in the same folder: same filesystem, so the final rename is atomic. (mkdir, not
+    # tempfile.mkdtemp, so the folder gets the usual permissions rather than 0700.)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        save_backbone(tmp, params, meta)
+        for file in files:
+            shutil.copyfile(file, tmp / file.name)
+        os.replace(tmp, out)  # replaces an empty folder; fails if one appeared meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
