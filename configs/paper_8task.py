@@ -87,6 +87,7 @@ def get_config(data_root: str = "data/paper_8task") -> ml_collections.ConfigDict
         image_std=(0.26862954, 0.26130258, 0.27577711),
         tokenizer_file=f"{data_root}/llava_med_v15_backbone/tokenizer.json",
         remat=True,  # recompute decoder blocks in the backward pass (activation memory)
+        dtype="bfloat16",  # frozen backbone and activations (LLaVA trains with --bf16)
     )
     c.lora = dict(rank=64, alpha=64.0, targets=LLAVA_LORA_TARGETS)
     c.regularizer = dict(alpha_cr=0.1, beta_ortho=0.01)

@@ -13,6 +13,7 @@ is allocated), so the full-size paper config is sized on a laptop:
   values live; a toy two-layer check shows the same), so read it on the GPU/TPU that trains.
 
     python experiments/bench_memory.py --config configs/paper_8task.py [--remat both|on|off]
+        [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from mslora_jax.config import experiment_config
 from mslora_jax.lora.targets import select_targets
 from mslora_jax.models.llava import init_llava
 from mslora_jax.parallel.mesh import make_mesh
-from mslora_jax.train.generative import GenerativeExperiment, VqaTask
+from mslora_jax.train.generative import GenerativeExperiment, VqaTask, cast_floating
 from mslora_jax.train.methods import get_method
 from mslora_jax.train.objectives import regularized_adapter_loss
 from mslora_jax.train.step import init_train_state
@@ -43,6 +44,9 @@ from mslora_jax.train.stream import initial_trainable, stage_context
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/paper_8task.py", "Config.")
 _REMAT = flags.DEFINE_enum("remat", "both", ["both", "on", "off"], "Decoder rematerialization.")
 _METHOD = flags.DEFINE_string("method", "mslora_cr_ortho", "Method whose last stage is sized.")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", None, ["float32", "bfloat16"], "llava.dtype (default: the config's)."
+)
 _BATCH = flags.DEFINE_integer("batch", 0, "Sequences per step; 0: the config's batch size.")
 
 GIB = 2**30
@@ -64,6 +68,7 @@ def step_memory(config, remat: bool, method_name: str, batch_size: int) -> dict:
     )
     cfg = config.llava.model_config()
     params = jax.eval_shape(functools.partial(init_llava, cfg), jax.random.PRNGKey(0))
+    params = cast_floating(params, config.llava.dtype)
     targets = select_targets(params, config.lora.targets)
     tasks = [VqaTask(t.name, t.modality, [], [], t.primary_metric) for t in config.stream]
     exp = GenerativeExperiment(
@@ -120,6 +125,7 @@ def step_memory(config, remat: bool, method_name: str, batch_size: int) -> dict:
     mem = compiled.memory_analysis()
     return {
         "remat": remat,
+        "dtype": config.llava.dtype,
         "batch": batch_size,
         "sequence": length + cfg.num_patches - 1,
         "residuals_gib": round(sum(np.prod(a.shape) * a.dtype.itemsize for a in kept) / GIB, 3),
@@ -149,6 +155,10 @@ def main(argv):
     if config.model_kind != "llava":
         raise app.UsageError("bench_memory sizes LLaVA configs (model_kind='llava')")
     batch = _BATCH.value or config.train.batch_size
+    if _DTYPE.value:
+        config = dataclasses.replace(
+            config, llava=dataclasses.replace(config.llava, dtype=_DTYPE.value)
+        )
     choices = {"both": (False, True), "on": (True,), "off": (False,)}[_REMAT.value]
     for remat in choices:
         print(json.dumps(step_memory(config, remat, _METHOD.value, batch)), flush=True)

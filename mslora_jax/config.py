@@ -133,6 +133,9 @@ class TaskConfig:
             raise ConfigError(f"task {self.name!r}: a medmnist task needs file and class_names")
 
 
+DTYPES = ("float32", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlavaSettings:
     """The generative model (``model_kind="llava"``): ViT sizes, its layer, and the decoder."""
@@ -161,9 +164,14 @@ class LlavaSettings:
     # Recompute decoder blocks in the backward pass instead of keeping their activations: what
     # makes a 7B decoder's LoRA training fit (experiments/bench_memory.py); same results.
     remat: bool = False
+    # Frozen backbone and activations in "bfloat16" (half the memory; LoRA adapters, their
+    # optimizer and the loss stay float32) or "float32".
+    dtype: str = "float32"
 
     def __post_init__(self):
         ChatTemplate(self.template, self.system_prompt)  # raises for an unknown template
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"llava.dtype={self.dtype!r} is unknown; expected one of {DTYPES}")
         if (self.image_mean is None) != (self.image_std is None):
             raise ConfigError("llava.image_mean and llava.image_std must be set together")
         if self.image_mean is not None:

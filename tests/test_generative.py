@@ -4,6 +4,7 @@ import dataclasses
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models
@@ -13,11 +14,19 @@ from mslora_jax.data.conversation import build_tokenizer, render_conversation
 from mslora_jax.data.synthetic import SyntheticTaskSpec
 from mslora_jax.data.synthetic_vqa import write_synthetic_vqa_task
 from mslora_jax.errors import ConfigError, DataError
+from mslora_jax.lora.adapter import stack_params
 from mslora_jax.lora.targets import select_targets
 from mslora_jax.models.llava import LLAVA_LORA_TARGETS, init_llava
 from mslora_jax.parallel.mesh import make_mesh, replicate, to_global_batch
-from mslora_jax.train.generative import GenerativeExperiment, load_vqa_task, pretrain_llava
-from mslora_jax.train.generative_run import obtain_tokenizer
+from mslora_jax.train.checkpoints import save_backbone
+from mslora_jax.train.generative import (
+    GenerativeExperiment,
+    answer_loss,
+    load_vqa_task,
+    pixels,
+    pretrain_llava,
+)
+from mslora_jax.train.generative_run import llava_model_json, obtain_tokenizer, prepare_generative
 from mslora_jax.train.methods import get_method
 from mslora_jax.train.step import init_train_state
 from mslora_jax.train.stream import initial_trainable, run_method, stage_context
@@ -185,3 +194,43 @@ def test_tokenizer_file_that_does_not_fit_is_named_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"tokenizer\.json: .*set llava\.image_token_id=4"):
         obtain_tokenizer(wrong_id, [task], tmp_path / "work")
     assert not (tmp_path / "work" / "tokenizer.json").exists()
+
+
+def test_bfloat16_backbone_trains_float32_adapters(tmp_path):
+    """llava.dtype="bfloat16": frozen weights and activations in bf16 (also when restored from a
+    float32 backbone folder), adapters and loss in float32, close to the float32 model."""
+    _write_tasks(tmp_path, [("s_p", "pathology", 11, 16), ("s_r", "radiology", 21, 16)], 8)
+    config = _tiny_llava_config(
+        tmp_path, stream=[("s_p", "pathology"), ("s_r", "radiology")], steps_per_task=2
+    )
+    params32 = init_llava(config.llava.model_config(), jax.random.PRNGKey(0))
+    save_backbone(tmp_path / "bb", params32, {"model": llava_model_json(config)})
+    config = dataclasses.replace(
+        config,
+        llava=dataclasses.replace(config.llava, dtype="bfloat16"),
+        backbone=dataclasses.replace(config.backbone, source="load", path=str(tmp_path / "bb")),
+    )
+    mesh = make_mesh(1)
+    exp, _ = prepare_generative(config, tmp_path / "work", mesh)
+    leaves = jax.tree.leaves(exp.base_params)
+    assert {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.bfloat16)}
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x: x.astype(jnp.float32), exp.base_params), params32, rtol=1e-2
+    )
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(exp.fresh_adapter(0)))
+
+    batch = next(iter(exp.train_batches([0], 1, seed=0)))
+    adapter = jax.tree.map(lambda x: x + 0.05, exp.fresh_adapter(0))
+    lora = stack_params([adapter, adapter])
+    weights = jnp.array([1.0, 0.0])
+
+    def loss(base, dtype):
+        cfg = dataclasses.replace(config, llava=dataclasses.replace(config.llava, dtype=dtype))
+        data = {**batch, "image": pixels(cfg, batch["image"])}
+        variables = {"params": base, "lora": lora}
+        return answer_loss(exp.model, variables, data, weights, jax.random.key(0), True)
+
+    loss16, loss32 = loss(exp.base_params, "bfloat16"), loss(params32, "float32")
+    assert loss16.dtype == jnp.float32 and abs(float(loss16) - float(loss32)) < 0.05 * float(loss32)
+    outcome = run_method(exp, get_method("mslora"), None, {})
+    assert np.all(np.isfinite(outcome.summary["acc_matrix"][1]))

@@ -7,6 +7,7 @@ import json
 import math
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -437,3 +438,20 @@ def test_backbone_from_a_llava_folder_and_a_clip_folder(tmp_path):
     tower = {LLAVA_VISION_PREFIX + k.removeprefix(CLIP_VISION_PREFIX): v for k, v in clip.items()}
     want = convert_hf_llava(shapes, DictSource({**llava, **tower}))
     jax.tree.map(np.testing.assert_array_equal, params, want)
+
+
+def test_bfloat16_config_converts_to_bfloat16(tmp_path):
+    """llava.dtype="bfloat16": the folder holds bf16 (half the disk), and the run reads it."""
+    cfg = _tiny_run_config(tmp_path)
+    cfg["llava"]["dtype"] = "bfloat16"
+    config = experiment_config(cfg)
+    model_cfg = config.llava.model_config()
+    weights = hf_weights(model_cfg, seed=8)
+    (tmp_path / "hf").mkdir()
+    save_file(weights, tmp_path / "hf" / "model.safetensors")
+    convert_llava_backbone(config, tmp_path / "hf", config.backbone.path)
+    experiment, _ = prepare_generative(config, tmp_path / "work", make_mesh(1))
+    want = convert_hf_llava(abstract(model_cfg), DictSource(weights))
+    got = experiment.base_params
+    assert {leaf.dtype for leaf in jax.tree.leaves(got)} == {jnp.dtype(jnp.bfloat16)}
+    jax.tree.map(lambda g, w: np.testing.assert_array_equal(g, w.astype(jnp.bfloat16)), got, want)

@@ -190,8 +190,9 @@ def convert_hf_llava(
     vision_prefix: str = LLAVA_VISION_PREFIX,
     skip: Callable[[str], bool] | None = None,
     where: str = "Hugging Face weights",
+    dtype=np.float32,
 ) -> dict:
-    """The LLaVA params tree (nested dicts of float32 numpy arrays) from HF-named tensors.
+    """The LLaVA params tree (nested dicts of ``dtype`` numpy arrays) from HF-named tensors.
 
     ``abstract``: the tree of ``init_llava`` (arrays or ``ShapeDtypeStruct``s; only shapes are
     used); ``skip(name)``: more tensors that may go unused (see ``check_tensor_names``). Names and
@@ -202,8 +203,8 @@ def convert_hf_llava(
     check_tensor_names(targets, source.shapes(), where, skip)
     flat = {}
     for name, target in targets.items():
-        # Materialize the (transposed) view as C-ordered float32 now, one tensor at a time.
-        value = np.ascontiguousarray(target.layout.to_flax(source.read(name)), dtype=np.float32)
+        # Materialize the (transposed) view as C-ordered ``dtype`` now, one tensor at a time.
+        value = np.ascontiguousarray(target.layout.to_flax(source.read(name)), dtype=dtype)
         if value.shape != target.shape:  # a source whose data disagrees with its header
             raise CheckpointError(
                 f"{source.describe(name)}: tensor {name} read as {list(value.shape)}, "

@@ -57,8 +57,23 @@ def chat_template(config: ExperimentConfig) -> ChatTemplate:
 
 
 def pixels(config: ExperimentConfig, images: jax.Array) -> jax.Array:
-    """uint8 images -> the model's input, normalized as ``llava.image_mean/std`` say."""
-    return normalize_images(images, config.llava.image_mean, config.llava.image_std)
+    """uint8 images -> the model's input, normalized as ``llava.image_mean/std`` say, in
+    ``llava.dtype``."""
+    normalized = normalize_images(images, config.llava.image_mean, config.llava.image_std)
+    return normalized.astype(config.llava.dtype)
+
+
+def cast_floating(tree, dtype: str):
+    """Floating-point leaves (arrays or ``ShapeDtypeStruct``s) in ``dtype``; others unchanged."""
+
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=x.sharding)
+        return x.astype(jnp.dtype(dtype))
+
+    return jax.tree.map(cast, tree)
 
 
 def load_vqa_task(config: ExperimentConfig, task: TaskConfig) -> VqaTask:

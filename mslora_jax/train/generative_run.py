@@ -31,6 +31,7 @@ from mslora_jax.train.checkpoints import abstract_like
 from mslora_jax.train.generative import (
     GenerativeExperiment,
     VqaTask,
+    cast_floating,
     chat_template,
     load_vqa_task,
     pretrain_llava,
@@ -116,10 +117,15 @@ def prepare_generative(config: ExperimentConfig, workdir: Path, mesh: Mesh):
     tokenizer = obtain_tokenizer(config, base + stream, workdir)
     model_cfg = config.llava.model_config()
     init = functools.partial(init_llava, model_cfg)
+    dtype = config.llava.dtype
+    # A saved backbone is restored straight into llava.dtype (orbax casts while reading).
+    abstract = cast_floating(
+        abstract_like(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh), dtype
+    )
     params, info = obtain_frozen_backbone(
         config,
         workdir,
-        abstract=abstract_like(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh),
+        abstract=abstract,
         model_json=llava_model_json(config),
         provenance=pretrain_provenance(config, llava=_pretraining_settings(config)),
         init_fn=init,
@@ -128,6 +134,7 @@ def prepare_generative(config: ExperimentConfig, workdir: Path, mesh: Mesh):
             {"steps": config.pretrain.steps},
         ),
     )
+    params = cast_floating(params, dtype)  # a fresh or just pretrained one is float32
     targets = select_targets(params, config.lora.targets)
     exp = GenerativeExperiment(
         config,

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mslora_jax.config import ExperimentConfig
@@ -97,7 +98,11 @@ def convert_llava_backbone(
             return name.startswith("model.vision_tower.")
 
     abstract = jax.eval_shape(functools.partial(init_llava, model_cfg), jax.random.PRNGKey(0))
-    params = convert_hf_llava(abstract, source, vision_prefix=prefix, skip=skip, where=where)
+    # Stored in llava.dtype (bfloat16: half the host memory and disk of float32).
+    dtype = jnp.dtype(config.llava.dtype)
+    params = convert_hf_llava(
+        abstract, source, vision_prefix=prefix, skip=skip, where=where, dtype=dtype
+    )
     count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
     folders = {
         "hf_dir": str(hf_dir),
