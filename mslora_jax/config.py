@@ -62,10 +62,19 @@ class TrainConfig:
     grad_clip_norm: float = 0.0  # 0 disables clipping
     learn_temperature: bool = False
     eval_batch_size: int = 256
+    # Split each batch into this many micro-batches whose gradients are averaged before one
+    # update: same batch size, a fraction of the activation memory (LLaVA/HF semantics: each
+    # micro-batch's loss is its own mean; the dual encoder's negatives are its micro-batch).
+    grad_accum_steps: int = 1
 
     def __post_init__(self):
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ConfigError("train.batch_size and train.eval_batch_size must be >= 1")
+        if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"train.grad_accum_steps={self.grad_accum_steps} must be >= 1 and divide "
+                f"train.batch_size={self.batch_size}"
+            )
         if self.steps_per_task < 0 or self.epochs <= 0:
             raise ConfigError("train.steps_per_task must be >= 0 and train.epochs > 0")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -12,9 +12,24 @@ import numpy as np
 
 from mslora_jax.config import ExperimentConfig, experiment_config
 from mslora_jax.data.registry import load_tasks
+from mslora_jax.models.clip import ModelConfig
 from mslora_jax.parallel.mesh import make_mesh
 from mslora_jax.train.pretrain import init_backbone_sharded
 from mslora_jax.train.stream import Experiment, build_experiment
+
+# A tiny ViT in the layout of OpenAI's released CLIP towers (LLaVA's vision tower).
+TINY_CLIP_VIT = ModelConfig(
+    image_size=8,
+    patch_size=4,
+    width=16,
+    depth=3,
+    num_heads=2,
+    mlp_dim=32,
+    patch_bias=False,
+    pre_norm=True,
+    mlp_activation="quick_gelu",
+    layer_norm_eps=1e-5,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -132,10 +132,14 @@ def test_bad_llava_settings_are_named(llava, match):
 
 
 def test_mistral_style_run_trains_and_answers(tmp_path):
-    """The whole generative path with mistral_instruct, id -200, <unk> padding, CLIP norm."""
+    """The generative path with mistral_instruct, id -200, <unk> padding, CLIP norm, and
+    gradient accumulation."""
     _write_tasks(tmp_path, [("s_p", "pathology", 11, 16), ("s_r", "radiology", 21, 16)], 8)
     config = _tiny_llava_config(
-        tmp_path, stream=[("s_p", "pathology"), ("s_r", "radiology")], steps_per_task=2
+        tmp_path,
+        stream=[("s_p", "pathology"), ("s_r", "radiology")],
+        steps_per_task=2,
+        grad_accum_steps=2,
     )
     llava = dataclasses.replace(
         config.llava,

@@ -15,7 +15,6 @@ from safetensors.numpy import save_file
 
 from mslora_jax.config import experiment_config
 from mslora_jax.errors import CheckpointError
-from mslora_jax.models.clip import ModelConfig
 from mslora_jax.models.decoder import DecoderConfig
 from mslora_jax.models.hf_llava import (
     CLIP_VISION_PREFIX,
@@ -29,22 +28,11 @@ from mslora_jax.parallel.mesh import make_mesh
 from mslora_jax.train.checkpoints import abstract_like, load_backbone
 from mslora_jax.train.generative_run import llava_model_json, prepare_generative
 from mslora_jax.train.hf_backbone import convert_llava_backbone
-from tests.helpers import clip_vision_hidden_states, load_config_file, softmax
+from tests.helpers import TINY_CLIP_VIT, clip_vision_hidden_states, load_config_file, softmax
 from tests.test_run import _cli
 
 IMAGE = -200  # LLaVA's IMAGE_TOKEN_INDEX
-VISION = ModelConfig(  # the layout of OpenAI's CLIP towers
-    image_size=8,
-    patch_size=4,
-    width=16,
-    depth=3,
-    num_heads=2,
-    mlp_dim=32,
-    patch_bias=False,
-    pre_norm=True,
-    mlp_activation="quick_gelu",
-    layer_norm_eps=1e-5,
-)
+VISION = TINY_CLIP_VIT
 DECODER = DecoderConfig(  # Mistral-style, grouped-query attention; a small theta so every
     # rotary frequency turns noticeably over a few positions
     vocab_size=64,

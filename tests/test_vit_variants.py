@@ -11,20 +11,7 @@ from mslora_jax.errors import ConfigError
 from mslora_jax.models.clip import ImageEncoder, ModelConfig
 from mslora_jax.models.llava import VisionTower
 from mslora_jax.models.transformer import quick_gelu
-from tests.helpers import clip_vision_hidden_states
-
-CLIP_LAYOUT = ModelConfig(
-    image_size=8,
-    patch_size=4,
-    width=16,
-    depth=3,
-    num_heads=2,
-    mlp_dim=32,
-    patch_bias=False,
-    pre_norm=True,
-    mlp_activation="quick_gelu",
-    layer_norm_eps=1e-5,
-)
+from tests.helpers import TINY_CLIP_VIT, clip_vision_hidden_states
 
 
 def _as_hf_clip(params, prefix: str = "vision_model.") -> dict[str, np.ndarray]:
@@ -38,7 +25,7 @@ def _as_hf_clip(params, prefix: str = "vision_model.") -> dict[str, np.ndarray]:
         "pre_layrnorm.weight": p["ln_pre"]["scale"],
         "pre_layrnorm.bias": p["ln_pre"]["bias"],
     }
-    for i in range(CLIP_LAYOUT.depth):
+    for i in range(TINY_CLIP_VIT.depth):
         blk, layer = p["encoder"][f"block_{i}"], f"encoder.layers.{i}."
         modules = {f"self_attn.{n}_proj": blk["attn"][n] for n in ("q", "k", "v", "out")}
         modules.update({f"mlp.{n}": blk["mlp"][n] for n in ("fc1", "fc2")})
@@ -59,7 +46,7 @@ def test_quick_gelu_formula():
 def test_clip_layout_vision_tower_matches_reference():
     rng = np.random.default_rng(0)
     images = rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
-    params = VisionTower(CLIP_LAYOUT).init(jax.random.PRNGKey(1), images)["params"]
+    params = VisionTower(TINY_CLIP_VIT).init(jax.random.PRNGKey(1), images)["params"]
     # Nonzero biases, scales and [CLS], so every parameter matters.
     params = jax.tree.map(
         lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(np.float32), params
@@ -68,11 +55,11 @@ def test_clip_layout_vision_tower_matches_reference():
         _as_hf_clip(params),
         "vision_model.",
         images.transpose(0, 3, 1, 2),
-        num_heads=CLIP_LAYOUT.num_heads,
-        eps=CLIP_LAYOUT.layer_norm_eps,
+        num_heads=TINY_CLIP_VIT.num_heads,
+        eps=TINY_CLIP_VIT.layer_norm_eps,
     )
     for layer in (-2, -1, 1):
-        got = VisionTower(CLIP_LAYOUT, layer=layer).apply({"params": params}, images)
+        got = VisionTower(TINY_CLIP_VIT, layer=layer).apply({"params": params}, images)
         np.testing.assert_allclose(got, hidden[layer][:, 1:], rtol=2e-5, atol=1e-5)
 
 
@@ -90,7 +77,9 @@ def test_default_layout_is_unchanged_and_variants_are_checked():
     assert (
         "bias"
         not in jax.eval_shape(
-            VisionTower(CLIP_LAYOUT).init, jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3), np.float32)
+            VisionTower(TINY_CLIP_VIT).init,
+            jax.random.PRNGKey(0),
+            np.zeros((1, 8, 8, 3), np.float32),
         )["params"]["patch_embed"]
     )
     with pytest.raises(ConfigError, match="mlp_activation='relu' is unknown"):

@@ -49,12 +49,16 @@ class StreamExperiment:
     """
 
     def __init__(self, config: ExperimentConfig, tasks, mesh: Mesh, base_params: dict, targets):
-        check_divisible(config.train.batch_size, mesh, "train.batch_size")
+        accum = config.train.grad_accum_steps
+        check_divisible(
+            config.train.batch_size // accum, mesh, "train.batch_size / grad_accum_steps"
+        )
         self.config, self.tasks, self.mesh = config, tasks, mesh
         self.base_params, self.targets = base_params, targets
         self.optimizer = make_optimizer(config.train.weight_decay, config.train.grad_clip_norm)
         loss_fn = regularized_adapter_loss(self.task_loss())
-        self.train_step = jax.jit(make_train_step(loss_fn, self.optimizer), donate_argnums=0)
+        step = make_train_step(loss_fn, self.optimizer, accum)
+        self.train_step = jax.jit(step, donate_argnums=0)
         self.eval_batch_size = math.ceil(config.train.eval_batch_size / mesh.size) * mesh.size
 
     # --- supplied by subclasses -------------------------------------------------------------
