@@ -55,5 +55,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.pretrain = dict(steps=600, batch_size=64, learning_rate=1e-3)
     c.backbone = dict(source="pretrain")
     c.num_devices = 0
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)  # (data, fsdp, tensor); -1 = the rest
     c.progress = True
     return c

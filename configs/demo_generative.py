@@ -61,5 +61,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.pretrain = dict(steps=500, batch_size=16, learning_rate=2e-3)
     c.backbone = dict(source="pretrain")
     c.num_devices = 0
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)  # (data, fsdp, tensor); -1 = the rest
     c.progress = True
     return c

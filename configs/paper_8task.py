@@ -6,7 +6,11 @@ The released order and hyperparameters (Zhang et al., ACM MM 2025): pathvqa, sla
 derm (Fitzpatrick), PCAM, CXP, HAM, nmi (WSI-DX), iu-x-ray; LoRA rank 64 and alpha 64 on the
 decoder's q, k, v, o, gate, up and down projections (vision tower, projector and lm_head frozen);
 lr 2e-4 (HAM 2e-5), warmup ratio 0.03, cosine schedule; epochs per task 3, 4, 4, 1, 1, 1, 6, 9;
-alpha_cr 0.1, beta_ortho 0.01.
+batch size per task 24, 24, 24, 24, 24, 16, 16, 16 (one device, no gradient accumulation);
+alpha_cr 0.1, beta_ortho 0.01; LoRA dropout 0, no weight decay, gradient clipping at 1.0 (the
+Hugging Face Trainer's default max_grad_norm), bf16, gradient checkpointing; model_max_length
+2048; greedy answers of up to 100 new tokens. Where this config still departs from the released
+scripts: the README's "The paper's generative setting".
 
 Data root: one folder per dataset, each in the paper's format: ``train.json`` (a JSON list of
 {"id", "image", "conversations"}), ``test.jsonl`` ({"question_id", "image", "text", "gt",
@@ -20,17 +24,22 @@ import ml_collections
 
 from mslora_jax.models.llava import LLAVA_LORA_TARGETS
 
-# (name, modality, epochs, learning rate, primary metric), in the released order.
+# (name, modality, epochs, learning rate, batch size, primary metric), in the released order
+# (scripts/finetune_mslora_cr_ortho.sh: per_device_train_batch_size on one device).
 _TASKS = (
-    ("pathvqa", "pathology", 3, 2e-4, "f1"),
-    ("slake-vqarad", "radiology", 4, 2e-4, "f1"),
-    ("derm", "dermatology", 4, 2e-4, "closed_accuracy"),
-    ("PCAM", "pathology", 1, 2e-4, "closed_accuracy"),
-    ("CXP", "radiology", 1, 2e-4, "closed_accuracy"),
-    ("HAM", "dermatology", 1, 2e-5, "closed_accuracy"),
-    ("nmi", "pathology", 6, 2e-4, "closed_accuracy"),
-    ("iu-x-ray", "radiology", 9, 2e-4, "bleu1"),
+    ("pathvqa", "pathology", 3, 2e-4, 24, "f1"),
+    ("slake-vqarad", "radiology", 4, 2e-4, 24, "f1"),
+    ("derm", "dermatology", 4, 2e-4, 24, "closed_accuracy"),
+    ("PCAM", "pathology", 1, 2e-4, 24, "closed_accuracy"),
+    ("CXP", "radiology", 1, 2e-4, 24, "closed_accuracy"),
+    ("HAM", "dermatology", 1, 2e-5, 16, "closed_accuracy"),
+    ("nmi", "pathology", 6, 2e-4, 16, "closed_accuracy"),
+    ("iu-x-ray", "radiology", 9, 2e-4, 16, "bleu1"),
 )
+# LLaVA's model_max_length: text tokens of a training sequence, the one <image> placeholder
+# included (the 576 patch tokens replace it afterwards); longer conversations are cut.
+_MAX_TEXT_TOKENS = 2048
+_MAX_NEW_TOKENS = 100  # the released eval_mslora_cr.py: greedy, max_new_tokens=100
 
 
 def get_config(data_root: str = "data/paper_8task") -> ml_collections.ConfigDict:
@@ -47,9 +56,10 @@ def get_config(data_root: str = "data/paper_8task") -> ml_collections.ConfigDict
             source="vqa",
             epochs=float(epochs),
             learning_rate=lr,
+            batch_size=batch_size,
             primary_metric=metric,
         )
-        for name, modality, epochs, lr, metric in _TASKS
+        for name, modality, epochs, lr, batch_size, metric in _TASKS
     ]
     c.llava = dict(
         # CLIP ViT-L/14 at 336 px (576 patch tokens from the penultimate layer), in the layout
@@ -67,7 +77,8 @@ def get_config(data_root: str = "data/paper_8task") -> ml_collections.ConfigDict
             layer_norm_eps=1e-5,
         ),
         vision_layer=-2,
-        # Mistral-7B (Instruct v0.2 settings).
+        # Mistral-7B (Instruct v0.2 settings). max_len bounds a sequence with its 575 extra image
+        # tokens and the generated answer: 32768 >= 2048 + 575 + 100.
         decoder=dict(
             vocab_size=32000,
             width=4096,
@@ -86,12 +97,27 @@ def get_config(data_root: str = "data/paper_8task") -> ml_collections.ConfigDict
         image_mean=(0.48145466, 0.4578275, 0.40821073),
         image_std=(0.26862954, 0.26130258, 0.27577711),
         tokenizer_file=f"{data_root}/llava_med_v15_backbone/tokenizer.json",
+        max_len=_MAX_TEXT_TOKENS,
+        max_new_tokens=_MAX_NEW_TOKENS,
         remat=True,  # recompute decoder blocks in the backward pass (activation memory)
         dtype="bfloat16",  # frozen backbone and activations (LLaVA trains with --bf16)
     )
-    c.lora = dict(rank=64, alpha=64.0, targets=LLAVA_LORA_TARGETS)
+    c.lora = dict(rank=64, alpha=64.0, targets=LLAVA_LORA_TARGETS, dropout=0.0)
     c.regularizer = dict(alpha_cr=0.1, beta_ortho=0.01)
-    c.train = dict(batch_size=16, learning_rate=2e-4, warmup_ratio=0.03, epochs=1.0)
+    # Per-task batch sizes are in the stream; batch_size here serves `joint` (whose tasks
+    # disagree), as the released scripts train no joint model.
+    c.train = dict(
+        batch_size=16,
+        learning_rate=2e-4,
+        warmup_ratio=0.03,
+        epochs=1.0,
+        weight_decay=0.0,
+        grad_clip_norm=1.0,  # the HF Trainer's default max_grad_norm, unchanged by the scripts
+    )
     c.backbone = dict(source="load", path=f"{data_root}/llava_med_v15_backbone")
+    # Every device on fsdp: each holds 1/N of the frozen 7B backbone and of each batch (the
+    # README's "Proof of fit" sizes this on TPU v5e-8 and v4-8).
+    c.num_devices = 0
+    c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.progress = True
     return c

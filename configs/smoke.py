@@ -47,5 +47,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.pretrain = dict(steps=30, batch_size=32, learning_rate=2e-3)
     c.backbone = dict(source="pretrain")
     c.num_devices = 0
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)  # (data, fsdp, tensor); -1 = the rest
     c.progress = False
     return c

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mslora_jax.data.chat_template import ChatTemplate
@@ -131,6 +131,7 @@ class TaskConfig:
     # per-task overrides of the train config (0 = use train.*)
     learning_rate: float = 0.0
     epochs: float = 0.0
+    batch_size: int | None = None  # global sequences per step; None or 0 = train.batch_size
 
     def __post_init__(self):
         if self.source not in TASK_SOURCES:
@@ -140,6 +141,12 @@ class TaskConfig:
             )
         if self.source == "medmnist" and not (self.file and self.class_names):
             raise ConfigError(f"task {self.name!r}: a medmnist task needs file and class_names")
+        size = self.batch_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise ConfigError(
+                f"task {self.name!r}: batch_size={size!r} must be an integer >= 1 "
+                "(or 0 / None for train.batch_size)"
+            )
 
 
 DTYPES = ("float32", "bfloat16")
@@ -209,6 +216,26 @@ class LlavaSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes (``parallel.mesh``); -1 = the remaining devices (at most one)."""
+
+    data: int = -1  # pure data parallelism: parameters replicated
+    fsdp: int = 1  # batch and frozen weights split (FSDP)
+    tensor: int = 1  # decoder heads / MLP / vocabulary split
+
+    def __post_init__(self):
+        sizes = (self.data, self.fsdp, self.tensor)
+        if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise ConfigError(
+                f"mesh.data/fsdp/tensor = {sizes}: sizes must be >= 1, at most one of them -1"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.data, self.fsdp, self.tensor)
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     seed: int = 0
     methods: tuple[str, ...] = METHODS
@@ -226,7 +253,8 @@ class ExperimentConfig:
     train: TrainConfig = TrainConfig()
     pretrain: PretrainConfig = PretrainConfig()
     backbone: BackboneConfig = BackboneConfig()
-    num_devices: int = 0  # data-parallel devices; 0 = all local devices
+    num_devices: int = 0  # devices of the mesh; 0 = all (global) devices
+    mesh: MeshConfig = MeshConfig()
     progress: bool = True
 
     def __post_init__(self):
@@ -247,6 +275,13 @@ class ExperimentConfig:
                     f"task {task.name!r}: unknown modality {task.modality!r}; "
                     f"config.modalities = {self.modalities}"
                 )
+        accum = self.train.grad_accum_steps
+        for task in self.stream:
+            if task.batch_size and task.batch_size % accum:
+                raise ConfigError(
+                    f"task {task.name!r}: batch_size={task.batch_size} is not divisible by "
+                    f"train.grad_accum_steps={accum}"
+                )
         if self.backbone.source == "pretrain" and not self.base_tasks:
             raise ConfigError('backbone.source="pretrain" needs config.base_tasks')
         if self.model_kind == "llava":
@@ -256,6 +291,15 @@ class ExperimentConfig:
                         f"task {task.name!r}: primary_metric={task.primary_metric!r} is unknown; "
                         f"expected one of {METRIC_NAMES}"
                     )
+
+    def stage_batch_size(self, task_indices: Sequence[int]) -> int:
+        """The global batch size of a stage training the stream tasks ``task_indices``.
+
+        Each task's own ``batch_size``, else ``train.batch_size``; a stage over several tasks
+        (``joint``) uses their common batch size if they all agree, else ``train.batch_size``.
+        """
+        sizes = {self.stream[i].batch_size or self.train.batch_size for i in task_indices}
+        return sizes.pop() if len(sizes) == 1 else self.train.batch_size
 
     def task_index(self, name_or_id: str | int) -> int:
         """Stream position of a task given by name or id; ConfigError if there is none."""

@@ -57,10 +57,13 @@ def smoke_config(**overrides) -> ExperimentConfig:
     return experiment_config(smoke_dict(**overrides))
 
 
-def random_backbone_experiment(num_devices: int = 1, **overrides) -> Experiment:
-    """An Experiment on the smoke stream with a seeded random (not pretrained) backbone."""
+def random_backbone_experiment(
+    num_devices: int = 1, mesh_shape=(-1, 1, 1), **overrides
+) -> Experiment:
+    """An Experiment on the smoke stream with a seeded random (not pretrained) backbone, on a
+    ``(data, fsdp, tensor)`` mesh of ``num_devices`` devices."""
     config = smoke_config(**{"backbone.source": "random", **overrides})
-    mesh = make_mesh(num_devices)
+    mesh = make_mesh(num_devices, mesh_shape)
     params = init_backbone_sharded(config.model, mesh, jax.random.PRNGKey(0))
     return build_experiment(config, load_tasks(config, config.stream), mesh, params)
 

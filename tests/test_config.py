@@ -5,7 +5,7 @@ import pytest
 from mslora_jax.config import ExperimentConfig, experiment_config
 from mslora_jax.errors import ConfigError
 from mslora_jax.train.methods import get_method
-from tests.helpers import load_config_file
+from tests.helpers import load_config_file, random_backbone_experiment, smoke_dict
 
 
 def test_demo_config_converts():
@@ -61,3 +61,76 @@ def test_unknown_primary_metric_is_named():
     cfg.stream[1]["primary_metric"] = "bleu"
     with pytest.raises(ConfigError, match="task 'rad_a': primary_metric='bleu' is unknown"):
         experiment_config(cfg)
+
+
+@pytest.mark.parametrize("bad", [-1, True, "24", 2.5])
+def test_bad_task_batch_size_is_named(bad):
+    cfg = load_config_file("demo.py")
+    cfg.stream[1]["batch_size"] = bad
+    with pytest.raises(ConfigError, match=r"task 'rad_a': batch_size=.* must be an integer >= 1"):
+        experiment_config(cfg)
+
+
+def test_task_batch_size_must_divide_into_micro_batches():
+    cfg = load_config_file("demo.py")
+    cfg.train.grad_accum_steps = 4
+    cfg.stream[1]["batch_size"] = 6
+    with pytest.raises(
+        ConfigError, match=r"task 'rad_a': batch_size=6 .* train\.grad_accum_steps=4"
+    ):
+        experiment_config(cfg)
+    cfg.stream[1]["batch_size"] = 8
+    assert experiment_config(cfg).stream[1].batch_size == 8
+
+
+def test_stage_batch_size_per_task_and_joint():
+    cfg = load_config_file("demo.py")
+    cfg.train.batch_size = 32
+    cfg.stream[0]["batch_size"] = 16
+    cfg.stream[1]["batch_size"] = 0  # 0 and None: train.batch_size
+    parsed = experiment_config(cfg)
+    assert parsed.stream[2].batch_size is None
+    assert [parsed.stage_batch_size([i]) for i in range(3)] == [16, 32, 32]
+    assert parsed.stage_batch_size([1, 2]) == 32  # tasks agree
+    assert parsed.stage_batch_size(range(len(parsed.stream))) == 32  # disagree: train's
+    for task in cfg.stream:
+        task["batch_size"] = 8
+    assert experiment_config(cfg).stage_batch_size(range(len(cfg.stream))) == 8
+
+
+def test_per_task_batch_size_sets_steps_batches_and_mesh_check():
+    # Smoke stream: 3 tasks of 256 training images, train.batch_size 32.
+    overrides = {"train.steps_per_task": 0, "train.epochs": 1.0}
+    stream = smoke_dict()["stream"]
+    stream[1]["batch_size"] = 16
+    stream[2]["epochs"] = 2.0
+    exp = random_backbone_experiment(**overrides, stream=stream)
+    assert [exp.num_steps([i]) for i in range(3)] == [8, 16, 16]  # ceil(epochs * 256 / batch)
+    assert exp.num_steps([0, 1, 2]) == 8 + 8 + 16  # joint: train.batch_size for every task
+    assert next(exp.train_batches([1], 1, seed=0))["image"].shape[0] == 16
+    assert next(exp.train_batches([0], 1, seed=0))["image"].shape[0] == 32
+    stream[1]["batch_size"] = 12  # 12 rows over the 8 batch shards of 8 devices
+    with pytest.raises(ConfigError, match=r"task 'rad_a': batch_size / grad_accum_steps=12"):
+        random_backbone_experiment(num_devices=8, **overrides, stream=stream)
+
+
+def test_paper_config_matches_the_released_scripts():
+    cfg = experiment_config(load_config_file("paper_8task.py"))
+    sizes = {t.name: t.batch_size for t in cfg.stream}
+    assert sizes == {
+        "pathvqa": 24,
+        "slake-vqarad": 24,
+        "derm": 24,
+        "PCAM": 24,
+        "CXP": 24,
+        "HAM": 16,
+        "nmi": 16,
+        "iu-x-ray": 16,
+    }
+    llava = cfg.llava
+    assert llava.max_len == 2048 and llava.max_new_tokens == 100  # model_max_length, eval
+    # The longest training sequence and the longest prompt plus answer fit the decoder.
+    num_patches = llava.model_config().num_patches
+    assert llava.decoder.max_len >= llava.max_len + num_patches - 1 + llava.max_new_tokens
+    assert cfg.train.grad_clip_norm == 1.0 and cfg.train.weight_decay == 0.0
+    assert cfg.lora.dropout == 0.0 and llava.dtype == "bfloat16" and llava.remat

@@ -69,53 +69,68 @@ def test_resuming_at_a_step_continues_the_same_stream():
     np.testing.assert_array_equal(resumed, full[13:])
 
 
-def test_shards_are_disjoint_equal_and_cover_the_data():
-    n, count, global_batch = 64, 4, 16
-    per_shard = [
+def _reference_ids(n, batch, steps, seed):
+    """The batches written out by hand: a seeded permutation per epoch, cut into batches."""
+    per_epoch = n // batch
+    out = []
+    for step in range(steps):
+        epoch, position = divmod(step, per_epoch)
+        order = np.random.default_rng([seed, 1, epoch]).permutation(n)
+        out.append(order[position * batch : (position + 1) * batch])
+    return np.stack(out)
+
+
+def test_batches_match_the_hand_written_permutation():
+    np.testing.assert_array_equal(
+        _ids(train_batches(*_data(42), batch_size=8, num_steps=12, seed=4)),
+        _reference_ids(42, 8, 12, seed=4),
+    )
+
+
+@pytest.mark.parametrize("count", [2, 4, 8])
+def test_process_rows_rebuild_the_same_global_batch(count):
+    # However many processes share it, their rows concatenate to the single-process batch.
+    data, global_batch = _data(70), 16
+    full = _ids(train_batches(*data, batch_size=global_batch, num_steps=12, seed=5))
+    size = global_batch // count
+    parts = [
         _ids(
             train_batches(
-                *_data(n),
+                *data,
                 batch_size=global_batch,
-                num_steps=8,  # 2 epochs of 4 local steps
+                num_steps=12,
                 seed=5,
-                shard_index=index,
-                shard_count=count,
+                rows=(i * size, (i + 1) * size),
             )
         )
-        for index in range(count)
+        for i in range(count)
     ]
-    seen = []
-    for ids in per_shard:
-        assert ids.shape == (8, global_batch // count)
-        first, second = ids[:4].ravel(), ids[4:].ravel()
-        assert set(first.tolist()) == set(second.tolist())  # a process keeps its shard
-        assert not np.array_equal(first, second)  # but reshuffles it
-        seen.append(set(first.tolist()))
-    for i in range(count):
-        for j in range(i + 1, count):
-            assert not seen[i] & seen[j]
-    assert set().union(*seen) == set(range(n))
+    assert all(part.shape == (12, size) for part in parts)
+    np.testing.assert_array_equal(np.concatenate(parts, axis=1), full)
+    resumed = _ids(
+        train_batches(*data, batch_size=global_batch, num_steps=12, seed=5, rows=(0, size),
+                      start_step=7)
+    )  # fmt: skip
+    np.testing.assert_array_equal(resumed, parts[0][7:])
 
 
-def test_sharding_mixes_sorted_labels():
-    # Data sorted by class: every shard must still see every class.
-    images, _ = _data(80)
-    labels = np.repeat(np.arange(4), 20)
-    for index in range(4):
-        batches = train_batches(
-            images, labels, batch_size=8, num_steps=10, seed=0, shard_index=index, shard_count=4
-        )
-        assert {int(x) for batch in batches for x in batch["label"]} == {0, 1, 2, 3}
+def test_uneven_row_ranges():
+    data = _data(40)
+    full = _ids(train_batches(*data, batch_size=10, num_steps=6, seed=1))
+    part = _ids(train_batches(*data, batch_size=10, num_steps=6, seed=1, rows=(3, 10)))
+    np.testing.assert_array_equal(part, full[:, 3:])
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"batch_size": 10, "shard_count": 4}, "multiple of shard_count"),
         ({"batch_size": 0}, "batch_size"),
         ({"batch_size": 64}, "20 training examples is fewer than batch_size 64"),
-        ({"shard_index": 4, "shard_count": 4}, "shard"),
-        ({"shard_index": -1}, "shard"),
+        ({"rows": (4, 4)}, "rows"),
+        ({"rows": (-1, 4)}, "rows"),
+        ({"rows": (0, 9)}, "batch_size 8"),
+        ({"rows": (0,)}, "rows must be"),
+        ({"rows": 3}, "rows must be"),
         ({"start_step": 11}, "start_step"),
         ({"seed": -1}, "seed"),
     ],

@@ -22,6 +22,9 @@ def test_paper_config_dry_run_counts_and_missing_root(tmp_path):
     # Mistral-7B, rank 64 on q, k, v, o, gate, up, down of 32 layers.
     assert "LoRA parameters per task: 167,772,160" in report
     assert "224 adapted layers" in report
+    # Each task with its released learning rate, epochs and batch size.
+    assert "pathvqa (pathology): lr 0.0002, epochs 3, batch 24," in report
+    assert "HAM (dermatology): lr 2e-05, epochs 1, batch 16," in report
     assert "does not exist; expected:" in report and "iu-x-ray/test.jsonl" in report
 
 

@@ -17,7 +17,7 @@ from mslora_jax.errors import ConfigError, DataError
 from mslora_jax.lora.adapter import stack_params
 from mslora_jax.lora.targets import select_targets
 from mslora_jax.models.llava import LLAVA_LORA_TARGETS, init_llava
-from mslora_jax.parallel.mesh import make_mesh, replicate, to_global_batch
+from mslora_jax.parallel.mesh import make_mesh
 from mslora_jax.train.checkpoints import save_backbone
 from mslora_jax.train.generative import (
     GenerativeExperiment,
@@ -28,8 +28,7 @@ from mslora_jax.train.generative import (
 )
 from mslora_jax.train.generative_run import llava_model_json, obtain_tokenizer, prepare_generative
 from mslora_jax.train.methods import get_method
-from mslora_jax.train.step import init_train_state
-from mslora_jax.train.stream import initial_trainable, run_method, stage_context
+from mslora_jax.train.stream import run_method
 
 
 def _task(name, modality):
@@ -118,7 +117,9 @@ def test_two_stage_generative_run_lifts_the_new_task(tmp_path):
     assert second[1]["closed_accuracy"] == after
 
 
-def test_sharded_training_and_generation_equal_single_device(tmp_path):
+def test_sharded_generation_equals_single_device(tmp_path):
+    """KV-cache greedy answers on the FSDP + tensor sharded backbone (and cache) equal one
+    device's. (Sharded training steps: tests/test_sharding.py.)"""
     _write_tasks(tmp_path, [("s_p", "pathology", 11, 32), ("s_r", "radiology", 21, 32)], 20)
     config = _tiny_llava_config(
         tmp_path, stream=[("s_p", "pathology"), ("s_r", "radiology")], steps_per_task=1
@@ -130,36 +131,21 @@ def test_sharded_training_and_generation_equal_single_device(tmp_path):
     tokenizer = build_tokenizer([render_conversation(e) for t in tasks for e in t.examples], 512)
     params = init_llava(config.llava.model_config(), jax.random.PRNGKey(0))
     targets = select_targets(params, config.lora.targets)
-    method = get_method("mslora_cr_ortho")
     outputs = []
-    for devices in (8, 1):
-        mesh = make_mesh(devices)
+    for mesh in (make_mesh(8, (2, 2, 2)), make_mesh(1)):
         exp = GenerativeExperiment(
             config, tasks, tokenizer, mesh, params, targets, max_len=160, max_new_tokens=4
         )
-        # Nonzero B everywhere, so the adapters change the answers and get nonzero gradients.
-        earlier = jax.tree.map(lambda x: x + 0.05, exp.fresh_adapter(0))
-        active = jax.tree.map(lambda x: x - 0.05, exp.fresh_adapter(1))
-        context = replicate(mesh, stage_context(exp, method, 1, {0: earlier}, [1]))
-        state = replicate(
-            mesh,
-            init_train_state(
-                initial_trainable(exp, method, active), exp.optimizer, jax.random.PRNGKey(1)
-            ),
-        )
-        batch = next(exp.train_batches([1], 1, seed=3))
-        state, metrics = exp.train_step(state, context, to_global_batch(mesh, batch))
-        variables = replicate(
-            mesh, {"params": params, "lora": exp.stack({0: earlier, 1: state.trainable["lora"]})}
-        )
+        # Nonzero B everywhere, so the adapters change the answers.
+        slots = {
+            0: jax.tree.map(lambda x: x + 0.05, exp.fresh_adapter(0)),
+            1: jax.tree.map(lambda x: x - 0.05, exp.fresh_adapter(1)),
+        }
         # 20 test items: one full batch of 16 and one padded one.
-        answers = exp.answers(variables, exp.weights([0, 1]), tasks[1].test_items)
-        outputs.append((jax.device_get(metrics), jax.device_get(state.trainable), answers))
-    (metrics_8, trainable_8, answers_8), (metrics_1, trainable_1, answers_1) = outputs
-    for key in ("loss", "task_loss", "cr", "ortho"):
-        np.testing.assert_allclose(metrics_8[key], metrics_1[key], rtol=1e-5, atol=1e-6)
-    chex.assert_trees_all_close(trainable_8, trainable_1, rtol=1e-4, atol=1e-6)
-    assert len(answers_8) == 20 and answers_8 == answers_1
+        outputs.append(exp.answer_records(slots, [0, 1], 1))
+        assert exp.stack(slots)["decoder"]["block_0"]["attn"]["q"]["lora_a"].sharding.mesh == mesh
+    sharded, single = outputs
+    assert len(sharded) == 20 and [r["answer"] for r in sharded] == [r["answer"] for r in single]
 
 
 def test_tokenizer_file_that_does_not_fit_is_named_before_training(tmp_path):
@@ -234,3 +220,26 @@ def test_bfloat16_backbone_trains_float32_adapters(tmp_path):
     assert loss16.dtype == jnp.float32 and abs(float(loss16) - float(loss32)) < 0.05 * float(loss32)
     outcome = run_method(exp, get_method("mslora"), None, {})
     assert np.all(np.isfinite(outcome.summary["acc_matrix"][1]))
+
+
+def test_per_task_batch_size_sets_generative_batches(tmp_path):
+    _write_tasks(tmp_path, [("s_p", "pathology", 11, 32), ("s_r", "radiology", 21, 32)], 4)
+    config = _tiny_llava_config(tmp_path, stream=[("s_p", "pathology"), ("s_r", "radiology")])
+    stream = (config.stream[0], dataclasses.replace(config.stream[1], batch_size=8))
+    config = dataclasses.replace(config, stream=stream)  # train.batch_size stays 16
+    tasks = [load_vqa_task(config, t) for t in config.stream]
+    tokenizer = build_tokenizer([render_conversation(e) for t in tasks for e in t.examples], 512)
+    params = init_llava(config.llava.model_config(), jax.random.PRNGKey(0))
+    exp = GenerativeExperiment(
+        config,
+        tasks,
+        tokenizer,
+        make_mesh(1),
+        params,
+        select_targets(params, LLAVA_LORA_TARGETS),
+        max_len=64,
+        max_new_tokens=2,
+    )
+    assert [exp.num_steps([i]) for i in range(2)] == [2, 4]  # 32 examples, 1 epoch
+    assert next(exp.train_batches([0], 1, seed=0))["input_ids"].shape == (16, 64)
+    assert next(exp.train_batches([1], 1, seed=0))["input_ids"].shape == (8, 64)

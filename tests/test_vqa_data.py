@@ -423,16 +423,21 @@ def test_pipeline_rows_pair_images_with_text(data, tokenizer, pad_to_square):
         np.testing.assert_array_equal(batch["image"][0], by_ids[tuple(ids)])
 
 
-def test_pipeline_shards_and_errors(data, tokenizer):
-    examples = _examples(data) * 2  # 6 examples -> 3 per shard
-    shards = [
-        _batches(examples, tokenizer, batch_size=2, shard_index=i, shard_count=2) for i in (0, 1)
-    ]
-    assert all(b["input_ids"].shape == (1, MAX_LEN) for shard in shards for b in shard)
-    with pytest.raises(ConfigError, match="multiple of shard_count"):
+def test_pipeline_process_rows_and_errors(data, tokenizer):
+    examples = _examples(data) * 2
+    full = _batches(examples, tokenizer, batch_size=2)
+    # Two processes' rows of each global batch put back together give the one-process batch.
+    parts = [_batches(examples, tokenizer, batch_size=2, rows=(i, i + 1)) for i in (0, 1)]
+    assert all(b["input_ids"].shape == (1, MAX_LEN) for part in parts for b in part)
+    for step, batch in enumerate(full):
+        for key, value in batch.items():
+            np.testing.assert_array_equal(
+                np.concatenate([part[step][key] for part in parts]), value
+            )
+    with pytest.raises(ConfigError, match="rows"):
         vqa_train_batches(
             examples, tokenizer, image_size=8, max_len=MAX_LEN, batch_size=3, num_steps=1, seed=0,
-            shard_count=2,
+            rows=(2, 4),
         )  # fmt: skip
     with pytest.raises(DataError, match="first answer starts at token"):
         vqa_train_batches(

@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 from mslora_jax.config import ExperimentConfig, from_mapping
 from mslora_jax.errors import CheckpointError
 from mslora_jax.io_utils import read_json
+from mslora_jax.train.checkpoints import read_tree_on_one_device
 from mslora_jax.train.methods import get_method
 
 
@@ -24,15 +25,12 @@ def load_stage_adapters(workdir: str | Path, method: str) -> list[tuple[dict, di
     out = []
     for stage in sorted(manager.all_steps()):
         try:
-            restored = manager.restore(
-                stage,
-                args=ocp.args.Composite(
-                    adapter=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
-                ),
-            )
+            meta = manager.restore(stage, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            # Onto one device: a workdir written by a multi-device or multi-process run works.
+            adapter = read_tree_on_one_device(directory / str(stage) / "adapter")
         except Exception as e:
             raise CheckpointError(f"checkpoint {directory / str(stage)} is unreadable: {e}") from e
-        out.append((restored["meta"], jax.tree.map(np.asarray, restored["adapter"])))
+        out.append((meta["meta"], adapter))
     return out
 
 

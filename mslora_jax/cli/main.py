@@ -1,6 +1,8 @@
 """``mslora-jax``: the command line. Thin: parse flags, call library functions.
 
 mslora-jax run --config configs/demo.py --workdir OUT [--config.lora.rank=4 ...]
+mslora-jax run ... --coordinator_address HOST:PORT --num_processes N --process_id I
+    (once per process; or --distributed=auto on TPU pods / SLURM)
 mslora-jax inspect --workdir OUT --method mslora_cr [--task NAME_OR_ID]
 mslora-jax convert-llava-med --config configs/paper_8task.py:DATA --hf-dir DIR \
     [--vision-hf-dir DIR] [--out DIR]
@@ -38,11 +40,44 @@ _OUT = flags.DEFINE_string(
     "out", None, "convert-llava-med: the backbone folder to write (default: backbone.path)."
 )
 
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    None,
+    ["off", "auto"],
+    "run: 'auto' lets jax detect a multi-process cluster (TPU pod, SLURM); default: "
+    "$MSLORA_DISTRIBUTED, else off unless the coordinates below are given.",
+)
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "run: host:port of process 0 in a multi-process run (default $MSLORA_COORDINATOR_ADDRESS).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "run: how many processes (default $MSLORA_NUM_PROCESSES)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "run: this process's index, 0..N-1 (default $MSLORA_PROCESS_ID)."
+)
+
 COMMANDS = ("run", "inspect", "convert-llava-med")
+
+
+def _start_processes() -> None:
+    """``jax.distributed`` for a multi-process run; before anything else touches jax."""
+    from mslora_jax.parallel.distributed import initialize_distributed, label_logs_with_process
+
+    initialize_distributed(
+        _COORDINATOR_ADDRESS.value,
+        _NUM_PROCESSES.value,
+        _PROCESS_ID.value,
+        mode=_DISTRIBUTED.value,
+    )
+    label_logs_with_process()
 
 
 def _run() -> None:
     from mslora_jax.config import experiment_config
+    from mslora_jax.parallel.distributed import is_primary
     from mslora_jax.report.results import format_markdown_table
     from mslora_jax.train.experiment import run_experiment
 
@@ -55,6 +90,8 @@ def _run() -> None:
         print(dry_run(config))
         return
     results = run_experiment(config, _WORKDIR.value)
+    if not is_primary():
+        return  # process 0 wrote the files and reports them
     print(format_markdown_table(results))
     print(f"\nwrote {_WORKDIR.value}/results.json, results.md, results.csv, acc_matrices.png")
 
@@ -95,6 +132,8 @@ def main(argv: list[str]) -> None:
     if commands[0] in ("run", "inspect") and not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     try:
+        if commands[0] == "run":
+            _start_processes()  # first: some imports below already run jax code
         {"run": _run, "inspect": _inspect, "convert-llava-med": _convert_llava_med}[commands[0]]()
     except MsloraError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,10 +1,14 @@
-"""Input pipelines: seeded, sharded training batches and padded, masked evaluation batches.
+"""Input pipelines: seeded training batches (each process gathers its rows) and padded eval batches.
 
 Training uses a grain ``MapDataset`` indexed by *step*: step -> the indices of its batch -> the
 gathered arrays. Grain's per-element shuffle/batch costs ~25 us per example (~1.6 ms for a batch
 of 64, too much next to a ~10 ms train step), so shuffling is done per epoch with one numpy
 permutation and batches are gathered with fancy indexing. Because a batch is a pure function of
 (seed, step), a run resumed at ``start_step`` sees exactly the batches it would have seen.
+
+Multi-process: every process computes the same *global* batch indices for a step and gathers
+only its own rows ``[start, stop)`` of them (``parallel.mesh.process_row_range``), so the global
+batch, and therefore training, does not depend on how many processes share it.
 """
 
 from __future__ import annotations
@@ -27,28 +31,22 @@ def train_batches(
     batch_size: int,
     num_steps: int,
     seed: int,
-    shard_index: int = 0,
-    shard_count: int = 1,
+    rows: tuple[int, int] | None = None,
     start_step: int = 0,
 ) -> Iterator[Batch]:
     """Yields ``{"image": [b, ...], "label": int32 [b]}`` for steps ``start_step..num_steps-1``.
 
-    ``batch_size`` is the global batch; each of ``shard_count`` processes (``shard_index`` is
-    ``jax.process_index()``) gets ``b = batch_size // shard_count`` rows per step from its own
-    disjoint shard of the data. Each epoch over the shard is a fresh seeded permutation with the
-    remainder dropped. Arguments are checked here, not on the first ``next``.
+    ``batch_size`` is the global batch. ``rows = (start, stop)`` are the rows of every global batch
+    this process reads (``process_row_range(mesh, batch_size)``; default all), so
+    ``b = stop - start`` and only those examples are gathered. Each epoch is a fresh seeded
+    permutation of all examples with the remainder dropped. Arguments are checked here, not on
+    the first ``next``.
     """
     labels = np.asarray(labels, np.int32)
     _check_pair(images, labels)
-    try:
-        grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True)
-    except ValueError as error:
-        raise ConfigError(f"train_batches: bad shard options: {error}") from None
-    if batch_size < 1 or batch_size % shard_count:
-        raise ConfigError(
-            f"train_batches: batch_size must be a positive multiple of shard_count "
-            f"{shard_count}, got {batch_size}"
-        )
+    if batch_size < 1:
+        raise ConfigError(f"train_batches: batch_size must be >= 1, got {batch_size}")
+    start, stop = _check_rows(rows, batch_size)
     if len(labels) < batch_size:
         raise ConfigError(
             f"train_batches: {len(labels)} training examples is fewer than batch_size {batch_size}"
@@ -59,13 +57,12 @@ def train_batches(
         raise ConfigError(
             f"train_batches: need 0 <= start_step <= num_steps, got {start_step} and {num_steps}"
         )
-    local_batch = batch_size // shard_count
-    shard = _shard_indices(len(labels), seed, shard_index, shard_count)
     batch_indices = functools.partial(
         _batch_indices,
-        batch=local_batch,
-        steps_per_epoch=len(shard) // local_batch,
-        order=_epoch_order(shard, seed),
+        batch=batch_size,
+        rows=slice(start, stop),
+        steps_per_epoch=len(labels) // batch_size,
+        order=_epoch_order(len(labels), seed),
     )
     dataset = (
         grain.MapDataset.range(start_step, num_steps)
@@ -114,31 +111,40 @@ def _iterate(dataset: grain.MapDataset) -> Iterator[Batch]:
         yield dataset[i]
 
 
-def _shard_indices(n: int, seed: int, shard_index: int, shard_count: int) -> np.ndarray:
-    """This process's example indices: an even, disjoint split of one shared seeded permutation.
+def _check_rows(rows: tuple[int, int] | None, batch_size: int) -> tuple[int, int]:
+    """``rows`` as ``(start, stop)`` with ``0 <= start < stop <= batch_size`` (None: all rows)."""
+    if rows is None:
+        return 0, batch_size
+    try:
+        start, stop = (int(r) for r in rows)
+    except (TypeError, ValueError):
+        raise ConfigError(f"train_batches: rows must be (start, stop), got {rows!r}") from None
+    if not 0 <= start < stop <= batch_size:
+        raise ConfigError(
+            f"train_batches: rows (start, stop) = {rows} must satisfy "
+            f"0 <= start < stop <= batch_size {batch_size}"
+        )
+    return start, stop
 
-    Permuting first keeps shards class-balanced when the data is sorted by label; every process
-    computes the same permutation from the shared seed. Like grain's ``ShardOptions`` with
-    ``drop_remainder=True``, the ``n % shard_count`` leftover examples are dropped so all
-    processes run epochs of the same length.
-    """
-    perm = np.random.default_rng([seed, 0]).permutation(n)
-    size = n // shard_count
-    return np.sort(perm[shard_index * size : (shard_index + 1) * size])
 
-
-def _epoch_order(shard: np.ndarray, seed: int) -> Callable[[int], np.ndarray]:
-    """``epoch -> permuted shard``; memoised because consecutive steps share an epoch."""
+def _epoch_order(n: int, seed: int) -> Callable[[int], np.ndarray]:
+    """``epoch -> a seeded permutation of range(n)``; memoised as consecutive steps share one."""
 
     @functools.lru_cache(maxsize=2)
     def order(epoch: int) -> np.ndarray:
-        return shard[np.random.default_rng([seed, 1, epoch]).permutation(len(shard))]
+        return np.random.default_rng([seed, 1, epoch]).permutation(n)
 
     return order
 
 
 def _batch_indices(
-    step: int, *, batch: int, steps_per_epoch: int, order: Callable[[int], np.ndarray]
+    step: int,
+    *,
+    batch: int,
+    rows: slice,
+    steps_per_epoch: int,
+    order: Callable[[int], np.ndarray],
 ) -> np.ndarray:
+    """This process's ``rows`` of the global batch of ``step`` (indices into the data)."""
     epoch, position = divmod(step, steps_per_epoch)
-    return order(epoch)[position * batch : (position + 1) * batch]
+    return order(epoch)[position * batch : (position + 1) * batch][rows]

@@ -1,7 +1,7 @@
 """Training batches for generative VQA: images plus tokenised conversations, fixed shapes.
 
 Which examples go into which step comes from ``pipeline.train_batches`` run over example
-*indices*, so seeded per-epoch shuffling, per-process sharding, the exact step count and
+*indices*, so seeded per-epoch shuffling, per-process rows, the exact step count and
 resuming at ``start_step`` behave exactly as for the classification tasks (a grain ``MapDataset``
 indexed by step; a batch is a pure function of (seed, step)).
 
@@ -10,7 +10,7 @@ conversation whose first answer does not fit fails at construction, not mid-run,
 has the same shapes (the train step compiles once).
 
 Images: decoded lazily on first use by a small thread pool, then cached by path as uint8
-``[S, S, 3]`` (``cache_images``). Only this process's shard is ever decoded, and images shared by
+``[S, S, 3]`` (``cache_images``). Only this process's rows are ever decoded, and images shared by
 several questions are decoded once. The paper's VQA sets have a few thousand images (about
 150 KB each at S = 224), so the cache fits easily; pass ``cache_images=False`` for larger data.
 """
@@ -43,8 +43,7 @@ def vqa_train_batches(
     batch_size: int,
     num_steps: int,
     seed: int,
-    shard_index: int = 0,
-    shard_count: int = 1,
+    rows: tuple[int, int] | None = None,
     start_step: int = 0,
     cache_images: bool = True,
     num_threads: int = 8,
@@ -52,13 +51,14 @@ def vqa_train_batches(
     image_token_id: int | None = None,
     pad_to_square: bool = False,
 ) -> Iterator[Batch]:
-    """Yields batches for steps ``start_step..num_steps-1`` with ``b = batch_size // shard_count``:
+    """Yields this process's ``rows`` of each global batch, steps ``start_step..num_steps-1``:
 
     ``{"image": uint8 [b, S, S, 3], "input_ids": int32 [b, max_len], "loss_mask": bool
     [b, max_len], "attention_mask": bool [b, max_len]}`` (see ``conversation`` for the template
-    and mask convention); ``pad_to_square`` as in ``vqa.load_image``. ``shard_index`` is
-    ``jax.process_index()`` and ``shard_count`` ``jax.process_count()``; each process gets a
-    disjoint shard. Arguments and every conversation are checked here, not on the first ``next``.
+    and mask convention); ``pad_to_square`` as in ``vqa.load_image``. ``rows = (start, stop)``
+    (``process_row_range(mesh, batch_size)``, default all) as in ``pipeline.train_batches``, so
+    ``b = stop - start``. Arguments and every conversation are checked here, not on the first
+    ``next``.
     """
     if image_size < 1:
         raise ConfigError(f"vqa_train_batches: image_size must be >= 1, got {image_size}")
@@ -69,15 +69,14 @@ def vqa_train_batches(
     text = pad_batch(encodings, pad_id, max_len) if encodings else {}
     index = np.arange(len(examples))
     # train_batches gathers rows of its arrays; giving it the row numbers themselves yields the
-    # example indices of each step (under "label") with its shuffling and sharding.
+    # example indices of each step (under "label") with its shuffling and row selection.
     steps = train_batches(
         index,
         index,
         batch_size=batch_size,
         num_steps=num_steps,
         seed=seed,
-        shard_index=shard_index,
-        shard_count=shard_count,
+        rows=rows,
         start_step=start_step,
     )
     paths = [example.image for example in examples]

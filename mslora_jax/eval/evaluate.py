@@ -51,7 +51,7 @@ def evaluate_accuracy(
         variables[LORA_COLLECTION] = lora_stack
     correct = total = 0
     for batch in eval_batches(images, labels, batch_size=batch_size):
-        images = to_global_batch(mesh, process_rows({"image": batch["image"]}))["image"]
+        images = to_global_batch(mesh, process_rows(mesh, {"image": batch["image"]}))["image"]
         preds = predict_fn(variables, weights, images, class_tokens, class_valid)
         # Gather the sharded predictions on every host (a no-op copy on a single process).
         preds = np.asarray(multihost_utils.process_allgather(preds, tiled=True))

@@ -7,12 +7,16 @@ pair and its duplicates); with all-distinct prompts this is exactly CLIP's one-h
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-MAX_LOGIT_SCALE = float(jnp.log(100.0))  # CLIP clamps the inverse temperature at 100
+from mslora_jax.parallel.mesh import BATCH_AXES
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the inverse temperature at 100
 
 
 def _row_losses(queries, keys, query_ids, key_ids, scale):
@@ -31,8 +35,9 @@ def clip_loss(image_emb, text_emb, prompt_ids, logit_scale) -> jax.Array:
     return 0.5 * (i2t.mean() + t2i.mean())
 
 
-def sharded_clip_loss(mesh: Mesh, axis: str = "data"):
-    """``clip_loss`` with the batch sharded over ``mesh[axis]``.
+def sharded_clip_loss(mesh: Mesh, axis: str | tuple[str, ...] = BATCH_AXES):
+    """``clip_loss`` with the batch sharded over ``mesh[axis]`` (default: ``(data, fsdp)``;
+    replicated over the other mesh axes).
 
     Each device all-gathers the embeddings and ids, contrasts its local rows against the global
     batch, and the per-row losses are summed with ``psum``: the value and the gradients equal the

@@ -29,6 +29,11 @@ import jax.numpy as jnp
 from mslora_jax.errors import ConfigError
 from mslora_jax.models.lora_dense import LoraDense
 
+# Logical axes of the residual stream [B, L, D] and of cached keys/values [B, S, K, Dh], for the
+# sharding constraints (``parallel.rules.LOGICAL_TO_MESH`` maps them to mesh axes).
+RESIDUAL_AXES = ("batch", None, None)
+CACHE_AXES = ("batch", None, "act_kv_heads", None)
+
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
@@ -110,9 +115,11 @@ def init_cache(
     if size > config.max_len:
         raise ConfigError(f"cache size {size} is over decoder.max_len={config.max_len}")
     shape = (batch, size, config.num_kv_heads, config.head_dim)
-    layers = tuple(
-        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.depth)
-    )
+
+    def zeros():  # sharded over batch (and kv heads) inside a mesh with logical rules
+        return nn.with_logical_constraint(jnp.zeros(shape, dtype), CACHE_AXES)
+
+    layers = tuple({"k": zeros(), "v": zeros()} for _ in range(config.depth))
     return KVCache(layers, jnp.zeros((batch, size), bool), jnp.zeros((batch,), jnp.int32))
 
 
@@ -192,6 +199,10 @@ class Attention(nn.Module):
         v = dense(kv_heads * dh, "v")(x, task_weights, deterministic)
         k = k.reshape(b, length, kv_heads, dh)
         v = v.reshape(b, length, kv_heads, dh)
+        # Sharding hints (no-ops outside a mesh with logical rules): heads over ``tensor``.
+        q = nn.with_logical_constraint(q, ("batch", None, "act_heads", None))
+        k = nn.with_logical_constraint(k, ("batch", None, "act_kv_heads", None))
+        v = nn.with_logical_constraint(v, ("batch", None, "act_kv_heads", None))
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
         if layer_cache is not None:
@@ -309,7 +320,8 @@ class Decoder(nn.Module):
             key_slot = jnp.arange(cache.size)
         # visible[b, l, s]: key slot s is real and not in the future of query l.
         visible = key_mask[:, None, :] & (key_slot[None, None, :] <= query_slot[..., None])
-        x = input_embeds
+        # The residual stream is split over the batch only (FSDP gathers weights, not tokens).
+        x = nn.with_logical_constraint(input_embeds, RESIDUAL_AXES)
         new_layers = []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
@@ -317,8 +329,10 @@ class Decoder(nn.Module):
             x, layer_cache = block(
                 x, positions, visible, task_weights, layer_cache, index, deterministic
             )
+            x = nn.with_logical_constraint(x, RESIDUAL_AXES)
             new_layers.append(layer_cache)
         logits = self.lm_head(self.norm(x))
+        logits = nn.with_logical_constraint(logits, ("batch", None, "act_vocab"))
         if cache is None:
             return logits, None
         return logits, KVCache(tuple(new_layers), key_mask, cache.index + length)

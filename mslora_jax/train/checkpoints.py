@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from mslora_jax.errors import CheckpointError
 from mslora_jax.io_utils import atomic_write_json, read_json
+from mslora_jax.parallel.distributed import is_primary, sync_processes
 from mslora_jax.parallel.mesh import replicated
 
 
@@ -34,11 +36,19 @@ def abstract_like(tree, mesh: Mesh):
 
 
 def _describe_differences(old: Any, new: Any, where: str = "config") -> list[str]:
+    """Differing leaves; a key missing on one side equals None (a newer optional key, e.g. a
+    task's ``batch_size``, does not invalidate a workdir written before it existed)."""
     if isinstance(old, dict) and isinstance(new, dict):
         diffs = []
         for key in sorted(set(old) | set(new)):
             diffs += _describe_differences(old.get(key), new.get(key), f"{where}.{key}")
         return diffs
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [
+            d
+            for i, (a, b) in enumerate(zip(old, new))
+            for d in _describe_differences(a, b, f"{where}[{i}]")
+        ]
     return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
 
 
@@ -102,13 +112,29 @@ class StageCheckpoints:
         return restored["adapter"], restored["trainer"], restored["metrics"], meta
 
 
+def read_tree_on_one_device(path: os.PathLike | str) -> dict:
+    """An orbax array tree (e.g. ``checkpoints/<method>/<stage>/adapter``) as numpy, restored
+    onto one local device whatever mesh or process count wrote it."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    checkpointer = ocp.StandardCheckpointer()
+    shapes = checkpointer.metadata(path).item_metadata.tree
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), shapes)
+    return jax.tree.map(np.asarray, checkpointer.restore(path, target))
+
+
 def save_backbone(directory: os.PathLike | str, params, meta: dict) -> None:
-    """Save frozen backbone params (orbax) and their metadata (model config, provenance)."""
+    """Save frozen backbone params (orbax) and their metadata (model config, provenance).
+
+    Every process takes part in the orbax save; process 0 writes meta.json (last: its presence
+    marks a complete backbone), and no process returns before it is there.
+    """
     directory = Path(directory).absolute()
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory / "params", params, force=True)
     checkpointer.wait_until_finished()
-    atomic_write_json(directory / "meta.json", meta)
+    if is_primary():
+        atomic_write_json(directory / "meta.json", meta)
+    sync_processes("save_backbone")
 
 
 def load_backbone(directory: os.PathLike | str, abstract_params, model_config: dict):

@@ -7,11 +7,15 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import AbstractMesh, AxisType
 
 from mslora_jax.config import ExperimentConfig, TaskConfig
+from mslora_jax.lora.adapter import init_adapter_params
 from mslora_jax.lora.targets import get_by_path, select_targets
 from mslora_jax.models.clip import init_backbone
 from mslora_jax.models.llava import init_llava
+from mslora_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
+from mslora_jax.parallel.rules import ShardingRules
 
 
 def abstract_backbone(config: ExperimentConfig):
@@ -58,6 +62,45 @@ def check_data_layout(config: ExperimentConfig) -> list[str]:
     return lines
 
 
+def _bytes_per_device(rules: ShardingRules, tree, itemsize: int | None = None) -> int:
+    """Bytes one device holds of ``tree`` sharded by ``rules`` (the largest shard of a leaf)."""
+    total = 0
+    for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(rules.shardings(tree))):
+        size = itemsize or np.dtype(leaf.dtype).itemsize
+        total += int(np.prod(sharding.shard_shape(tuple(leaf.shape)), dtype=np.int64)) * size
+    return total
+
+
+def mesh_lines(config: ExperimentConfig, backbone, targets: list[str]) -> list[str]:
+    """The mesh the run builds and what each device holds of the state (no activations).
+
+    The device count is ``num_devices`` (set it to size another machine, e.g. 8 for a v5e-8),
+    else this machine's."""
+    devices = config.num_devices or jax.device_count()
+    shape = resolve_mesh_shape(config.mesh.shape, devices)
+    mesh = AbstractMesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    rules = ShardingRules(mesh, config.model_kind)
+    frozen_itemsize = 2 if config.model_kind == "llava" and config.llava.dtype == "bfloat16" else 4
+    adapter = jax.eval_shape(
+        lambda k: init_adapter_params(backbone, targets, config.lora.rank, k),
+        jax.random.PRNGKey(0),
+    )
+    stack = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((len(config.stream), *x.shape), x.dtype), adapter
+    )
+    gib = lambda n: f"{n / 2**30:.2f} GiB"
+    frozen = _bytes_per_device(rules, backbone, frozen_itemsize)
+    lora = _bytes_per_device(rules, stack)
+    adam = 2 * _bytes_per_device(rules, adapter)
+    return [
+        f"mesh (data, fsdp, tensor): {shape} over {devices} devices "
+        f"(batch split {shape[0] * shape[1]} ways)",
+        f"per device: frozen backbone {gib(frozen)}, {len(config.stream)}-slot LoRA stack "
+        f"{gib(lora)}, Adam state of one adapter {gib(adam)}: {gib(frozen + lora + adam)} "
+        "before activations (experiments/aot_memory.py compiles the whole step)",
+    ]
+
+
 def dry_run(config: ExperimentConfig) -> str:
     backbone = abstract_backbone(config)
     targets = select_targets(backbone, config.lora.targets)
@@ -68,13 +111,15 @@ def dry_run(config: ExperimentConfig) -> str:
         f"LoRA: rank {config.lora.rank}, alpha {config.lora.alpha}, {len(targets)} adapted layers "
         f"(e.g. {targets[0]})",
         f"LoRA parameters per task: {per_task:,}",
+        *mesh_lines(config, backbone, targets),
         "tasks:",
     ]
     for task in config.stream:
         lr = task.learning_rate or config.train.learning_rate
         epochs = task.epochs or config.train.epochs
+        batch = task.batch_size or config.train.batch_size
         lines.append(
-            f"  {task.name} ({task.modality}): lr {lr:g}, epochs {epochs:g}, "
+            f"  {task.name} ({task.modality}): lr {lr:g}, epochs {epochs:g}, batch {batch}, "
             f"{per_task:,} LoRA parameters"
         )
     if config.backbone.source == "load":

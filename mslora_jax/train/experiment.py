@@ -1,4 +1,9 @@
-"""Run a whole experiment: backbone, every method over the stream, results and reports."""
+"""Run a whole experiment: backbone, every method over the stream, results and reports.
+
+In a multi-process run every process runs all of this (each computation spans all devices);
+process 0 alone writes the one-per-run files (config.json, results, tables, plots, answers),
+while checkpoints are written by all processes together (orbax).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,9 @@ import jax
 from mslora_jax.config import ExperimentConfig, to_json_dict
 from mslora_jax.data.registry import load_tasks
 from mslora_jax.io_utils import atomic_write_json, atomic_write_text, read_json
+from mslora_jax.parallel.distributed import is_primary
 from mslora_jax.parallel.mesh import make_mesh
-from mslora_jax.report.results import write_results
+from mslora_jax.report.results import validate_results, write_results
 from mslora_jax.report.task_metrics import validate_task_metrics, write_task_metrics
 from mslora_jax.train.checkpoints import StageCheckpoints, check_same_config
 from mslora_jax.train.methods import get_method
@@ -25,7 +31,7 @@ log = logging.getLogger(__name__)
 ZERO_SHOT_DIR = "frozen_backbone"  # answers/ folder of the model without adapters
 
 # Keys that may change between a run and its resumption without invalidating checkpoints.
-RESUMABLE_KEYS = ("methods", "progress", "num_devices")
+RESUMABLE_KEYS = ("methods", "progress", "num_devices", "mesh")
 
 
 def fingerprint(config: ExperimentConfig) -> dict:
@@ -35,11 +41,15 @@ def fingerprint(config: ExperimentConfig) -> dict:
 
 
 def claim_workdir(config: ExperimentConfig, workdir: Path) -> None:
-    """Record the config in ``workdir``, or check it matches the one recorded by a previous run."""
+    """Record the config in ``workdir``, or check it matches the one recorded by a previous run.
+
+    Every process checks; process 0 records (atomically, so a process that looks while it writes
+    sees either no file or the whole one).
+    """
     path = workdir / "config.json"
     if path.exists():
         check_same_config(read_json(path, "workdir"), fingerprint(config), f"workdir {workdir}")
-    else:
+    elif is_primary():
         atomic_write_json(path, fingerprint(config))
 
 
@@ -53,7 +63,7 @@ def run_experiment(config: ExperimentConfig, workdir: str | os.PathLike) -> dict
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     claim_workdir(config, workdir)
-    mesh = make_mesh(config.num_devices)
+    mesh = make_mesh(config.num_devices, config.mesh.shape)
     if config.model_kind == "llava":
         from mslora_jax.train.generative_run import prepare_generative
 
@@ -96,10 +106,13 @@ def run_experiment(config: ExperimentConfig, workdir: str | os.PathLike) -> dict
         "zero_shot": zero_shot_metrics,
         "methods": method_metrics,
     }
-    # Both reports are validated before either is written, so bad numbers leave no half set.
+    # Both reports are validated before either is written, so bad numbers leave no half set;
+    # every process validates, so all of them fail alike.
+    validate_results(results)
     validate_task_metrics(task_metrics)
-    write_results(workdir, results)
-    write_task_metrics(workdir, task_metrics)
+    if is_primary():
+        write_results(workdir, results)
+        write_task_metrics(workdir, task_metrics)
     write_answers(
         exp,
         workdir / "answers",
@@ -113,7 +126,8 @@ def write_answers(exp, directory: Path, runs: dict) -> None:
     """``directory/<method>/<task>.jsonl``: each final model's answer to every test question.
 
     ``runs`` maps a folder name to (adapters by slot, method); method None is the frozen
-    backbone. Models without per-item answers (the dual encoder) write nothing.
+    backbone. Models without per-item answers (the dual encoder) write nothing. Every process
+    generates (generation spans all devices); process 0 writes.
     """
     for name, (adapters, method) in runs.items():
         for task in range(exp.num_tasks):
@@ -121,5 +135,6 @@ def write_answers(exp, directory: Path, runs: dict) -> None:
             records = exp.answer_records(adapters, active, task)
             if records is None:
                 return
-            lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-            atomic_write_text(directory / name / f"{exp.tasks[task].name}.jsonl", lines)
+            if is_primary():
+                lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+                atomic_write_text(directory / name / f"{exp.tasks[task].name}.jsonl", lines)

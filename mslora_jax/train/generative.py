@@ -32,7 +32,9 @@ from mslora_jax.eval.answer_metrics import score_answers
 from mslora_jax.models.generate import llava_generate
 from mslora_jax.models.llava import Llava, init_llava
 from mslora_jax.models.lora_dense import LORA_COLLECTION
-from mslora_jax.parallel.mesh import process_rows, replicate, to_global_batch
+from mslora_jax.parallel.mesh import process_row_range, process_rows, to_global_batch
+from mslora_jax.parallel.rules import ShardingRules
+from mslora_jax.parallel.sharded_jit import born_sharded, sharding_context
 from mslora_jax.train.objectives import normalize_images
 from mslora_jax.train.pretrain import train_all_params
 from mslora_jax.train.stream import StreamExperiment, TaskMetrics
@@ -121,6 +123,8 @@ def answer_loss(model: Llava, variables, batch: dict, task_weights, rng, determi
 class GenerativeExperiment(StreamExperiment):
     """LLaVA on VQA tasks; LoRA only in the decoder (see ``LLAVA_LORA_TARGETS``)."""
 
+    model_family = "llava"
+
     def __init__(
         self,
         config,
@@ -154,16 +158,16 @@ class GenerativeExperiment(StreamExperiment):
 
     def train_batches(self, task_indices: list[int], num_steps: int, seed: int):
         examples = [e for i in task_indices for e in self.tasks[i].examples]
+        batch_size = self.config.stage_batch_size(task_indices)
         return vqa_train_batches(
             examples,
             self.tokenizer,
             image_size=self.config.llava.vision.image_size,
             max_len=self.max_len,
-            batch_size=self.config.train.batch_size,
+            batch_size=batch_size,
             num_steps=num_steps,
             seed=seed,
-            shard_index=jax.process_index(),
-            shard_count=jax.process_count(),
+            rows=process_row_range(self.mesh, batch_size),
             template=self.template,
             image_token_id=self.config.llava.image_token_id,
             pad_to_square=self.config.llava.pad_to_square,
@@ -189,19 +193,20 @@ class GenerativeExperiment(StreamExperiment):
             padded = left_pad_prompts([prompts[i] for i in rows], self.ids.pad, length)
             images = np.stack([load_image(items[i].image, size, pad) for i in rows])
             # Data parallel like training: each device generates for its rows of the batch.
-            batch = to_global_batch(self.mesh, process_rows({"image": images, **padded}))
-            generation = llava_generate(
-                self.model,
-                variables,
-                pixels(self.config, batch["image"]),
-                batch["input_ids"],
-                batch["attention_mask"],
-                weights,
-                max_new_tokens=self.max_new_tokens,
-                stop_ids=(self.ids.eos,),
-                pad_id=self.ids.pad,
-                return_logits=False,
-            )
+            batch = to_global_batch(self.mesh, process_rows(self.mesh, {"image": images, **padded}))
+            with sharding_context(self.rules):  # KV cache and activations sharded over batch
+                generation = llava_generate(
+                    self.model,
+                    variables,
+                    pixels(self.config, batch["image"]),
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    weights,
+                    max_new_tokens=self.max_new_tokens,
+                    stop_ids=(self.ids.eos,),
+                    pad_id=self.ids.pad,
+                    return_logits=False,
+                )
             # Every host gets every answer (a no-op copy on a single process).
             tokens = np.asarray(multihost_utils.process_allgather(generation.tokens, tiled=True))
             for row in range(len(chunk)):
@@ -215,9 +220,8 @@ class GenerativeExperiment(StreamExperiment):
         Keys: ``question_id``, ``image``, ``question``, ``answer``, ``gt``, ``answer_type``,
         ``candidates`` (what LLaVA-Med's answer files hold, plus the reference).
         """
-        variables = replicate(
-            self.mesh, {"params": self.base_params, LORA_COLLECTION: self.stack(slots)}
-        )
+        # Both already sharded by the rules (backbone FSDP/tensor, adapters like their base).
+        variables = {"params": self.base_params, LORA_COLLECTION: self.stack(slots)}
         items = self.tasks[task].test_items
         answers = self.answers(variables, self.weights(active), items)
         return [
@@ -255,7 +259,8 @@ def pretrain_llava(
     cfg = config.pretrain
     model = Llava(config.llava.model_config(), remat=config.llava.remat)
     init_key, state_key = jax.random.split(rng)
-    params = init_llava(config.llava.model_config(), init_key)
+    rules = ShardingRules(mesh, "llava")
+    params = born_sharded(lambda key: init_llava(config.llava.model_config(), key), rules, init_key)
 
     def loss_fn(params, context, batch, rng):
         batch = {**batch, "image": pixels(config, batch["image"])}
@@ -270,13 +275,12 @@ def pretrain_llava(
         batch_size=cfg.batch_size,
         num_steps=cfg.steps,
         seed=config.seed,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
+        rows=process_row_range(mesh, cfg.batch_size),
         template=chat_template(config),
         image_token_id=config.llava.image_token_id,
         pad_to_square=config.llava.pad_to_square,
     )
     state, _ = train_all_params(
-        config, mesh, params, loss_fn, batches, state_key, class_tokens=None, desc="pretrain llava"
+        config, rules, params, loss_fn, batches, state_key, class_tokens=None, desc="pretrain llava"
     )
     return state.trainable

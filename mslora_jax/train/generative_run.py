@@ -2,6 +2,12 @@
 
 Synthetic tasks are written to ``workdir/data/<task>/`` in the paper's file format first, so the
 demo goes through exactly the reader a user's real data goes through.
+
+Multi-process: every process needs the data and the tokenizer, whether or not the workdir is on a
+shared filesystem. Both are deterministic functions of the config, so each process makes what it
+does not find: a synthetic task is written to a temporary folder and renamed into place (the
+first rename wins, the others' identical copies are dropped), and the tokenizer is built by every
+process but saved by process 0 only, atomically.
 """
 
 from __future__ import annotations
@@ -20,14 +26,16 @@ from mslora_jax.data.conversation import (
     check_tokenizer_fits,
     load_tokenizer,
     render_conversation,
-    save_tokenizer,
 )
 from mslora_jax.data.synthetic import SyntheticTaskSpec
 from mslora_jax.data.synthetic_vqa import write_synthetic_vqa_task
 from mslora_jax.errors import ConfigError, DataError
+from mslora_jax.io_utils import atomic_write_text
 from mslora_jax.lora.targets import select_targets
 from mslora_jax.models.llava import init_llava
-from mslora_jax.train.checkpoints import abstract_like
+from mslora_jax.parallel.distributed import is_primary
+from mslora_jax.parallel.rules import ShardingRules
+from mslora_jax.parallel.sharded_jit import born_sharded
 from mslora_jax.train.generative import (
     GenerativeExperiment,
     VqaTask,
@@ -46,16 +54,7 @@ def load_generative_tasks(config: ExperimentConfig, tasks, workdir: Path) -> lis
     out = []
     for task in tasks:
         if task.source == "synthetic":
-            folder = workdir / "data" / task.name
-            if not (folder / task.test_file).exists():
-                spec = SyntheticTaskSpec(task.name, task.modality, task.num_classes, task.seed)
-                write_synthetic_vqa_task(
-                    spec,
-                    folder,
-                    image_size=config.llava.vision.image_size,
-                    num_train=task.num_train,
-                    num_test=task.num_test,
-                )
+            _materialise_synthetic(config, task, workdir / "data" / task.name)
             local = dataclasses.replace(config, data_dir=str(workdir / "data"))
             task = TaskConfig(**{**dataclasses.asdict(task), "source": "vqa"})
             out.append(load_vqa_task(local, task))
@@ -64,10 +63,31 @@ def load_generative_tasks(config: ExperimentConfig, tasks, workdir: Path) -> lis
     return out
 
 
+def _materialise_synthetic(config: ExperimentConfig, task: TaskConfig, folder: Path) -> None:
+    """Write a synthetic task into ``folder`` unless it is there; safe with concurrent writers."""
+    if (folder / task.test_file).exists():
+        return
+    spec = SyntheticTaskSpec(task.name, task.modality, task.num_classes, task.seed)
+    try:
+        # Writes a temporary sibling folder, then renames it to ``folder``.
+        write_synthetic_vqa_task(
+            spec,
+            folder,
+            image_size=config.llava.vision.image_size,
+            num_train=task.num_train,
+            num_test=task.num_test,
+        )
+    except (OSError, DataError):
+        # Another process of this run (same workdir) renamed its identical copy first.
+        if not (folder / task.test_file).exists():
+            raise
+
+
 def obtain_tokenizer(config: ExperimentConfig, tasks: list[VqaTask], workdir: Path):
     """``llava.tokenizer_file``, else a byte-level BPE built once from the training texts.
 
-    Checked against the model before anything is trained; errors name the tokenizer file.
+    Checked against the model before anything is trained; errors name the tokenizer file. The
+    build is deterministic, so every process of a run gets the same one; process 0 saves it.
     """
     path = Path(config.llava.tokenizer_file or workdir / "tokenizer.json")
     if config.llava.tokenizer_file or path.exists():
@@ -82,8 +102,9 @@ def obtain_tokenizer(config: ExperimentConfig, tasks: list[VqaTask], workdir: Pa
         )
     except (ConfigError, DataError) as error:
         raise type(error)(f"{path}: {error}") from None
-    if not path.exists():
-        save_tokenizer(tokenizer, path)
+    if is_primary() and not path.exists():
+        # Atomic (unlike Tokenizer.save): another process may be reading the path right now.
+        atomic_write_text(path, tokenizer.to_str(pretty=True))
     return tokenizer
 
 
@@ -118,17 +139,17 @@ def prepare_generative(config: ExperimentConfig, workdir: Path, mesh: Mesh):
     model_cfg = config.llava.model_config()
     init = functools.partial(init_llava, model_cfg)
     dtype = config.llava.dtype
-    # A saved backbone is restored straight into llava.dtype (orbax casts while reading).
-    abstract = cast_floating(
-        abstract_like(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh), dtype
-    )
+    rules = ShardingRules(mesh, "llava")
+    # A saved backbone is restored straight into llava.dtype (orbax casts while reading) and
+    # into the rules' shardings (each host reads only its shards).
+    abstract = cast_floating(rules.abstract(jax.eval_shape(init, jax.random.PRNGKey(0))), dtype)
     params, info = obtain_frozen_backbone(
         config,
         workdir,
         abstract=abstract,
         model_json=llava_model_json(config),
         provenance=pretrain_provenance(config, llava=_pretraining_settings(config)),
-        init_fn=init,
+        init_fn=lambda rng: born_sharded(init, rules, rng),
         pretrain_fn=lambda rng: (
             pretrain_llava(config, base, tokenizer, mesh, rng, max_len=config.llava.max_len),
             {"steps": config.pretrain.steps},

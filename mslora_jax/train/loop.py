@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from mslora_jax.parallel.distributed import is_primary
 from mslora_jax.parallel.mesh import to_global_batch
 from mslora_jax.train.step import TrainState
 
@@ -41,6 +42,7 @@ def run_steps(
     """Run ``num_steps`` steps; returns the final state and throughput (first step excluded)."""
     metrics = {}
     start = None
+    progress = progress and is_primary()  # one bar per run, not one per host
     bar = tqdm(total=num_steps, desc=desc, leave=False, disable=not progress, mininterval=0.5)
     for i, batch in enumerate(batches):
         if i == num_steps:

@@ -19,8 +19,10 @@ from mslora_jax.errors import CheckpointError
 from mslora_jax.eval.evaluate import evaluate_accuracy, make_predict_fn
 from mslora_jax.losses.contrastive import sharded_clip_loss
 from mslora_jax.models.clip import DualEncoder, ModelConfig, init_backbone
-from mslora_jax.parallel.mesh import check_divisible, replicate, replicated
-from mslora_jax.train.checkpoints import abstract_like, load_backbone, save_backbone
+from mslora_jax.parallel.mesh import batch_shards, check_divisible, process_row_range
+from mslora_jax.parallel.rules import ShardingRules
+from mslora_jax.parallel.sharded_jit import ShardedStep, born_sharded
+from mslora_jax.train.checkpoints import load_backbone, save_backbone
 from mslora_jax.train.loop import run_steps
 from mslora_jax.train.objectives import PretrainContext, pretrain_loss
 from mslora_jax.train.optim import Schedule, make_optimizer
@@ -30,9 +32,9 @@ log = logging.getLogger(__name__)
 
 
 def init_backbone_sharded(model_config: ModelConfig, mesh: Mesh, rng) -> dict:
-    """Random params, born replicated on the mesh (no host copy)."""
-    init = jax.jit(lambda key: init_backbone(model_config, key), out_shardings=replicated(mesh))
-    return init(rng)
+    """Random dual-encoder params, born sharded on the mesh by the sharding rules."""
+    rules = ShardingRules(mesh, "dual_encoder")
+    return born_sharded(lambda key: init_backbone(model_config, key), rules, rng)
 
 
 def pretrain_backbone(config: ExperimentConfig, mesh: Mesh, rng) -> tuple[dict, dict]:
@@ -49,6 +51,7 @@ def pretrain_backbone(config: ExperimentConfig, mesh: Mesh, rng) -> tuple[dict, 
     check_divisible(cfg.batch_size, mesh, "pretrain.batch_size")
     model = DualEncoder(config.model)
     init_key, state_key = jax.random.split(rng)
+    rules = ShardingRules(mesh, "dual_encoder")
     params = init_backbone_sharded(config.model, mesh, init_key)
     batches = train_batches(
         images,
@@ -56,12 +59,11 @@ def pretrain_backbone(config: ExperimentConfig, mesh: Mesh, rng) -> tuple[dict, 
         batch_size=cfg.batch_size,
         num_steps=cfg.steps,
         seed=config.seed,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
+        rows=process_row_range(mesh, cfg.batch_size),
     )
     state, stats = train_all_params(
         config,
-        mesh,
+        rules,
         params,
         pretrain_loss(model, sharded_clip_loss(mesh)),
         batches,
@@ -96,25 +98,35 @@ def pretrain_backbone(config: ExperimentConfig, mesh: Mesh, rng) -> tuple[dict, 
 
 
 def train_all_params(
-    config: ExperimentConfig, mesh: Mesh, params, loss_fn, batches, rng, *, class_tokens, desc
+    config: ExperimentConfig,
+    rules: ShardingRules,
+    params,
+    loss_fn,
+    batches,
+    rng,
+    *,
+    class_tokens,
+    desc,
 ):
     """Full training (every backbone parameter) for ``config.pretrain.steps`` steps.
 
     ``loss_fn(params, context, batch, rng)`` reads ``context.class_tokens`` if it needs them.
-    Returns the final train state and loop stats.
+    Parameters and Adam moments are sharded by ``rules``. Returns the final train state and loop
+    stats.
     """
     cfg = config.pretrain
     optimizer = make_optimizer(cfg.weight_decay, grad_clip_norm=1.0)
-    step = jax.jit(make_train_step(loss_fn, optimizer), donate_argnums=0)
-    state = replicate(mesh, init_train_state(params, optimizer, rng))
+    step = ShardedStep(make_train_step(loss_fn, optimizer), rules)
+    init = lambda p, key: init_train_state(p, optimizer, key)
+    state = born_sharded(init, rules, rules.place(params), rng)
     schedule = Schedule.create(cfg.learning_rate, cfg.steps, cfg.warmup_ratio)
-    context = replicate(mesh, PretrainContext(class_tokens, schedule))
+    context = rules.place(PretrainContext(class_tokens, schedule))
     return run_steps(
         step,
         state,
         context,
         batches,
-        mesh,
+        rules.mesh,
         num_steps=cfg.steps,
         desc=desc,
         progress=config.progress,
@@ -122,8 +134,9 @@ def train_all_params(
 
 
 def _eval_batch(config: ExperimentConfig, mesh: Mesh) -> int:
-    # Round up to a multiple of the device count so eval batches shard evenly.
-    return math.ceil(config.train.eval_batch_size / mesh.size) * mesh.size
+    # Round up to a multiple of the batch shards so eval batches shard evenly.
+    shards = batch_shards(mesh)
+    return math.ceil(config.train.eval_batch_size / shards) * shards
 
 
 def obtain_frozen_backbone(
@@ -178,10 +191,12 @@ def pretrain_provenance(config: ExperimentConfig, **extra) -> dict:
 def obtain_backbone(config: ExperimentConfig, workdir: Path, mesh: Mesh) -> tuple[dict, dict]:
     """The dual encoder's frozen backbone (see ``obtain_frozen_backbone``)."""
     init = functools.partial(init_backbone, config.model)
+    rules = ShardingRules(mesh, "dual_encoder")
     return obtain_frozen_backbone(
         config,
         workdir,
-        abstract=abstract_like(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh),
+        # A saved backbone is restored straight into its shardings (each host reads its shards).
+        abstract=rules.abstract(jax.eval_shape(init, jax.random.PRNGKey(0))),
         model_json=dataclasses.asdict(config.model),
         provenance=pretrain_provenance(config, prompt_template=config.prompt_template),
         init_fn=lambda rng: init_backbone_sharded(config.model, mesh, rng),

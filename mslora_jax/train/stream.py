@@ -25,9 +25,12 @@ from mslora_jax.lora.adapter import init_adapter_params, stack_params
 from mslora_jax.lora.targets import select_targets
 from mslora_jax.losses.contrastive import sharded_clip_loss
 from mslora_jax.models.clip import DualEncoder
-from mslora_jax.parallel.mesh import check_divisible, replicate
+from mslora_jax.parallel.distributed import is_primary
+from mslora_jax.parallel.mesh import batch_shards, check_divisible, process_row_range
+from mslora_jax.parallel.rules import ShardingRules
+from mslora_jax.parallel.sharded_jit import ShardedOutputs, ShardedStep
 from mslora_jax.report.results import method_summary
-from mslora_jax.train.checkpoints import StageCheckpoints, abstract_like
+from mslora_jax.train.checkpoints import StageCheckpoints
 from mslora_jax.train.loop import run_steps
 from mslora_jax.train.methods import Method
 from mslora_jax.train.objectives import AdapterContext, clip_task_loss, regularized_adapter_loss
@@ -48,18 +51,32 @@ class StreamExperiment:
     ``num_train``.
     """
 
+    model_family = ""  # the family of sharding rules (``parallel.rules.PARAM_RULES``)
+
     def __init__(self, config: ExperimentConfig, tasks, mesh: Mesh, base_params: dict, targets):
         accum = config.train.grad_accum_steps
         check_divisible(
             config.train.batch_size // accum, mesh, "train.batch_size / grad_accum_steps"
         )
+        for task in config.stream:  # per-task batch sizes (TaskConfig.batch_size)
+            if task.batch_size:
+                check_divisible(
+                    task.batch_size // accum,
+                    mesh,
+                    f"task {task.name!r}: batch_size / grad_accum_steps",
+                )
         self.config, self.tasks, self.mesh = config, tasks, mesh
-        self.base_params, self.targets = base_params, targets
+        self.rules = ShardingRules(mesh, self.model_family)
+        self.rules.check_rules(base_params)
+        # A no-op for a backbone born or restored sharded; replicated inputs get resharded.
+        self.base_params, self.targets = self.rules.place(base_params), targets
         self.optimizer = make_optimizer(config.train.weight_decay, config.train.grad_clip_norm)
         loss_fn = regularized_adapter_loss(self.task_loss())
         step = make_train_step(loss_fn, self.optimizer, accum)
-        self.train_step = jax.jit(step, donate_argnums=0)
-        self.eval_batch_size = math.ceil(config.train.eval_batch_size / mesh.size) * mesh.size
+        self.train_step = ShardedStep(step, self.rules)
+        self._sharded_builders()
+        shards = batch_shards(mesh)
+        self.eval_batch_size = math.ceil(config.train.eval_batch_size / shards) * shards
 
     # --- supplied by subclasses -------------------------------------------------------------
     def task_loss(self):
@@ -116,18 +133,44 @@ class StreamExperiment:
         return self.config.lora.alpha / self.config.lora.rank
 
     def fresh_adapter(self, stage: int) -> dict:
-        """The initial adapter of ``stage``: the same for every method, for a fair comparison."""
-        key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), stage)
-        return init_adapter_params(self.base_params, self.targets, self.config.lora.rank, key)
+        """The initial adapter of ``stage``: the same for every method, for a fair comparison.
 
-    def empty_stack(self) -> dict:
-        template = jax.eval_shape(self.fresh_adapter, 0)
-        return jax.tree.map(lambda x: jnp.zeros((self.num_tasks, *x.shape), x.dtype), template)
+        Born sharded like its base weights (A like the input dimension, B like the output)."""
+        key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), stage)
+        return self._init_adapter(key)
 
     def stack(self, slots: dict[int, dict]) -> dict:
-        """A ``[T, ...]`` stack holding the given slots' adapters and zeros elsewhere."""
-        zero = jax.tree.map(lambda x: x[0], self.empty_stack())
-        return stack_params([slots.get(i, zero) for i in range(self.num_tasks)])
+        """A ``[T, ...]`` stack holding the given slots' adapters and zeros elsewhere (sharded)."""
+        # A list with None for empty slots: its structure (and so the compiled builder) says
+        # both the number of tasks and which slots are filled.
+        return self._build_stack([slots.get(i) for i in range(self.num_tasks)])
+
+    def init_state(self, method: Method, adapter: dict, rng) -> TrainState:
+        """The train state of ``method`` starting from ``adapter``, born sharded by the rules
+        (Adam's moments follow their adapter)."""
+        if method.name not in self._init_states:
+
+            def init(adapter, key):
+                trainable = initial_trainable(self, method, adapter)
+                return init_train_state(trainable, self.optimizer, key)
+
+            self._init_states[method.name] = ShardedOutputs(init, self.rules)
+        return self._init_states[method.name](adapter, rng)
+
+    def _sharded_builders(self) -> None:
+        """The compiled builders of adapters, stacks and train states (outputs born sharded)."""
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.base_params)
+        rank = self.config.lora.rank
+        init = lambda key: init_adapter_params(shapes, self.targets, rank, key)  # reads shapes
+        self._init_adapter = ShardedOutputs(init, self.rules)
+        template = jax.eval_shape(init, jax.random.PRNGKey(0))
+
+        def build(slots: list) -> dict:
+            zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), template)
+            return stack_params([zero if a is None else a for a in slots])
+
+        self._build_stack = ShardedOutputs(build, self.rules)
+        self._init_states: dict[str, ShardedOutputs] = {}
 
     def weights(self, slots: list[int]) -> jax.Array:
         """Forward weights: task mask times alpha / rank."""
@@ -142,10 +185,11 @@ class StreamExperiment:
         cfg = self.config.train
         if cfg.steps_per_task:
             return cfg.steps_per_task * len(task_indices)
+        batch_size = self.config.stage_batch_size(task_indices)
         total = 0
         for i in task_indices:
             epochs = self.config.stream[i].epochs or cfg.epochs
-            total += math.ceil(epochs * self.tasks[i].num_train / cfg.batch_size)
+            total += math.ceil(epochs * self.tasks[i].num_train / batch_size)
         return total
 
     def learning_rate(self, task_indices: list[int]) -> float:
@@ -158,6 +202,8 @@ class StreamExperiment:
 
 class Experiment(StreamExperiment):
     """The dual encoder on image classification tasks (prediction = nearest class prompt)."""
+
+    model_family = "dual_encoder"
 
     def __init__(
         self, config, tasks: list[TaskData], table: ClassTable, mesh, base_params, targets
@@ -181,14 +227,14 @@ class Experiment(StreamExperiment):
 
     def train_batches(self, task_indices: list[int], num_steps: int, seed: int):
         images, labels = union_train_split(self.tasks, self.table, task_indices)
+        batch_size = self.config.stage_batch_size(task_indices)
         return train_batches(
             images,
             labels,
-            batch_size=self.config.train.batch_size,
+            batch_size=batch_size,
             num_steps=num_steps,
             seed=seed,
-            shard_index=jax.process_index(),
-            shard_count=jax.process_count(),
+            rows=process_row_range(self.mesh, batch_size),
         )
 
     def task_metrics(self, slots: dict[int, dict], active: list[int], task: int) -> TaskMetrics:
@@ -259,10 +305,8 @@ def train_stage(
         slots[slot] if (method.continues_previous() and slot in slots) else exp.fresh_adapter(stage)
     )
     key = jax.random.fold_in(jax.random.PRNGKey(exp.config.seed + 1), stage)
-    state = init_train_state(initial_trainable(exp, method, start), exp.optimizer, key)
-    state, context = replicate(
-        exp.mesh, (state, stage_context(exp, method, stage, slots, task_indices))
-    )
+    state = exp.init_state(method, start, key)
+    context = exp.rules.place(stage_context(exp, method, stage, slots, task_indices))
     steps = exp.num_steps(task_indices)
     batches = exp.train_batches(task_indices, steps, seed=exp.config.seed * 7919 + stage)
     name = "joint" if method.joint else exp.tasks[stage].name
@@ -320,19 +364,20 @@ def run_method(
     rows, timings, metric_rows = [], [], []
     finished = set(checkpoints.finished_stages()) if checkpoints else set()
     num_stages = method.num_stages(exp.num_tasks)
-    stages = tqdm(range(num_stages), desc=method.name, disable=not exp.config.progress)
+    show = exp.config.progress and is_primary()
+    stages = tqdm(range(num_stages), desc=method.name, disable=not show)
     for stage in stages:
         slot = method.slot(stage)
         if stage in finished:
-            abstract_adapter = abstract_like(jax.eval_shape(exp.fresh_adapter, stage), exp.mesh)
-            abstract_state = abstract_like(
+            # Restored straight into the rules' shardings (each host reads only its shards).
+            abstract_adapter = exp.rules.abstract(jax.eval_shape(exp.fresh_adapter, stage))
+            abstract_state = exp.rules.abstract(
                 jax.eval_shape(
                     lambda a: init_train_state(
                         initial_trainable(exp, method, a), exp.optimizer, jax.random.PRNGKey(0)
                     ),
                     abstract_adapter,
-                ),
-                exp.mesh,
+                )
             )
             adapter, _, metrics, _ = checkpoints.restore(
                 stage, abstract_adapter, abstract_state, fingerprint
