@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import jax
 import numpy as np
@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from mslora_jax.parallel.distributed import is_primary
 from mslora_jax.parallel.mesh import to_global_batch
+from mslora_jax.parallel.sharded_jit import ShardedStep
 from mslora_jax.train.step import TrainState
 
 
@@ -29,7 +30,7 @@ class LoopStats:
 
 
 def run_steps(
-    train_step: Callable,
+    train_step: ShardedStep,
     state: TrainState,
     context,
     batches: Iterable[dict],
@@ -47,7 +48,10 @@ def run_steps(
     for i, batch in enumerate(batches):
         if i == num_steps:
             break
-        state, metrics = train_step(state, context, to_global_batch(mesh, batch))
+        batch = to_global_batch(mesh, batch)
+        if i == 0:  # place state and context once, then call the compiled step directly
+            step, state, context = train_step.bind(state, context, batch)
+        state, metrics = step(state, context, batch)
         if i == 0:
             jax.block_until_ready(state)
             start = time.perf_counter()
