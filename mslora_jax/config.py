@@ -180,12 +180,17 @@ class LlavaSettings:
     # Recompute decoder blocks in the backward pass instead of keeping their activations: what
     # makes a 7B decoder's LoRA training fit (experiments/bench_memory.py); same results.
     remat: bool = False
+    # Decoder attention scores computed this many queries at a time (0: all at once). Same
+    # values; the float32 [B, heads, L, L] scores of long sequences no longer fill memory.
+    attention_chunk: int = 0
     # Frozen backbone and activations in "bfloat16" (half the memory; LoRA adapters, their
     # optimizer and the loss stay float32) or "float32".
     dtype: str = "float32"
 
     def __post_init__(self):
         ChatTemplate(self.template, self.system_prompt)  # raises for an unknown template
+        if self.attention_chunk < 0:
+            raise ConfigError(f"llava.attention_chunk must be >= 0, got {self.attention_chunk}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"llava.dtype={self.dtype!r} is unknown; expected one of {DTYPES}")
         if (self.image_mean is None) != (self.image_std is None):

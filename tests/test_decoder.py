@@ -407,8 +407,8 @@ def test_remat_keeps_parameters_values_and_lora_gradients(llava_params):
     images = jnp.asarray(np.random.default_rng(9).random((2, 8, 8, 3)), jnp.float32)
     ids, mask = _right_pad([[1, IMAGE_ID, 9, 10, 11], [1, IMAGE_ID, 12]], 5)
 
-    def loss_and_grad(remat):
-        model = Llava(LLAVA, remat=remat)
+    def loss_and_grad(remat, query_chunk=0):
+        model = Llava(LLAVA, remat=remat, query_chunk=query_chunk)
         assert jax.tree.structure(
             jax.eval_shape(lambda k: model.init(k, images, ids, mask)["params"], jax.random.key(0))
         ) == jax.tree.structure(llava_params)
@@ -425,4 +425,33 @@ def test_remat_keeps_parameters_values_and_lora_gradients(llava_params):
     (loss_plain, grad_plain), (loss_remat, grad_remat) = loss_and_grad(False), loss_and_grad(True)
     np.testing.assert_allclose(loss_remat, loss_plain, rtol=1e-6)
     chex.assert_trees_all_close(grad_remat, grad_plain, rtol=1e-5, atol=1e-7)
+    # Attention in query chunks (inside the rematerialized blocks) changes nothing either.
+    loss_chunked, grad_chunked = loss_and_grad(True, query_chunk=3)
+    np.testing.assert_allclose(loss_chunked, loss_plain, rtol=1e-6)
+    chex.assert_trees_all_close(grad_chunked, grad_plain, rtol=1e-5, atol=1e-7)
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_plain)) > 0
+
+
+def test_chunked_attention_equals_full_attention_values_and_gradients():
+    """``attend`` in query chunks (padded to a multiple) gives the same outputs and gradients."""
+    from mslora_jax.models.decoder import attend
+
+    rng = np.random.default_rng(0)
+    b, length, kv, groups, dh = 2, 11, 2, 2, 8
+    q = jnp.asarray(rng.standard_normal((b, length, kv, groups, dh)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, length, kv, dh)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, length, kv, dh)), jnp.float32)
+    causal = np.tril(np.ones((length, length), bool))
+    keep = rng.random((b, 1, length)) > 0.2
+    visible = jnp.asarray(causal[None] & keep | np.eye(length, dtype=bool))
+
+    def loss(q, k, v, chunk):
+        return jnp.sum(jnp.sin(attend(q, k, v, visible, chunk)))
+
+    full = attend(q, k, v, visible)
+    grads_full = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, 0)
+    for chunk in (4, 5, 11):
+        np.testing.assert_allclose(attend(q, k, v, visible, chunk), full, rtol=1e-6, atol=1e-6)
+        grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, chunk)
+        for g, g_full in zip(grads, grads_full):
+            np.testing.assert_allclose(g, g_full, rtol=1e-5, atol=1e-6)

@@ -96,3 +96,53 @@ def test_one_compilation_serves_every_stage_and_method():
             state, _ = train_stage(exp, method, stage, slots)
             slots[method.slot(stage)] = state.trainable["lora"]
     assert exp.train_step._cache_size() == 1
+
+
+def test_trained_adapter_outside_the_stack_equals_inserting_it():
+    """The loss (frozen stack + the trained adapter as its own product) equals the loss of the
+    stack with the adapter inserted into its slot, in value and gradients."""
+    import jax.numpy as jnp
+
+    from mslora_jax.lora.adapter import insert_params
+    from mslora_jax.losses.contrastive import clip_loss
+    from mslora_jax.losses.regularizers import (
+        contrastive_regularizer,
+        orthogonality_regularizer,
+    )
+    from mslora_jax.train.objectives import adapter_loss, clip_task_loss
+
+    exp = random_backbone_experiment(**{"train.learn_temperature": False})
+    method = get_method("seq")  # one slot, trained again: its old value sits in the stack
+    slots = {0: _random_earlier_adapter(exp, 1)}
+    context = stage_context(exp, method, 1, slots, [1])
+    context = context.replace(
+        alpha_cr=jnp.float32(0.1),
+        beta_ortho=jnp.float32(0.01),
+        ortho_mask=jnp.asarray([True, True, False]),
+        earlier_mask=jnp.asarray([False, True, False]),
+        forward_weights=jnp.asarray([2.0, 0.5, 0.0]),
+    )
+    context = context.replace(lora_stack=exp.stack({**slots, 1: _random_earlier_adapter(exp, 2)}))
+    trainable = {"lora": jax.tree.map(lambda x: x + 0.03, _random_earlier_adapter(exp, 3))}
+    images, labels = union_train_split(exp.tasks, exp.table, [1])
+    batch = next(train_batches(images, labels, batch_size=32, num_steps=1, seed=3))
+    task_loss = clip_task_loss(exp.model, clip_loss)
+
+    def inserted(trainable):  # the formulation before the split, written out
+        stack = insert_params(context.lora_stack, trainable["lora"], context.active_slot)
+        variables = {"params": context.base_params, "lora": stack}
+        task = task_loss(variables, trainable, context, batch, jax.random.PRNGKey(0))
+        cr = contrastive_regularizer(
+            trainable["lora"], context.lora_stack, context.earlier_mask, context.same_modality
+        )
+        ortho = orthogonality_regularizer(stack, context.ortho_mask)
+        return task + 0.1 * cr + 0.01 * ortho
+
+    split = lambda t: adapter_loss(exp.model, clip_loss)(t, context, batch, jax.random.PRNGKey(0))[
+        0
+    ]
+    assert int(context.active_slot) == 0
+    value, grads = jax.value_and_grad(split)(trainable)
+    ref_value, ref_grads = jax.value_and_grad(inserted)(trainable)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-5, atol=1e-7)

@@ -56,17 +56,34 @@ def _layers(stacked: Mapping):
     return [layer for child in stacked.values() for layer in _layers(child)]
 
 
-def orthogonality_regularizer(stacked: Mapping, task_mask: jax.Array) -> jax.Array:
-    """Mean over (A, B) pairs of the masked tasks and all layers of
-    ``||A A^T - I_r||_F^2 + ||B^T B - I_r||_F^2`` (A: ``[T, r, in]``, B: ``[T, out, r]``)."""
+def _orthogonality_per_task(stacked: Mapping) -> jax.Array:
+    """``[T]``: sum over layers of ``||A A^T - I_r||_F^2 + ||B^T B - I_r||_F^2`` per slot."""
     total = 0.0
-    layers = _layers(stacked)
-    for layer in layers:
+    for layer in _layers(stacked):
         a, b = layer[LORA_A], layer[LORA_B]
         eye = jnp.eye(a.shape[1], dtype=a.dtype)
         aat = jnp.einsum("tri,tsi->trs", a, a) - eye
         btb = jnp.einsum("tor,tos->trs", b, b) - eye
-        per_task = jnp.sum(jnp.square(aat), axis=(1, 2)) + jnp.sum(jnp.square(btb), axis=(1, 2))
-        total = total + jnp.sum(jnp.where(task_mask, per_task, 0.0))
-    count = len(layers) * jnp.maximum(jnp.sum(task_mask.astype(jnp.float32)), 1.0)
-    return total / count
+        total = total + jnp.sum(jnp.square(aat), axis=(1, 2)) + jnp.sum(jnp.square(btb), (1, 2))
+    return total
+
+
+def orthogonality_regularizer(stacked: Mapping, task_mask: jax.Array) -> jax.Array:
+    """Mean over (A, B) pairs of the masked tasks and all layers of
+    ``||A A^T - I_r||_F^2 + ||B^T B - I_r||_F^2`` (A: ``[T, r, in]``, B: ``[T, out, r]``)."""
+    per_task = _orthogonality_per_task(stacked)
+    count = len(_layers(stacked)) * jnp.maximum(jnp.sum(task_mask.astype(jnp.float32)), 1.0)
+    return jnp.sum(jnp.where(task_mask, per_task, 0.0)) / count
+
+
+def orthogonality_with_active(
+    frozen: Mapping, active: Mapping, task_mask: jax.Array, active_slot: jax.Array
+) -> jax.Array:
+    """``orthogonality_regularizer`` of ``frozen`` with slot ``active_slot`` replaced by the
+    unstacked ``active`` adapter, without building that stack (the trained adapter's gradient
+    never touches the other slots)."""
+    per_task = _orthogonality_per_task(frozen)
+    own = _orthogonality_per_task(jax.tree.map(lambda x: x[None], active))[0]
+    per_task = jnp.where(jnp.arange(per_task.shape[0]) == active_slot, own, per_task)
+    count = len(_layers(frozen)) * jnp.maximum(jnp.sum(task_mask.astype(jnp.float32)), 1.0)
+    return jnp.sum(jnp.where(task_mask, per_task, 0.0)) / count

@@ -165,10 +165,13 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE; LoRA-targetable projections q, k, v, o."""
+    """Grouped-query self-attention with RoPE; LoRA-targetable projections q, k, v, o.
+
+    ``query_chunk`` > 0 computes the scores that many queries at a time (see ``attend``)."""
 
     config: DecoderConfig
     lora_dropout: float = 0.0
+    query_chunk: int = 0
 
     @nn.compact
     def __call__(
@@ -213,12 +216,45 @@ class Attention(nn.Module):
             k, v = layer_cache["k"].astype(x.dtype), layer_cache["v"].astype(x.dtype)  # [B,S,K,Dh]
         # Query head h = kv * groups + g uses kv head h // groups (HF's repeat_kv order).
         q = q.reshape(b, length, kv_heads, groups, dh)
-        logits = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
-        logits = logits / jnp.sqrt(dh)
-        logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1).astype(x.dtype)  # [B, K, G, L, S]
-        out = jnp.einsum("bkgls,bskd->blkgd", weights, v).reshape(b, length, heads * dh)
+        out = attend(q, k, v, visible, self.query_chunk).reshape(b, length, heads * dh)
         return dense(cfg.width, "o")(out, task_weights, deterministic), layer_cache
+
+
+def _attend_all(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+    """Softmax attention of queries ``[B, L, K, G, Dh]`` over keys/values ``[B, S, K, Dh]``."""
+    logits = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
+    logits = logits / jnp.sqrt(q.shape[-1])
+    logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(q.dtype)  # [B, K, G, L, S]
+    return jnp.einsum("bkgls,bskd->blkgd", weights, v)
+
+
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, query_chunk: int = 0
+) -> jax.Array:
+    """``_attend_all``, optionally ``query_chunk`` queries at a time.
+
+    The float32 scores ``[B, K, G, L, S]`` are what limits long sequences (the paper config's
+    2623 tokens: 1.8 GB per layer for 2 sequences); in chunks, only ``[B, K, G, chunk, S]`` is
+    alive, and ``jax.checkpoint`` recomputes each chunk's scores in the backward pass instead of
+    keeping them. Every query row is computed exactly as without chunks. The queries are padded
+    to a multiple of the chunk (padded rows see nothing and are dropped).
+    """
+    length = q.shape[1]
+    if not query_chunk or length <= query_chunk:
+        return _attend_all(q, k, v, visible)
+    chunks = -(-length // query_chunk)
+    pad = chunks * query_chunk - length
+    q = jnp.pad(q, ((0, 0), (0, pad)) + ((0, 0),) * 3)
+    visible = jnp.pad(visible, ((0, 0), (0, pad), (0, 0)))
+
+    def split(x):  # [B, chunks * c, ...] -> [chunks, B, c, ...]
+        return x.reshape(x.shape[0], chunks, query_chunk, *x.shape[2:]).swapaxes(0, 1)
+
+    one = jax.checkpoint(lambda qv: _attend_all(qv[0], k, v, qv[1]))
+    out = jax.lax.map(one, (split(q), split(visible)))  # [chunks, B, c, K, G, Dh]
+    out = out.swapaxes(0, 1).reshape(q.shape[0], chunks * query_chunk, *q.shape[2:])
+    return out[:, :length]
 
 
 class SwiGluMlp(nn.Module):
@@ -246,6 +282,7 @@ class DecoderBlock(nn.Module):
 
     config: DecoderConfig
     lora_dropout: float = 0.0
+    query_chunk: int = 0
 
     @nn.compact
     def __call__(
@@ -260,7 +297,7 @@ class DecoderBlock(nn.Module):
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         cfg = self.config
         h = RMSNorm(cfg.rms_eps, name="attn_norm")(x)
-        h, layer_cache = Attention(cfg, self.lora_dropout, name="attn")(
+        h, layer_cache = Attention(cfg, self.lora_dropout, self.query_chunk, name="attn")(
             h, positions, visible, task_weights, layer_cache, cache_index, deterministic
         )
         x = x + h
@@ -279,13 +316,17 @@ class Decoder(nn.Module):
     config: DecoderConfig
     lora_dropout: float = 0.0
     remat: bool = False
+    query_chunk: int = 0  # attention scores this many queries at a time (0: all at once)
 
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.width, name="embed_tokens")
         # static_argnums counts self: argument 7 is the Python bool ``deterministic``.
         block = nn.remat(DecoderBlock, static_argnums=(7,)) if self.remat else DecoderBlock
-        self.blocks = [block(cfg, self.lora_dropout, name=f"block_{i}") for i in range(cfg.depth)]
+        self.blocks = [
+            block(cfg, self.lora_dropout, self.query_chunk, name=f"block_{i}")
+            for i in range(cfg.depth)
+        ]
         self.norm = RMSNorm(cfg.rms_eps, name="norm")
         self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head")
 

@@ -270,7 +270,7 @@ def _llava_generate(
 ) -> Generation:
     inputs = model.apply(variables, images, input_ids, attention_mask, method=Llava.prepare_inputs)
     return greedy_generate(
-        Decoder(model.config.decoder),
+        Decoder(model.config.decoder, query_chunk=model.query_chunk),
         decoder_variables(dict(variables)),
         inputs.embeds,
         inputs.attention_mask,

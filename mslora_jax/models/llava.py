@@ -192,12 +192,13 @@ class Llava(nn.Module):
     config: LlavaConfig
     lora_dropout: float = 0.0
     remat: bool = False
+    query_chunk: int = 0  # decoder attention this many queries at a time (``decoder.attend``)
 
     def setup(self):
         cfg = self.config
         self.vision_tower = VisionTower(cfg.vision, cfg.vision_layer)
         self.projector = Projector(cfg.decoder.width)
-        self.decoder = Decoder(cfg.decoder, self.lora_dropout, self.remat)
+        self.decoder = Decoder(cfg.decoder, self.lora_dropout, self.remat, self.query_chunk)
 
     def encode_images(self, images: jax.Array) -> jax.Array:
         """``[B, H, W, 3]`` images -> ``[B, P, D]`` projected patch tokens."""

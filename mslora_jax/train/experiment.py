@@ -31,13 +31,20 @@ log = logging.getLogger(__name__)
 ZERO_SHOT_DIR = "frozen_backbone"  # answers/ folder of the model without adapters
 
 # Keys that may change between a run and its resumption without invalidating checkpoints.
-RESUMABLE_KEYS = ("methods", "progress", "num_devices", "mesh")
+# Dotted keys are nested ("llava.attention_chunk": how attention is computed, not what).
+RESUMABLE_KEYS = ("methods", "progress", "num_devices", "mesh", "llava.attention_chunk")
 
 
 def fingerprint(config: ExperimentConfig) -> dict:
     """The part of the config that determines results (what a resume must match)."""
     cfg = to_json_dict(config)
-    return {k: v for k, v in cfg.items() if k not in RESUMABLE_KEYS}
+    for key in RESUMABLE_KEYS:
+        *parents, leaf = key.split(".")
+        node = cfg
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(leaf, None)
+    return cfg
 
 
 def claim_workdir(config: ExperimentConfig, workdir: Path) -> None:

@@ -141,7 +141,10 @@ class GenerativeExperiment(StreamExperiment):
             tokenizer, config.llava.decoder.vocab_size, config.llava.image_token_id
         )
         self.model = Llava(
-            config.llava.model_config(), lora_dropout=config.lora.dropout, remat=config.llava.remat
+            config.llava.model_config(),
+            lora_dropout=config.lora.dropout,
+            remat=config.llava.remat,
+            query_chunk=config.llava.attention_chunk,
         )
         self.tokenizer = tokenizer
         self.ids = special_ids(tokenizer, config.llava.image_token_id)
@@ -257,7 +260,11 @@ def pretrain_llava(
     """Full training of a fresh LLaVA (vision tower, projector, decoder) on base VQA tasks."""
     check_tokenizer_fits(tokenizer, config.llava.decoder.vocab_size, config.llava.image_token_id)
     cfg = config.pretrain
-    model = Llava(config.llava.model_config(), remat=config.llava.remat)
+    model = Llava(
+        config.llava.model_config(),
+        remat=config.llava.remat,
+        query_chunk=config.llava.attention_chunk,
+    )
     init_key, state_key = jax.random.split(rng)
     rules = ShardingRules(mesh, "llava")
     params = born_sharded(lambda key: init_llava(config.llava.model_config(), key), rules, init_key)

@@ -13,10 +13,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from mslora_jax.lora.adapter import insert_params
-from mslora_jax.losses.regularizers import contrastive_regularizer, orthogonality_regularizer
+from mslora_jax.losses.regularizers import contrastive_regularizer, orthogonality_with_active
 from mslora_jax.models.clip import DualEncoder
-from mslora_jax.models.lora_dense import LORA_COLLECTION
+from mslora_jax.models.lora_dense import LORA_A, LORA_ACTIVE, LORA_COLLECTION, LORA_WEIGHT
 from mslora_jax.train.optim import Schedule
 
 # clip_loss_fn(image_emb, text_emb, prompt_ids, logit_scale) -> scalar; local or sharded.
@@ -73,8 +72,17 @@ class AdapterContext:
     schedule: Schedule
 
 
+def with_layer_weight(adapter: dict, weight: jax.Array) -> dict:
+    """The ``lora_active`` collection: each adapted layer's ``{lora_a, lora_b}`` plus ``weight``
+    (its forward weight, task mask times alpha / rank)."""
+    if LORA_A in adapter:
+        return {**adapter, LORA_WEIGHT: weight}
+    return {k: with_layer_weight(v, weight) for k, v in adapter.items()}
+
+
 # task_loss(variables, trainable, context, batch, rng) -> scalar; ``variables`` holds the frozen
-# backbone ("params") and the adapter stack with the active adapter inserted ("lora").
+# backbone ("params"), the frozen adapter stack ("lora") and the trained adapter ("lora_active");
+# ``context.forward_weights`` there weighs the stack's slots (the trained slot's weight is 0).
 TaskLossFn = Callable[[dict, dict, "AdapterContext", dict, jax.Array], jax.Array]
 
 
@@ -88,13 +96,24 @@ def regularized_adapter_loss(task_loss: TaskLossFn):
 
     def loss_fn(trainable, context: AdapterContext, batch, rng):
         active = trainable["lora"]
-        stack = insert_params(context.lora_stack, active, context.active_slot)
-        variables = {"params": context.base_params, LORA_COLLECTION: stack}
-        task = task_loss(variables, trainable, context, batch, rng)
+        # The forward sums the frozen slots (no gradient, the active slot's weight set to 0)
+        # plus the trainable adapter as its own low-rank product: the same model as inserting
+        # it into its slot, but the backward pass never forms a [T, ...] stack gradient.
+        frozen = jax.lax.stop_gradient(context.lora_stack)
+        weight = context.forward_weights[context.active_slot]
+        variables = {
+            "params": context.base_params,
+            LORA_COLLECTION: frozen,
+            LORA_ACTIVE: with_layer_weight(active, weight),
+        }
+        forward = context.replace(
+            forward_weights=context.forward_weights.at[context.active_slot].set(0.0)
+        )
+        task = task_loss(variables, trainable, forward, batch, rng)
         cr = contrastive_regularizer(
             active, context.lora_stack, context.earlier_mask, context.same_modality
         )
-        ortho = orthogonality_regularizer(stack, context.ortho_mask)
+        ortho = orthogonality_with_active(frozen, active, context.ortho_mask, context.active_slot)
         w_cr = context.alpha_cr * jnp.exp(trainable.get("log_alpha_cr", 0.0))
         w_ortho = context.beta_ortho * jnp.exp(trainable.get("log_beta_ortho", 0.0))
         total = task + w_cr * cr + w_ortho * ortho
