@@ -27,6 +27,12 @@ MODEL_KINDS = ("dual_encoder", "llava")
 BACKBONE_SOURCES = ("pretrain", "random", "load")
 
 
+# lora.fold_frozen. "auto" stacks bf16 kernels: rounding W + delta to bf16 moves every entry by
+# up to half its bf16 spacing (2^-9 of |W|), the order of a small trained delta's entries, and the
+# merged copy of the adapted kernels would cost a second backbone's memory where it is tightest.
+FOLD_MODES = ("auto", "merge", "stack")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     rank: int = 8
@@ -34,12 +40,21 @@ class LoraConfig:
     # Regexes over module paths (re.search), e.g. "attn/(q|v)$" or "^image/"; see lora.targets.
     targets: tuple[str, ...] = (r"attn/(q|k|v|out)$", r"mlp/(fc1|fc2)$")
     dropout: float = 0.0
+    # How a stage's frozen adapters enter the training forward: "merge" (their weighted deltas
+    # folded into the frozen kernels once per stage: the step costs one adapter whatever the
+    # number of tasks), "stack" (the [T, ...] stack summed in every layer, exact in any dtype)
+    # or "auto": merge float32 kernels, stack lower-precision ones (see ``FOLD_MODES``).
+    fold_frozen: str = "auto"
 
     def __post_init__(self):
         if self.rank < 1:
             raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.fold_frozen not in FOLD_MODES:
+            raise ConfigError(
+                f"lora.fold_frozen={self.fold_frozen!r} is unknown; expected one of {FOLD_MODES}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -455,3 +455,71 @@ def test_chunked_attention_equals_full_attention_values_and_gradients():
         grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, chunk)
         for g, g_full in zip(grads, grads_full):
             np.testing.assert_allclose(g, g_full, rtol=1e-5, atol=1e-6)
+
+
+def _full_answer_loss(logits, input_ids, loss_mask):
+    """The cross-entropy over every position's logits, masked (what the answer loss avoids)."""
+    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    targets = jnp.clip(input_ids[:, 1:], 0, logits.shape[-1] - 1)
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    mask = loss_mask[:, 1:].astype(jnp.float32)
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_answer_only_loss_equals_the_full_loss(chunk):
+    """Logits at the answer positions only (sorted to the front, in chunks, empty chunks
+    skipped) give the masked full cross-entropy, in value and in gradients."""
+    from mslora_jax.losses.answer import answer_cross_entropy
+
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(3, 11, 8)), jnp.float32)
+    head_w = jnp.asarray(rng.normal(size=(8, 13)), jnp.float32)
+    ids = jnp.asarray(rng.integers(-1, 13, size=(3, 11)), jnp.int32)  # -1: a sentinel id
+    mask = np.zeros((3, 11), bool)
+    mask[0, 4:7], mask[1, 9:], mask[1, 2] = True, True, True  # row 2 has no answer
+    mask = jnp.asarray(mask)
+
+    def answer(hidden, w):
+        return answer_cross_entropy(lambda h: h @ w, hidden, ids, mask, chunk)
+
+    def full(hidden, w):
+        return _full_answer_loss(hidden @ w, ids, mask)
+
+    value, grads = jax.value_and_grad(answer, argnums=(0, 1))(hidden, head_w)
+    ref, ref_grads = jax.value_and_grad(full, argnums=(0, 1))(hidden, head_w)
+    np.testing.assert_allclose(value, ref, rtol=1e-6)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-5, atol=1e-7)
+    empty = answer_cross_entropy(lambda h: h @ head_w, hidden, ids, jnp.zeros_like(mask), chunk)
+    assert float(empty) == 0.0
+
+
+def test_llava_answer_loss_and_last_position_logits(llava_params):
+    """The training loss of LLaVA (answer positions only) equals the full-logit loss, and a
+    decoder asked for logits at some positions returns those of the full forward."""
+    from mslora_jax.train.generative import answer_loss
+
+    model = Llava(LLAVA)
+    rng = np.random.default_rng(3)
+    images = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+    ids = jnp.asarray([[1, IMAGE_ID, 7, 8, 9, 10, 0, 0], [IMAGE_ID, 3, 4, 11, 12, 13, 14, 2]])
+    attention = ids != 0
+    loss_mask = jnp.asarray([[0, 0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1, 1]], bool)
+    variables = {"params": llava_params}
+    batch = {"image": images, "input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask}
+    got = answer_loss(model, variables, batch, None, jax.random.PRNGKey(0), True)
+    inputs = model.apply(variables, images, ids, attention, loss_mask, method=Llava.prepare_inputs)
+    logits = model.apply(variables, inputs, method=Llava.forward_spliced)
+    want = _full_answer_loss(logits, inputs.input_ids, inputs.loss_mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    decoder = Decoder(DEC)
+    dec_vars = {"params": llava_params["decoder"]}
+    positions = positions_from_mask(inputs.attention_mask)
+    at = jnp.asarray([[5, 0], [10, 3]])
+    picked, _ = decoder.apply(
+        dec_vars, inputs.embeds, positions, inputs.attention_mask, logits_at=at
+    )
+    full_logits, _ = decoder.apply(dec_vars, inputs.embeds, positions, inputs.attention_mask)
+    np.testing.assert_allclose(
+        picked, jnp.take_along_axis(full_logits, at[..., None], axis=1), rtol=1e-5, atol=1e-6
+    )

@@ -9,10 +9,16 @@ import numpy as np
 
 from mslora_jax.data.pipeline import train_batches
 from mslora_jax.data.registry import union_train_split
-from mslora_jax.parallel.mesh import replicate, to_global_batch
+from mslora_jax.lora.adapter import LoraAdapter
+from mslora_jax.lora.merge import merge
 from mslora_jax.train.methods import get_method
-from mslora_jax.train.step import init_train_state
-from mslora_jax.train.stream import initial_trainable, run_method, stage_context, train_stage
+from mslora_jax.train.stream import (
+    evaluate_row,
+    initial_trainable,
+    run_method,
+    stage_context,
+    train_stage,
+)
 from tests.helpers import random_backbone_experiment
 
 
@@ -23,43 +29,87 @@ def _random_earlier_adapter(exp, seed):
 
 
 def test_only_the_active_adapter_changes_and_has_optimizer_state():
-    exp = random_backbone_experiment(**{"train.learn_temperature": False})
-    method = get_method("mslora_cr_ortho")
-    earlier = {0: _random_earlier_adapter(exp, 1)}
+    """What a stage returns and keeps: a new active adapter with optimizer state for it alone;
+    the backbone and every earlier adapter bit-identical (and still readable: the step donates
+    its state, which for ``seq`` starts from the saved slot); the forward's frozen term is the
+    earlier adapter's delta (checked against ``lora.merge``, written independently)."""
+    exp = random_backbone_experiment(
+        **{"train.learn_temperature": False, "train.steps_per_task": 3}
+    )
+    assert exp.fold_frozen  # float32 kernels: frozen adapters merged per stage
     before_base = jax.tree.map(np.array, exp.base_params)
-    before_earlier = jax.tree.map(np.array, earlier)
-    context = replicate(exp.mesh, stage_context(exp, method, 1, earlier, [1]))
-    state = replicate(
-        exp.mesh,
-        init_train_state(
-            initial_trainable(exp, method, exp.fresh_adapter(1)),
-            exp.optimizer,
-            jax.random.PRNGKey(0),
-        ),
-    )
-    start_active = jax.tree.map(np.array, state.trainable["lora"])
-    assert set(state.trainable) == {"lora"}
-    # Optimizer state mirrors the trainable tree only: no moments for frozen leaves.
-    adam_state = state.opt_state[0]
-    chex.assert_trees_all_equal_structs(adam_state.mu, state.trainable)
-    assert sum(x.size for x in jax.tree.leaves(adam_state.mu)) == sum(
-        x.size for x in jax.tree.leaves(state.trainable)
-    )
-    images, labels = union_train_split(exp.tasks, exp.table, [1])
-    batches = train_batches(images, labels, batch_size=32, num_steps=3, seed=0)
-    for batch in batches:
-        state, metrics = exp.train_step(state, context, to_global_batch(exp.mesh, batch))
-        # After every step: backbone and the earlier adapter (as the loss sees them) unchanged.
-        chex.assert_trees_all_equal(jax.tree.map(np.array, context.base_params), before_base)
-        chex.assert_trees_all_equal(
-            jax.tree.map(lambda x: np.array(x[0]), context.lora_stack), before_earlier[0]
+    for name in ("mslora_cr_ortho", "seq"):
+        method = get_method(name)
+        earlier = {0: _random_earlier_adapter(exp, 1)}
+        before_earlier = jax.tree.map(np.array, earlier)
+        start = exp.fresh_adapter(1) if method.per_task_adapters else earlier[0]
+        start = jax.tree.map(np.array, start)
+        state, info = train_stage(exp, method, 1, earlier)
+        assert set(state.trainable) == {"lora"}
+        # Optimizer state mirrors the trainable tree only: no moments for frozen leaves.
+        adam_state = state.opt_state[0]
+        chex.assert_trees_all_equal_structs(adam_state.mu, state.trainable)
+        assert np.isfinite(info["final"]["loss"])
+        chex.assert_trees_all_equal(jax.tree.map(np.array, earlier), before_earlier)
+        chex.assert_trees_all_equal(jax.tree.map(np.array, exp.base_params), before_base)
+        moved = jax.tree.map(
+            lambda a, b: np.abs(np.asarray(a) - b).max(), state.trainable["lora"], start
         )
-        assert np.isfinite(metrics["loss"]) and float(metrics["cr"]) > 0
-    chex.assert_trees_all_equal(jax.tree.map(np.array, exp.base_params), before_base)
-    moved = jax.tree.map(
-        lambda a, b: np.abs(np.asarray(a) - b).max(), state.trainable["lora"], start_active
+        assert max(jax.tree.leaves(moved)) > 0
+    # The frozen term of stage 1 of mslora: adapter 0 merged with its scaling, nothing else.
+    context = stage_context(exp, get_method("mslora"), 1, earlier, [1])
+    adapter = LoraAdapter(earlier[0], exp.config.lora.rank, exp.config.lora.alpha, "x", "x")
+    expected = merge(exp.base_params, [adapter])
+    chex.assert_trees_all_close(context.base_params, expected, rtol=1e-6, atol=1e-6)
+    assert not all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(context.base_params), jax.tree.leaves(before_base))
     )
-    assert max(jax.tree.leaves(moved)) > 0
+    # each: no frozen adapter enters the forward, so the backbone is passed as it is.
+    context = stage_context(exp, get_method("each"), 1, earlier, [1])
+    assert context.base_params is exp.base_params
+
+
+def test_folded_stage_equals_the_stacked_forward():
+    """Merging the frozen adapters into the kernels (``lora.fold_frozen=merge``) gives the loss
+    and gradients of summing the stack in every layer (``stack``)."""
+    from mslora_jax.losses.contrastive import clip_loss
+    from mslora_jax.train.objectives import adapter_loss
+
+    folded = random_backbone_experiment(**{"train.learn_temperature": False})
+    stacked = random_backbone_experiment(
+        **{"train.learn_temperature": False, "lora.fold_frozen": "stack"}
+    )
+    assert folded.fold_frozen and not stacked.fold_frozen
+    method = get_method("mslora_cr_ortho")
+    slots = {0: _random_earlier_adapter(folded, 1), 1: _random_earlier_adapter(folded, 2)}
+    trainable = {"lora": jax.tree.map(lambda x: x * 0.5, _random_earlier_adapter(folded, 3))}
+    images, labels = union_train_split(folded.tasks, folded.table, [2])
+    batch = next(train_batches(images, labels, batch_size=32, num_steps=1, seed=3))
+    values = []
+    for exp in (folded, stacked):
+        context = stage_context(exp, method, 2, slots, [2])
+        loss = adapter_loss(exp.model, clip_loss, folded=exp.fold_frozen)
+        fn = lambda t, context=context, loss=loss: loss(t, context, batch, jax.random.PRNGKey(0))
+        values.append(jax.value_and_grad(fn, has_aux=True)(trainable))
+    ((loss_f, metrics_f), grads_f), ((loss_s, metrics_s), grads_s) = values
+    np.testing.assert_allclose(loss_f, loss_s, rtol=1e-5)
+    np.testing.assert_allclose(metrics_f["cr"], metrics_s["cr"], rtol=1e-6)
+    chex.assert_trees_all_close(grads_f, grads_s, rtol=1e-4, atol=1e-6)
+    # Evaluation merges too: its accuracy equals the stacked forward's.
+    from mslora_jax.eval.evaluate import evaluate_accuracy
+
+    tokens, valid = folded.table.task_tokens(1, folded.max_classes)
+    data = folded.tasks[1]
+    args = (data.test_images, data.test_labels, tokens, valid, folded.eval_batch_size)
+    weights = folded.weights([0, 1])
+    merged_params = folded.inference_params(slots, [0, 1])
+    merged = evaluate_accuracy(folded.predict_fn, folded.mesh, merged_params, None, weights, *args)
+    stack = folded.stack(slots)
+    summed = evaluate_accuracy(
+        folded.predict_fn, folded.mesh, folded.base_params, stack, weights, *args
+    )
+    assert merged == summed
 
 
 def test_learned_weights_and_temperature_join_the_trainable_partition():
@@ -85,6 +135,27 @@ def test_two_stage_run_learns_the_new_task():
     after = summary["acc_matrix"][1][1]
     assert after > chance + 0.2 and after > before + 0.15, (before, after)
     assert set(slots) == {0, 1}
+
+
+def test_earlier_cells_of_per_task_methods_equal_their_diagonal():
+    """The invariant behind not recomputing ``a[i][j]`` (j < i) for per-task methods: evaluated
+    afresh with the final adapters, every earlier task's metrics equal those of its own stage."""
+    exp = random_backbone_experiment(**{"train.steps_per_task": 4, "train.learning_rate": 3e-3})
+    for name in ("each", "mslora_cr"):
+        method = get_method(name)
+        outcome = run_method(exp, method, None, {})
+        last = exp.num_tasks - 1
+        fresh = evaluate_row(exp, method, last, outcome.adapters)  # no previous row: all anew
+        assert fresh == outcome.task_metrics[last]
+        for task in range(last):
+            assert fresh[task] == outcome.task_metrics[task][task]
+    # Given a previous row, per-task methods take their earlier cells from it; seq, whose one
+    # adapter keeps training, recomputes them.
+    sentinel = [{"accuracy": -1.0}] * exp.num_tasks
+    reused = evaluate_row(exp, get_method("each"), 1, outcome.adapters, sentinel)
+    assert reused[0] == sentinel[0] and reused[1] != sentinel[1] and reused[2] is None
+    seq_row = evaluate_row(exp, get_method("seq"), 1, {0: outcome.adapters[0]}, sentinel)
+    assert seq_row[0] != sentinel[0] and seq_row[1] != sentinel[1]
 
 
 def test_one_compilation_serves_every_stage_and_method():

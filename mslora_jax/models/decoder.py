@@ -221,12 +221,16 @@ class Attention(nn.Module):
 
 
 def _attend_all(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
-    """Softmax attention of queries ``[B, L, K, G, Dh]`` over keys/values ``[B, S, K, Dh]``."""
-    logits = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
-    logits = logits / jnp.sqrt(q.shape[-1])
-    logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(q.dtype)  # [B, K, G, L, S]
-    return jnp.einsum("bkgls,bskd->blkgd", weights, v)
+    """Softmax attention of queries ``[B, L, K, G, Dh]`` over keys/values ``[B, S, K, Dh]``.
+
+    ``jax.nn.dot_product_attention`` (grouped-query: query head ``k * G + g`` reads kv head
+    ``k``, HF's ``repeat_kv`` order), with float32 scores and softmax; the backend picks the
+    kernel (XLA's today; the call is where fused kernels plug in)."""
+    b, length, kv_heads, groups, dh = q.shape
+    out = jax.nn.dot_product_attention(
+        q.reshape(b, length, kv_heads * groups, dh), k, v, mask=visible[:, None]
+    )
+    return out.reshape(b, length, kv_heads, groups, dh)
 
 
 def attend(
@@ -342,6 +346,7 @@ class Decoder(nn.Module):
         task_weights: jax.Array | None = None,
         cache: KVCache | None = None,
         deterministic: bool = True,
+        logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Logits ``[B, L, V]`` for ``input_embeds`` ``[B, L, D]``, and the updated cache.
 
@@ -349,7 +354,33 @@ class Decoder(nn.Module):
         written at slots ``cache.index + [0, L)`` (prefill: a whole prompt; decode: L = 1) and
         attend to every earlier real slot; the returned cache has ``index + L``. The caller keeps
         ``index + L <= cache.size`` (``dynamic_update_slice`` would clamp, not fail).
+        ``logits_at`` ``[B, K]``: logits only at these positions (``[B, K, V]``), e.g. a
+        prefill's last token: ``lm_head`` then never runs over the whole prompt.
         """
+        x, cache = self.hidden_states(
+            input_embeds, positions, attention_mask, task_weights, cache, deterministic
+        )
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[..., None].astype(jnp.int32), axis=1)
+        return self.logits(x), cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """``lm_head(norm(hidden))``: ``[..., D]`` final hidden states -> ``[..., V]`` logits."""
+        logits = self.lm_head(self.norm(hidden))
+        return nn.with_logical_constraint(
+            logits, ("batch",) + (None,) * (logits.ndim - 2) + ("act_vocab",)
+        )
+
+    def hidden_states(
+        self,
+        input_embeds: jax.Array,
+        positions: jax.Array,
+        attention_mask: jax.Array,
+        task_weights: jax.Array | None = None,
+        cache: KVCache | None = None,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """The last block's output ``[B, L, D]`` (before the final norm) and the new cache."""
         attention_mask = attention_mask.astype(bool)
         length = input_embeds.shape[1]
         if cache is None:
@@ -372,11 +403,9 @@ class Decoder(nn.Module):
             )
             x = nn.with_logical_constraint(x, RESIDUAL_AXES)
             new_layers.append(layer_cache)
-        logits = self.lm_head(self.norm(x))
-        logits = nn.with_logical_constraint(logits, ("batch", None, "act_vocab"))
         if cache is None:
-            return logits, None
-        return logits, KVCache(tuple(new_layers), key_mask, cache.index + length)
+            return x, None
+        return x, KVCache(tuple(new_layers), key_mask, cache.index + length)
 
     def logits_from_ids(
         self,

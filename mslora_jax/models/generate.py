@@ -89,12 +89,18 @@ def greedy_generate(
     # Prefill: the prompt fills slots [0, L); the last generated token is never written back.
     cache = init_cache(decoder.config, batch, prompt_len + steps - 1, prompt_embeds.dtype)
     positions = positions_from_mask(attention_mask)
-    logits, cache = decoder.apply(
-        variables, prompt_embeds, positions, attention_mask, task_weights, cache
-    )
     last = _last_real(attention_mask)
-    first = jnp.take_along_axis(logits, jnp.maximum(last - 1, 0)[:, None, None], axis=1)[:, 0]
-    first = first.astype(jnp.float32)  # [B, V]
+    # Logits at each row's last real token only: lm_head never runs over the whole prompt.
+    logits, cache = decoder.apply(
+        variables,
+        prompt_embeds,
+        positions,
+        attention_mask,
+        task_weights,
+        cache,
+        logits_at=jnp.maximum(last - 1, 0)[:, None],
+    )
+    first = logits[:, 0].astype(jnp.float32)  # [B, V]
     cache = cache.replace(index=last)  # right padding: continue after the last real token
 
     token = jnp.argmax(first, axis=-1).astype(jnp.int32)

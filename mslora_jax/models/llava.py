@@ -243,6 +243,24 @@ class Llava(nn.Module):
         )
         return logits
 
+    def hidden_spliced(
+        self,
+        inputs: SplicedInputs,
+        task_weights: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """The decoder's last hidden states ``[B, L+P-1, D]`` (before its final norm); ``head``
+        turns any gathered subset of them into logits."""
+        positions = positions_from_mask(inputs.attention_mask)
+        hidden, _ = self.decoder.hidden_states(
+            inputs.embeds, positions, inputs.attention_mask, task_weights, None, deterministic
+        )
+        return hidden
+
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """``[..., D]`` hidden states -> ``[..., V]`` logits (final norm, ``lm_head``)."""
+        return self.decoder.logits(hidden)
+
     def __call__(
         self,
         images: jax.Array,

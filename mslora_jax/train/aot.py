@@ -23,7 +23,6 @@ from mslora_jax.config import ExperimentConfig
 from mslora_jax.lora.targets import select_targets
 from mslora_jax.models.generate import llava_generate
 from mslora_jax.models.llava import init_llava
-from mslora_jax.models.lora_dense import LORA_COLLECTION
 from mslora_jax.parallel.aot import per_device_bytes
 from mslora_jax.parallel.mesh import batch_sharding, replicated
 from mslora_jax.parallel.sharded_jit import sharding_context
@@ -160,8 +159,8 @@ def lower_train_step(exp: GenerativeExperiment, method_name: str = "mslora_cr_or
 def lower_generation(exp: GenerativeExperiment, prompt_len: int | None = None) -> Program:
     """``llava_generate`` of one evaluation batch (``exp.eval_batch_size`` prompts of
     ``prompt_len`` text tokens, default ``llava.max_len``; ``llava.max_new_tokens`` new
-    tokens), lowered with the evaluation's shardings: backbone and stack by the rules, prompts
-    and KV cache over the batch axes."""
+    tokens), lowered with the evaluation's shardings: the adapter-merged backbone by the rules,
+    prompts and KV cache over the batch axes."""
     config = exp.config
     rows = exp.eval_batch_size
     prompt_len = config.llava.max_len if prompt_len is None else prompt_len
@@ -171,11 +170,9 @@ def lower_generation(exp: GenerativeExperiment, prompt_len: int | None = None) -
     images = spec((rows, size, size, 3), jnp.uint8)
     ids = spec((rows, prompt_len), jnp.int32)
     mask = spec((rows, prompt_len), jnp.bool_)
-    adapter = jax.eval_shape(exp.fresh_adapter, 0)
-    stack = exp.rules.abstract(
-        jax.eval_shape(exp.stack, dict.fromkeys(range(exp.num_tasks), adapter))
-    )
-    variables = {"params": exp.base_params, LORA_COLLECTION: stack}
+    # Evaluation merges the adapters into the kernels (``exp.inference_params``): the
+    # backbone's shapes and shardings, no adapter stack.
+    variables = {"params": exp.base_params}
     weights = jax.ShapeDtypeStruct((exp.num_tasks,), jnp.float32, sharding=replicated(exp.mesh))
     args = (variables, images, ids, mask, weights)
 

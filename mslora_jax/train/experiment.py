@@ -7,6 +7,7 @@ while checkpoints are written by all processes together (orbax).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import jax
 
-from mslora_jax.config import ExperimentConfig, to_json_dict
+from mslora_jax.config import BackboneConfig, ExperimentConfig, to_json_dict
 from mslora_jax.data.registry import load_tasks
 from mslora_jax.io_utils import atomic_write_json, atomic_write_text, read_json
 from mslora_jax.parallel.distributed import is_primary
@@ -23,7 +24,7 @@ from mslora_jax.report.results import validate_results, write_results
 from mslora_jax.report.task_metrics import validate_task_metrics, write_task_metrics
 from mslora_jax.train.checkpoints import StageCheckpoints, check_same_config
 from mslora_jax.train.methods import get_method
-from mslora_jax.train.pretrain import obtain_backbone
+from mslora_jax.train.pretrain import init_backbone_sharded, obtain_backbone
 from mslora_jax.train.stream import build_experiment, run_method
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,14 @@ ZERO_SHOT_DIR = "frozen_backbone"  # answers/ folder of the model without adapte
 
 # Keys that may change between a run and its resumption without invalidating checkpoints.
 # Dotted keys are nested ("llava.attention_chunk": how attention is computed, not what).
-RESUMABLE_KEYS = ("methods", "progress", "num_devices", "mesh", "llava.attention_chunk")
+RESUMABLE_KEYS = (
+    "methods",
+    "progress",
+    "num_devices",
+    "mesh",
+    "llava.attention_chunk",
+    "lora.fold_frozen",
+)
 
 
 def fingerprint(config: ExperimentConfig) -> dict:
@@ -145,3 +153,19 @@ def write_answers(exp, directory: Path, runs: dict) -> None:
             if is_primary():
                 lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
                 atomic_write_text(directory / name / f"{exp.tasks[task].name}.jsonl", lines)
+
+
+def random_backbone_experiment(config: ExperimentConfig, workdir: str | os.PathLike):
+    """The run's experiment over a seeded random backbone, with no pretraining and no base
+    tasks: for benchmarks, whose figures do not depend on the weights' values. A generative
+    config writes its synthetic task folders and tokenizer under ``workdir``."""
+    config = dataclasses.replace(
+        config, backbone=BackboneConfig(source="random"), base_tasks=(), progress=False
+    )
+    mesh = make_mesh(config.num_devices, config.mesh.shape)
+    if config.model_kind == "llava":
+        from mslora_jax.train.generative_run import prepare_generative
+
+        return prepare_generative(config, Path(workdir), mesh)[0]
+    params = init_backbone_sharded(config.model, mesh, jax.random.PRNGKey(0))
+    return build_experiment(config, load_tasks(config, config.stream), mesh, params)

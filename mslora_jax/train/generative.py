@@ -29,9 +29,9 @@ from mslora_jax.data.conversation import (
 from mslora_jax.data.vqa import VqaExample, VqaTestItem, load_image, read_test_file, read_train_file
 from mslora_jax.data.vqa_pipeline import vqa_train_batches
 from mslora_jax.eval.answer_metrics import score_answers
+from mslora_jax.losses.answer import answer_cross_entropy
 from mslora_jax.models.generate import llava_generate
 from mslora_jax.models.llava import Llava, init_llava
-from mslora_jax.models.lora_dense import LORA_COLLECTION
 from mslora_jax.parallel.mesh import process_row_range, process_rows, to_global_batch
 from mslora_jax.parallel.rules import ShardingRules
 from mslora_jax.parallel.sharded_jit import born_sharded, sharding_context
@@ -94,7 +94,8 @@ def load_vqa_task(config: ExperimentConfig, task: TaskConfig) -> VqaTask:
 def answer_loss(model: Llava, variables, batch: dict, task_weights, rng, deterministic: bool):
     """Mean cross-entropy of the answer tokens (``loss_mask``), predicted from their prefix.
 
-    ``batch["image"]`` holds normalized float images (see ``pixels``).
+    ``batch["image"]`` holds normalized float images (see ``pixels``). Logits are computed at
+    the answer positions only (``losses.answer.answer_cross_entropy``).
     """
     inputs = model.apply(
         variables,
@@ -104,20 +105,16 @@ def answer_loss(model: Llava, variables, batch: dict, task_weights, rng, determi
         batch["loss_mask"],
         method=Llava.prepare_inputs,
     )
-    logits = model.apply(
+    hidden = model.apply(
         variables,
         inputs,
         task_weights,
         deterministic,
-        method=Llava.forward_spliced,
+        method=Llava.hidden_spliced,
         rngs={"dropout": rng},
     )
-    targets = inputs.input_ids[:, 1:]
-    mask = inputs.loss_mask[:, 1:].astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    safe_targets = jnp.clip(targets, 0, logits.shape[-1] - 1)  # image slots hold a sentinel id
-    nll = -jnp.take_along_axis(log_probs, safe_targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    head = lambda h: model.apply(variables, h, method=Llava.head)
+    return answer_cross_entropy(head, hidden, inputs.input_ids, inputs.loss_mask)
 
 
 class GenerativeExperiment(StreamExperiment):
@@ -223,8 +220,9 @@ class GenerativeExperiment(StreamExperiment):
         Keys: ``question_id``, ``image``, ``question``, ``answer``, ``gt``, ``answer_type``,
         ``candidates`` (what LLaVA-Med's answer files hold, plus the reference).
         """
-        # Both already sharded by the rules (backbone FSDP/tensor, adapters like their base).
-        variables = {"params": self.base_params, LORA_COLLECTION: self.stack(slots)}
+        # The adapters merged into the (sharded) kernels: generation costs what the backbone's
+        # does, whatever the number of adapters.
+        variables = {"params": self.inference_params(slots, active)}
         items = self.tasks[task].test_items
         answers = self.answers(variables, self.weights(active), items)
         return [

@@ -59,8 +59,10 @@ def pretrain_loss(model: DualEncoder, clip_loss_fn: ClipLossFn):
 class AdapterContext:
     """What the adapter loss reads but does not train. Masks are ``[T]`` over adapter slots."""
 
+    # The frozen backbone as the forward sees it: with the stage's frozen adapters' weighted
+    # deltas merged into their kernels when the loss folds them (``folded=True``).
     base_params: dict
-    lora_stack: dict  # every slot's adapter params, stacked; the active slot is overwritten
+    lora_stack: dict  # every slot's adapter params, stacked; the regularizers read it
     active_slot: jax.Array  # int32 scalar
     forward_weights: jax.Array  # [T] task mask * (alpha / rank): which adapters the forward sums
     earlier_mask: jax.Array  # [T] bool: slots the CR loss compares against
@@ -86,26 +88,32 @@ def with_layer_weight(adapter: dict, weight: jax.Array) -> dict:
 TaskLossFn = Callable[[dict, dict, "AdapterContext", dict, jax.Array], jax.Array]
 
 
-def regularized_adapter_loss(task_loss: TaskLossFn):
+def regularized_adapter_loss(task_loss: TaskLossFn, folded: bool = False):
     """Loss of the active task's adapter: ``task + w_cr * CR + w_ortho * ortho``.
 
     ``trainable`` is ``{"lora": params}`` plus, when learned, ``logit_scale``, ``log_alpha_cr``
     and ``log_beta_ortho``. Any model plugs in through ``task_loss``; the regularizers only see
     adapter trees.
+
+    ``folded``: ``context.base_params`` already holds the frozen slots' weighted deltas (see
+    ``StreamExperiment.frozen_params``), so the forward is the backbone plus one low-rank
+    product per layer, whatever the number of tasks; otherwise it sums the ``[T, ...]`` stack.
     """
 
     def loss_fn(trainable, context: AdapterContext, batch, rng):
         active = trainable["lora"]
-        # The forward sums the frozen slots (no gradient, the active slot's weight set to 0)
-        # plus the trainable adapter as its own low-rank product: the same model as inserting
-        # it into its slot, but the backward pass never forms a [T, ...] stack gradient.
+        # The forward sums the frozen slots (no gradient, the active slot's weight set to 0),
+        # merged or stacked, plus the trainable adapter as its own low-rank product: the same
+        # model as inserting it into its slot, but the backward pass never forms a [T, ...]
+        # stack gradient.
         frozen = jax.lax.stop_gradient(context.lora_stack)
         weight = context.forward_weights[context.active_slot]
         variables = {
             "params": context.base_params,
-            LORA_COLLECTION: frozen,
             LORA_ACTIVE: with_layer_weight(active, weight),
         }
+        if not folded:
+            variables[LORA_COLLECTION] = frozen
         forward = context.replace(
             forward_weights=context.forward_weights.at[context.active_slot].set(0.0)
         )
@@ -140,6 +148,6 @@ def clip_task_loss(model: DualEncoder, clip_loss_fn: ClipLossFn) -> TaskLossFn:
     return task_loss
 
 
-def adapter_loss(model: DualEncoder, clip_loss_fn: ClipLossFn):
+def adapter_loss(model: DualEncoder, clip_loss_fn: ClipLossFn, folded: bool = False):
     """The dual encoder's adapter objective (CLIP task loss + MSLoRA-CR regularizers)."""
-    return regularized_adapter_loss(clip_task_loss(model, clip_loss_fn))
+    return regularized_adapter_loss(clip_task_loss(model, clip_loss_fn), folded)

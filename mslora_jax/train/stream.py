@@ -22,7 +22,8 @@ from mslora_jax.data.registry import ClassTable, class_table, union_train_split
 from mslora_jax.data.task import TaskData
 from mslora_jax.eval.evaluate import evaluate_accuracy, make_predict_fn
 from mslora_jax.lora.adapter import init_adapter_params, stack_params
-from mslora_jax.lora.targets import select_targets
+from mslora_jax.lora.merge import merge_stack, with_kernels
+from mslora_jax.lora.targets import get_by_path, select_targets
 from mslora_jax.losses.contrastive import sharded_clip_loss
 from mslora_jax.models.clip import DualEncoder
 from mslora_jax.parallel.distributed import is_primary
@@ -71,7 +72,8 @@ class StreamExperiment:
         # A no-op for a backbone born or restored sharded; replicated inputs get resharded.
         self.base_params, self.targets = self.rules.place(base_params), targets
         self.optimizer = make_optimizer(config.train.weight_decay, config.train.grad_clip_norm)
-        loss_fn = regularized_adapter_loss(self.task_loss())
+        self.fold_frozen = resolve_fold(config.lora.fold_frozen, self.base_params, targets)
+        loss_fn = regularized_adapter_loss(self.task_loss(), folded=self.fold_frozen)
         step = make_train_step(loss_fn, self.optimizer, accum)
         self.train_step = ShardedStep(step, self.rules)
         self._sharded_builders()
@@ -170,7 +172,25 @@ class StreamExperiment:
             return stack_params([zero if a is None else a for a in slots])
 
         self._build_stack = ShardedOutputs(build, self.rules)
+        self._merge_stack = ShardedOutputs(merge_stack, self.rules)
         self._init_states: dict[str, ShardedOutputs] = {}
+
+    def frozen_params(self, slots: dict[int, dict], weights: jax.Array) -> dict:
+        """The backbone with the weighted deltas of ``slots``' adapters merged into its kernels.
+
+        Only the adapted kernels are new arrays (born sharded like the kernels they replace);
+        every other leaf is the backbone's own.
+        """
+        if not slots:  # (callers pass only the slots whose weight is not zero)
+            return self.base_params
+        kernels = self._merge_stack(self.base_params, self.stack(slots), weights)
+        return with_kernels(self.base_params, kernels)
+
+    def inference_params(self, slots: dict[int, dict], active: list[int]) -> dict:
+        """Parameters for evaluation and generation with the adapters ``active`` (of ``slots``)
+        merged: the adapted model then costs what the backbone costs."""
+        merged = {i: a for i, a in slots.items() if i in active}
+        return self.frozen_params(merged, self.weights(active))
 
     def weights(self, slots: list[int]) -> jax.Array:
         """Forward weights: task mask times alpha / rank."""
@@ -243,8 +263,8 @@ class Experiment(StreamExperiment):
         accuracy = evaluate_accuracy(
             self.predict_fn,
             self.mesh,
-            self.base_params,
-            self.stack(slots),
+            self.inference_params(slots, active),
+            None,
             self.weights(active),
             data.test_images,
             data.test_labels,
@@ -253,6 +273,14 @@ class Experiment(StreamExperiment):
             self.eval_batch_size,
         )
         return {"accuracy": accuracy}
+
+
+def resolve_fold(mode: str, base_params: dict, targets: list[str]) -> bool:
+    """Whether frozen adapters are merged into the kernels (``lora.fold_frozen``); ``auto``
+    merges when every adapted kernel is float32 (see ``config.FOLD_MODES``)."""
+    if mode != "auto":
+        return mode == "merge"
+    return all(get_by_path(base_params, p)["kernel"].dtype == jnp.float32 for p in targets)
 
 
 def initial_trainable(exp: StreamExperiment, method: Method, adapter: dict) -> dict:
@@ -278,11 +306,18 @@ def stage_context(
         return (1.0 if reg.learn_weights else value) if enabled else 0.0
 
     steps = exp.num_steps(task_indices)
+    active_slot = method.slot(stage)
+    forward_weights = exp.weights(method.train_slots(stage))
+    base_params = exp.base_params
+    if exp.fold_frozen:  # the frozen slots' deltas merged once for the whole stage
+        summed = set(method.train_slots(stage)) - {active_slot}
+        frozen = {i: a for i, a in slots.items() if i in summed}
+        base_params = exp.frozen_params(frozen, forward_weights.at[active_slot].set(0.0))
     return AdapterContext(
-        base_params=exp.base_params,
+        base_params=base_params,
         lora_stack=exp.stack(slots),
-        active_slot=jnp.int32(method.slot(stage)),
-        forward_weights=exp.weights(method.train_slots(stage)),
+        active_slot=jnp.int32(active_slot),
+        forward_weights=forward_weights,
         earlier_mask=exp.mask(method.cr_slots(stage)),
         same_modality=jnp.asarray(same),
         ortho_mask=exp.mask(method.ortho_slots(stage)),
@@ -325,15 +360,26 @@ def train_stage(
 
 
 def evaluate_row(
-    exp: StreamExperiment, method: Method, stage: int, slots: dict
+    exp: StreamExperiment,
+    method: Method,
+    stage: int,
+    slots: dict,
+    previous: list[TaskMetrics | None] | None = None,
 ) -> list[TaskMetrics | None]:
-    """Every metric of every task seen after ``stage`` (all tasks for ``joint``)."""
+    """Every metric of every task seen after ``stage`` (all tasks for ``joint``).
+
+    With per-task adapters, a task seen before ``stage`` keeps its metrics from ``previous``
+    (the row of stage - 1): the adapters it is evaluated with (slots <= task) never change after
+    its own stage, so ``a[stage][task] == a[task][task]`` and recomputing it is wasted work.
+    """
     row: list[TaskMetrics | None] = []
     for task in range(exp.num_tasks):
-        if method.joint or task <= stage:
-            row.append(exp.task_metrics(slots, method.eval_slots(task), task))
-        else:
+        if not (method.joint or task <= stage):
             row.append(None)
+        elif previous is not None and method.per_task_adapters and task < stage:
+            row.append(previous[task])
+        else:
+            row.append(exp.task_metrics(slots, method.eval_slots(task), task))
     return row
 
 
@@ -395,7 +441,8 @@ def run_method(
             continue
         state, info = train_stage(exp, method, stage, slots)
         slots[slot] = state.trainable["lora"]
-        metric_row = evaluate_row(exp, method, stage, slots)
+        previous = metric_rows[-1] if metric_rows else None
+        metric_row = evaluate_row(exp, method, stage, slots, previous)
         row = primary_row(exp, metric_row)
         rows.append(row)
         metric_rows.append(metric_row)
