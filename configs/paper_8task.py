@@ -122,7 +122,8 @@ def get_config(data_root: str = "data/paper_8task") -> ml_collections.ConfigDict
     )
     c.backbone = dict(source="load", path=f"{data_root}/llava_med_v15_backbone")
     # Every device on fsdp: each holds 1/N of the frozen 7B backbone and of each batch (the
-    # README's "Proof of fit" sizes this on TPU v5e-8 and v4-8).
+    # README's "Proof of fit" sizes this on TPU v5e-8 and v4-8). On a v5e-8 (16 GiB a chip) a
+    # batch of 24 needs micro-batches: --config.train.micro_batch_size=8.
     c.num_devices = 0
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.progress = True

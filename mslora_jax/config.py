@@ -81,15 +81,41 @@ class TrainConfig:
     # update: same batch size, a fraction of the activation memory (LLaVA/HF semantics: each
     # micro-batch's loss is its own mean; the dual encoder's negatives are its micro-batch).
     grad_accum_steps: int = 1
+    # Instead of a count: micro-batches of this many rows (0: off), so the number of
+    # micro-batches follows each task's batch size (24 -> 3 and 16 -> 2 for 8 rows) and the
+    # activation memory is that of ``micro_batch_size`` rows whatever the task.
+    micro_batch_size: int = 0
 
     def __post_init__(self):
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ConfigError("train.batch_size and train.eval_batch_size must be >= 1")
-        if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
+        if self.micro_batch_size < 0:
+            raise ConfigError(f"train.micro_batch_size must be >= 0, got {self.micro_batch_size}")
+        if self.micro_batch_size and self.grad_accum_steps != 1:
             raise ConfigError(
-                f"train.grad_accum_steps={self.grad_accum_steps} must be >= 1 and divide "
-                f"train.batch_size={self.batch_size}"
+                "set train.micro_batch_size or train.grad_accum_steps, not both "
+                f"(got {self.micro_batch_size} and {self.grad_accum_steps})"
             )
+        if self.grad_accum_steps < 1:
+            raise ConfigError(f"train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        self.accum_steps(self.batch_size, "train.batch_size")
+
+    def accum_steps(self, batch_size: int, what: str = "batch_size") -> int:
+        """Micro-batches per step for a batch of ``batch_size`` rows; ConfigError unless they
+        divide it evenly."""
+        if self.micro_batch_size:
+            if batch_size % self.micro_batch_size:
+                raise ConfigError(
+                    f"{what}={batch_size} is not divisible by "
+                    f"train.micro_batch_size={self.micro_batch_size}"
+                )
+            return batch_size // self.micro_batch_size
+        if batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"{what}={batch_size} is not divisible by "
+                f"train.grad_accum_steps={self.grad_accum_steps}"
+            )
+        return self.grad_accum_steps
         if self.steps_per_task < 0 or self.epochs <= 0:
             raise ConfigError("train.steps_per_task must be >= 0 and train.epochs > 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -295,13 +321,9 @@ class ExperimentConfig:
                     f"task {task.name!r}: unknown modality {task.modality!r}; "
                     f"config.modalities = {self.modalities}"
                 )
-        accum = self.train.grad_accum_steps
         for task in self.stream:
-            if task.batch_size and task.batch_size % accum:
-                raise ConfigError(
-                    f"task {task.name!r}: batch_size={task.batch_size} is not divisible by "
-                    f"train.grad_accum_steps={accum}"
-                )
+            if task.batch_size:
+                self.train.accum_steps(task.batch_size, f"task {task.name!r}: batch_size")
         if self.backbone.source == "pretrain" and not self.base_tasks:
             raise ConfigError('backbone.source="pretrain" needs config.base_tasks')
         if self.model_kind == "llava":

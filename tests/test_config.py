@@ -110,7 +110,7 @@ def test_per_task_batch_size_sets_steps_batches_and_mesh_check():
     assert next(exp.train_batches([1], 1, seed=0))["image"].shape[0] == 16
     assert next(exp.train_batches([0], 1, seed=0))["image"].shape[0] == 32
     stream[1]["batch_size"] = 12  # 12 rows over the 8 batch shards of 8 devices
-    with pytest.raises(ConfigError, match=r"task 'rad_a': batch_size / grad_accum_steps=12"):
+    with pytest.raises(ConfigError, match=r"task 'rad_a': batch_size=12: rows per micro-batch"):
         random_backbone_experiment(num_devices=8, **overrides, stream=stream)
 
 

@@ -59,5 +59,38 @@ def test_accumulated_step_equals_full_batch_step_also_sharded():
 
 def test_grad_accum_steps_must_divide_the_batch():
     stream = [dict(name="t", modality="m")]
-    with pytest.raises(ConfigError, match="grad_accum_steps=3 must be >= 1 and divide"):
+    with pytest.raises(
+        ConfigError, match=r"train.batch_size=16 is not divisible by train.grad_accum_steps=3"
+    ):
         experiment_config(dict(stream=stream, train=dict(batch_size=16, grad_accum_steps=3)))
+
+
+def test_micro_batch_size_follows_each_batch():
+    """``micro_batch_size`` splits batches of any size into micro-batches of that many rows:
+    the step equals the full-batch step for batches of 16 and 8 rows (4 and 2 micro-batches)."""
+    optimizer = make_optimizer(weight_decay=0.0, grad_clip_norm=1.0)
+    trainable = {"w": jnp.ones((3, 2)) * 0.3, "b": jnp.zeros(2)}
+    context = _Context(Schedule.create(0.1, total_steps=10, warmup_ratio=0.0))
+    state = init_train_state(trainable, optimizer, jax.random.PRNGKey(0))
+    full = jax.jit(make_train_step(_mean_squared_error, optimizer))
+    micro = jax.jit(make_train_step(_mean_squared_error, optimizer, micro_batch_size=4))
+    for rows in (16, 8):
+        batch = _batch(rows, seed=rows)
+        want_state, _ = full(state, context, batch)
+        got_state, _ = micro(state, context, batch)
+        chex.assert_trees_all_close(got_state.trainable, want_state.trainable, rtol=1e-5)
+    stream = [dict(name="t", modality="m", batch_size=12), dict(name="u", modality="m")]
+    random = dict(source="random")
+    cfg = experiment_config(
+        dict(stream=stream, backbone=random, train=dict(batch_size=16, micro_batch_size=4))
+    )
+    assert [cfg.train.accum_steps(b) for b in (12, 16)] == [3, 4]
+    stream[0]["batch_size"] = 10
+    with pytest.raises(ConfigError, match=r"task 't': batch_size=10 is not divisible by train"):
+        experiment_config(
+            dict(stream=stream, backbone=random, train=dict(batch_size=16, micro_batch_size=4))
+        )
+    with pytest.raises(ConfigError, match="not both"):
+        experiment_config(
+            dict(stream=stream[1:], train=dict(micro_batch_size=4, grad_accum_steps=2))
+        )

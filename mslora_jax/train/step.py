@@ -71,22 +71,30 @@ def accumulated_grads(loss_fn: LossFn, trainable, context, batch: dict, rng, cou
 
 
 def make_train_step(
-    loss_fn: LossFn, optimizer: optax.GradientTransformation, grad_accum_steps: int = 1
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    grad_accum_steps: int = 1,
+    micro_batch_size: int = 0,
 ):
     """The (un-jitted) train step; ``context.schedule(step)`` gives the learning rate.
 
     ``grad_accum_steps > 1`` averages the gradients of that many micro-batches of each batch
-    (see ``accumulated_grads``) before the one optimizer update.
+    (see ``accumulated_grads``) before the one optimizer update; ``micro_batch_size > 0``
+    instead splits each batch into micro-batches of that many rows (the count follows the
+    batch's shape, so batches of different sizes share the code).
     """
 
     def train_step(state: TrainState, context, batch: dict):
         rng, step_rng = jax.random.split(state.rng)
-        if grad_accum_steps == 1:
+        count = grad_accum_steps
+        if micro_batch_size:
+            count = jax.tree.leaves(batch)[0].shape[0] // micro_batch_size
+        if count == 1:
             grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
             (loss, metrics), grads = grad_fn(state.trainable, context, batch, step_rng)
         else:
             (loss, metrics), grads = accumulated_grads(
-                loss_fn, state.trainable, context, batch, step_rng, grad_accum_steps
+                loss_fn, state.trainable, context, batch, step_rng, count
             )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         lr = context.schedule(state.step)

@@ -55,17 +55,15 @@ class StreamExperiment:
     model_family = ""  # the family of sharding rules (``parallel.rules.PARAM_RULES``)
 
     def __init__(self, config: ExperimentConfig, tasks, mesh: Mesh, base_params: dict, targets):
-        accum = config.train.grad_accum_steps
-        check_divisible(
-            config.train.batch_size // accum, mesh, "train.batch_size / grad_accum_steps"
-        )
+        train = config.train
+        per_micro = "micro_batch_size" if train.micro_batch_size else "(batch / grad_accum_steps)"
+        sizes = {"train.batch_size": train.batch_size}
         for task in config.stream:  # per-task batch sizes (TaskConfig.batch_size)
             if task.batch_size:
-                check_divisible(
-                    task.batch_size // accum,
-                    mesh,
-                    f"task {task.name!r}: batch_size / grad_accum_steps",
-                )
+                sizes[f"task {task.name!r}: batch_size"] = task.batch_size
+        for what, size in sizes.items():
+            micro = size // train.accum_steps(size, what)
+            check_divisible(micro, mesh, f"{what}={size}: rows per micro-batch {per_micro}")
         self.config, self.tasks, self.mesh = config, tasks, mesh
         self.rules = ShardingRules(mesh, self.model_family)
         self.rules.check_rules(base_params)
@@ -74,7 +72,9 @@ class StreamExperiment:
         self.optimizer = make_optimizer(config.train.weight_decay, config.train.grad_clip_norm)
         self.fold_frozen = resolve_fold(config.lora.fold_frozen, self.base_params, targets)
         loss_fn = regularized_adapter_loss(self.task_loss(), folded=self.fold_frozen)
-        step = make_train_step(loss_fn, self.optimizer, accum)
+        step = make_train_step(
+            loss_fn, self.optimizer, train.grad_accum_steps, train.micro_batch_size
+        )
         self.train_step = ShardedStep(step, self.rules)
         self._sharded_builders()
         shards = batch_shards(mesh)
