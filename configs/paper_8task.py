@@ -116,7 +116,7 @@ def get_config(data_root: str = "data/paper_8task") -> ml_collections.ConfigDict
         epochs=1.0,
         weight_decay=0.0,
         grad_clip_norm=1.0,  # the HF Trainer's default max_grad_norm, unchanged by the scripts
-        # Greedy answers for 64 prompts of 2048 tokens at a time: 13.93 GiB per v5e chip on an
+        # Greedy answers for 64 prompts of 2048 tokens at a time: 13.94 GiB per v5e chip on an
         # all-fsdp v5e-8 (README, "Proof of fit"; 256 prompts needed 28.7 GiB).
         eval_batch_size=64,
     )
