@@ -237,11 +237,7 @@ class Llava(nn.Module):
         deterministic: bool = True,
     ) -> jax.Array:
         """Decoder logits ``[B, L+P-1, V]`` for already spliced inputs (no cache)."""
-        positions = positions_from_mask(inputs.attention_mask)
-        logits, _ = self.decoder(
-            inputs.embeds, positions, inputs.attention_mask, task_weights, None, deterministic
-        )
-        return logits
+        return self.head(self.hidden_spliced(inputs, task_weights, deterministic))
 
     def hidden_spliced(
         self,

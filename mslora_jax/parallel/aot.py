@@ -236,11 +236,3 @@ def mesh_description(mesh: Mesh) -> dict:
         "device_kind": devices[0].device_kind,
         "platform": devices[0].platform,
     }
-
-
-def cpu_mesh(shape: Sequence[int] = (1, 1, 1)) -> Mesh:
-    """A mesh over this process's CPU devices (the XLA:CPU comparison)."""
-    devices = jax.devices("cpu")
-    if -1 not in shape:
-        devices = devices[: int(np.prod(shape))]
-    return device_mesh(devices, shape)

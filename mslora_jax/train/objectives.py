@@ -96,7 +96,7 @@ def regularized_adapter_loss(task_loss: TaskLossFn, folded: bool = False):
     adapter trees.
 
     ``folded``: ``context.base_params`` already holds the frozen slots' weighted deltas (see
-    ``StreamExperiment.frozen_params``), so the forward is the backbone plus one low-rank
+    ``StreamExperiment.inference_params``), so the forward is the backbone plus one low-rank
     product per layer, whatever the number of tasks; otherwise it sums the ``[T, ...]`` stack.
     """
 

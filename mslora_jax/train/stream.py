@@ -175,22 +175,19 @@ class StreamExperiment:
         self._merge_stack = ShardedOutputs(merge_stack, self.rules)
         self._init_states: dict[str, ShardedOutputs] = {}
 
-    def frozen_params(self, slots: dict[int, dict], weights: jax.Array) -> dict:
-        """The backbone with the weighted deltas of ``slots``' adapters merged into its kernels.
+    def inference_params(self, slots: dict[int, dict], active: list[int]) -> dict:
+        """The backbone with the adapters ``active`` (of ``slots``) merged into its kernels,
+        each weighted alpha / rank: what evaluation and generation run (the adapted model then
+        costs what the backbone costs) and, for a folded stage, its frozen adapters.
 
         Only the adapted kernels are new arrays (born sharded like the kernels they replace);
         every other leaf is the backbone's own.
         """
-        if not slots:  # (callers pass only the slots whose weight is not zero)
-            return self.base_params
-        kernels = self._merge_stack(self.base_params, self.stack(slots), weights)
-        return with_kernels(self.base_params, kernels)
-
-    def inference_params(self, slots: dict[int, dict], active: list[int]) -> dict:
-        """Parameters for evaluation and generation with the adapters ``active`` (of ``slots``)
-        merged: the adapted model then costs what the backbone costs."""
         merged = {i: a for i, a in slots.items() if i in active}
-        return self.frozen_params(merged, self.weights(active))
+        if not merged:
+            return self.base_params
+        kernels = self._merge_stack(self.base_params, self.stack(merged), self.weights(active))
+        return with_kernels(self.base_params, kernels)
 
     def weights(self, slots: list[int]) -> jax.Array:
         """Forward weights: task mask times alpha / rank."""
@@ -310,9 +307,8 @@ def stage_context(
     forward_weights = exp.weights(method.train_slots(stage))
     base_params = exp.base_params
     if exp.fold_frozen:  # the frozen slots' deltas merged once for the whole stage
-        summed = set(method.train_slots(stage)) - {active_slot}
-        frozen = {i: a for i, a in slots.items() if i in summed}
-        base_params = exp.frozen_params(frozen, forward_weights.at[active_slot].set(0.0))
+        frozen = [i for i in method.train_slots(stage) if i != active_slot]
+        base_params = exp.inference_params(slots, frozen)
     return AdapterContext(
         base_params=base_params,
         lora_stack=exp.stack(slots),
