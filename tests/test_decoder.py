@@ -21,6 +21,8 @@ from mslora_jax.models.decoder import (
     init_cache,
     init_decoder,
     positions_from_mask,
+    scan_blocks,
+    unscan_blocks,
 )
 from mslora_jax.models.generate import greedy_generate, greedy_generate_uncached, llava_generate
 from mslora_jax.models.llava import (
@@ -38,6 +40,8 @@ DEC = DecoderConfig(
 VIT = ModelConfig(image_size=8, patch_size=4, width=16, depth=2, num_heads=2, mlp_dim=32)
 IMAGE_ID = 5
 LLAVA = LlavaConfig(vision=VIT, decoder=DEC, image_token_id=IMAGE_ID)  # 4 patches
+UNROLLED = dataclasses.replace(DEC, scan_layers=False)  # block_{i} modules in a Python loop
+UNROLLED_LLAVA = dataclasses.replace(LLAVA, decoder=UNROLLED)
 PAD = 0
 
 
@@ -169,12 +173,15 @@ def test_causal_mask(dec_params):
     assert np.all(np.abs(a[:, 5:] - b[:, 5:]).max(axis=-1) > 1e-4)
 
 
-def test_kv_cache_prefill_and_decode_equal_full_forward(dec_params):
+@pytest.mark.parametrize("config", [DEC, UNROLLED], ids=["scanned", "unrolled"])
+def test_kv_cache_prefill_and_decode_equal_full_forward(dec_params, config):
     """Teacher forcing on a left-padded batch: prompt prefill, then one token per call."""
     ids, mask = _left_pad([[7, 8, 9, 10, 11, 12, 13, 14], [21, 22, 23, 24, 25]], 8)
     prompt_len = 5  # row 1 has 2 real prompt tokens after 3 pads
+    if not config.scan_layers:
+        dec_params = unscan_blocks({"decoder": dec_params})["decoder"]
     variables = {"params": dec_params}
-    decoder = Decoder(DEC)
+    decoder = Decoder(config)
 
     @jax.jit
     def cached(ids, mask):
@@ -195,7 +202,7 @@ def test_kv_cache_prefill_and_decode_equal_full_forward(dec_params):
         return jnp.concatenate(steps, axis=1), cache.index
 
     got, index = cached(ids, mask)
-    want = _logits(DEC, dec_params, ids, mask)
+    want = _logits(config, dec_params, ids, mask)
     np.testing.assert_array_equal(index, [8, 8])
     np.testing.assert_allclose(got[mask], want[mask], rtol=1e-4, atol=1e-4)
 
@@ -349,9 +356,12 @@ def test_vision_tower_matches_image_encoder():
 def test_llava_lora_targets_only_decoder_and_zero_b_is_identity(llava_params):
     capable = lora_capable_paths(llava_params)
     layers = ["attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up", "mlp/down"]
-    want = sorted(f"decoder/block_{i}/{layer}" for i in range(DEC.depth) for layer in layers)
+    want = sorted(f"decoder/blocks/{layer}" for layer in layers)  # scanned: all layers at once
     assert sorted(capable) == want  # not the vision tower, projector, embeddings or lm_head
     assert sorted(select_targets(llava_params, LLAVA_LORA_TARGETS)) == want
+    unrolled = jax.eval_shape(lambda k: init_llava(UNROLLED_LLAVA, k), jax.random.PRNGKey(0))
+    per_layer = sorted(f"decoder/block_{i}/{layer}" for i in range(DEC.depth) for layer in layers)
+    assert sorted(select_targets(unrolled, LLAVA_LORA_TARGETS)) == per_layer
     with pytest.raises(ConfigError, match="matches no LoRA-capable layer"):
         select_targets(llava_params, [r"^vision_tower/"])
     dual = jax.eval_shape(lambda k: init_backbone(VIT, k), jax.random.PRNGKey(0))
@@ -384,12 +394,69 @@ def test_llava_lora_targets_only_decoder_and_zero_b_is_identity(llava_params):
     )
 
 
+def test_scanned_decoder_equals_unrolled_with_adapters_and_gradients():
+    """One set of weights in both layouts (``scan_blocks``): same logits through the frozen
+    stack and the trained adapter, same loss, and the same adapter gradients once the scanned
+    ones are split per layer; remat inside the scan changes nothing."""
+    params = _host_init(lambda key: init_llava(UNROLLED_LLAVA, key), 2)
+    targets = select_targets(params, LLAVA_LORA_TARGETS)
+    shift = lambda tree, v: jax.tree.map(lambda x: x + v, tree)
+    stack = stack_params(
+        [
+            shift(init_adapter_params(params, targets, 2, jax.random.PRNGKey(s)), 0.03)
+            for s in (1, 2)
+        ]
+    )
+    active = shift(init_adapter_params(params, targets, 2, jax.random.PRNGKey(3)), -0.02)
+    images = jnp.asarray(np.random.default_rng(4).random((2, 8, 8, 3)), jnp.float32)
+    ids, mask = _right_pad([[1, IMAGE_ID, 9, 10, 11], [1, IMAGE_ID, 12]], 5)
+
+    def loss_and_grad(config, params, stack, active, remat=False):
+        def loss(active):
+            weight = jnp.broadcast_to(0.5, jax.tree.leaves(active)[0].shape[:-2])
+            with_weight = jax.tree.map(
+                lambda layer: {**layer, "weight": weight}, active,
+                is_leaf=lambda x: isinstance(x, dict) and "lora_a" in x,
+            )  # fmt: skip
+            logits = Llava(config, remat=remat).apply(
+                {"params": params, "lora": stack, "lora_active": with_weight},
+                images, ids, mask, jnp.array([1.0, 0.5]),
+            )  # fmt: skip
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 7]), logits
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(active)
+
+    (loss_u, logits_u), grad_u = loss_and_grad(UNROLLED_LLAVA, params, stack, active)
+    scanned = (scan_blocks(params), scan_blocks(stack, axis=1), scan_blocks(active))
+    assert jax.tree.structure(scanned[0]) == jax.tree.structure(
+        jax.eval_shape(lambda k: init_llava(LLAVA, k), jax.random.PRNGKey(0))
+    )
+    for remat in (False, True):
+        (loss_s, logits_s), grad_s = loss_and_grad(LLAVA, *scanned, remat=remat)
+        np.testing.assert_allclose(logits_s, logits_u, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
+        chex.assert_trees_all_close(unscan_blocks(grad_s), grad_u, rtol=1e-4, atol=1e-6)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_u)) > 0
+    # The layouts convert both ways without loss.
+    chex.assert_trees_all_equal(unscan_blocks(scan_blocks(stack, axis=1), axis=1), stack)
+
+
 def test_mistral_7b_lora_parameter_count():
     """Shapes only (jax.eval_shape): no weights are allocated."""
     config = LlavaConfig.llava_med_v15()
     shapes = jax.eval_shape(lambda k: init_llava(config, k), jax.random.PRNGKey(0))
     count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
     assert count(shapes["decoder"]) == 7_241_732_096  # Mistral-7B
+    targets = select_targets(shapes, LLAVA_LORA_TARGETS)
+    assert len(targets) == 7  # scanned: each projection of all 32 layers in one [32, ...] leaf
+    adapter = jax.eval_shape(
+        lambda k: init_adapter_params(shapes, targets, rank=64, rng=k), jax.random.PRNGKey(0)
+    )
+    assert count(adapter) == 167_772_160
+    unrolled = dataclasses.replace(
+        config, decoder=dataclasses.replace(config.decoder, scan_layers=False)
+    )
+    shapes = jax.eval_shape(lambda k: init_llava(unrolled, k), jax.random.PRNGKey(0))
     targets = select_targets(shapes, LLAVA_LORA_TARGETS)
     assert len(targets) == 7 * 32
     adapter = jax.eval_shape(

@@ -143,7 +143,7 @@ def test_sharded_generation_equals_single_device(tmp_path):
         }
         # 20 test items: one full batch of 16 and one padded one.
         outputs.append(exp.answer_records(slots, [0, 1], 1))
-        assert exp.stack(slots)["decoder"]["block_0"]["attn"]["q"]["lora_a"].sharding.mesh == mesh
+        assert exp.stack(slots)["decoder"]["blocks"]["attn"]["q"]["lora_a"].sharding.mesh == mesh
     sharded, single = outputs
     assert len(sharded) == 20 and [r["answer"] for r in sharded] == [r["answer"] for r in single]
 

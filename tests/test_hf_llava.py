@@ -299,7 +299,7 @@ def test_sharded_bf16_folder_and_separate_clip_folder(tmp_path):
                 {"model.layers.0.self_attn.k_proj.weight": np.zeros((32, 32), np.float32)}
             ),
             r"model\.layers\.0\.self_attn\.k_proj\.weight has shape \[32, 32\], expected "
-            r"\[16, 32\] for decoder/block_0/attn/k/kernel",
+            r"\[16, 32\] for decoder/blocks/attn/k/kernel\[0\]",
         ),
     ],
     ids=["missing", "no-tower", "unexpected", "shape"],
@@ -443,3 +443,26 @@ def test_bfloat16_config_converts_to_bfloat16(tmp_path):
     got = experiment.base_params
     assert {leaf.dtype for leaf in jax.tree.leaves(got)} == {jnp.dtype(jnp.bfloat16)}
     jax.tree.map(lambda g, w: np.testing.assert_array_equal(g, w.astype(jnp.bfloat16)), got, want)
+
+
+def test_backbone_in_the_unrolled_layout_is_read_with_scan_layers_off_and_refused_otherwise(
+    tmp_path,
+):
+    """A backbone saved before the scanned decoder (``block_{i}``, no ``scan_layers`` in its
+    meta.json) is read by a config with ``scan_layers=False`` and refused, with the way to read
+    it, by one with the default scanned layout."""
+    from mslora_jax.train.checkpoints import save_backbone
+
+    unrolled = dataclasses.replace(
+        CONFIG, decoder=dataclasses.replace(CONFIG.decoder, scan_layers=False)
+    )
+    shapes = jax.eval_shape(lambda k: init_llava(unrolled, k), jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), shapes)
+    old_json = dataclasses.asdict(unrolled)
+    del old_json["decoder"]["scan_layers"]  # as written before the key existed
+    save_backbone(tmp_path / "old", params, {"model": old_json})
+    abstract = lambda cfg: jax.eval_shape(lambda k: init_llava(cfg, k), jax.random.PRNGKey(0))
+    loaded, _ = load_backbone(tmp_path / "old", abstract(unrolled), dataclasses.asdict(unrolled))
+    assert "block_1" in loaded["decoder"]
+    with pytest.raises(CheckpointError, match=r"scan_layers: None -> True.*scan_layers=False"):
+        load_backbone(tmp_path / "old", abstract(CONFIG), dataclasses.asdict(CONFIG))

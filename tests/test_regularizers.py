@@ -67,3 +67,38 @@ def test_orthogonality_hand_computed():
     np.testing.assert_allclose(first, 10.0, rtol=1e-6)
     orthonormal = {"l": _layer([np.eye(2)], [np.eye(2)])}
     np.testing.assert_allclose(orthogonality_regularizer(orthonormal, jnp.array([True])), 0.0)
+
+
+def test_scanned_layers_count_as_separate_tensors():
+    """A scanned decoder's ``[T, layers, ...]`` factors give CR, similarities and
+    orthogonality equal to the unrolled ``block_{i}`` trees (each layer one P, as released)."""
+    from mslora_jax.losses.regularizers import orthogonality_with_active
+    from mslora_jax.models.decoder import scan_blocks
+
+    rng = np.random.default_rng(0)
+
+    def layer(lead):
+        return _layer(rng.normal(size=(*lead, 2, 5)), rng.normal(size=(*lead, 3, 2)))
+
+    stack = {"decoder": {f"block_{i}": {"q": layer((4,))} for i in range(3)}, "x": layer((4,))}
+    active = {"decoder": {f"block_{i}": {"q": layer(())} for i in range(3)}, "x": layer(())}
+    stack_s, active_s = scan_blocks(stack, axis=1), scan_blocks(active)
+    assert active_s["decoder"]["blocks"]["q"]["lora_a"].shape == (3, 2, 5)
+    earlier, same = jnp.array([True, True, False, False]), jnp.array([True, False, True, False])
+    mask = jnp.array([True, True, True, False])
+    np.testing.assert_allclose(
+        adapter_similarities(active_s, stack_s), adapter_similarities(active, stack), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        contrastive_regularizer(active_s, stack_s, earlier, same),
+        contrastive_regularizer(active, stack, earlier, same),
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        orthogonality_regularizer(stack_s, mask), orthogonality_regularizer(stack, mask), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        orthogonality_with_active(stack_s, active_s, mask, 2),
+        orthogonality_with_active(stack, active, mask, 2),
+        rtol=1e-6,
+    )

@@ -160,16 +160,18 @@ def test_llava_step_on_every_mesh_equals_one_device(tmp_path):
         state, metrics = _one_step(exp, batch)
         _assert_same_step(state, metrics, ref_state, ref_metrics)
         data, fsdp, tensor = shape
-        block = exp.base_params["decoder"]["block_0"]
+        block = exp.base_params["decoder"]["blocks"]  # scanned: a leading, unsharded layer axis
+        depth = block["attn"]["q"]["kernel"].shape[0]
         # q [64, 64] (embed, heads); k [64, 32] (embed, kv_heads); down [128, 64] (mlp, embed).
-        assert _shard_shape(block["attn"]["q"]["kernel"]) == (64 // fsdp, 64 // tensor)
-        assert _shard_shape(block["attn"]["k"]["kernel"]) == (64 // fsdp, 32 // tensor)
-        assert _shard_shape(block["mlp"]["down"]["kernel"]) == (128 // tensor, 64 // fsdp)
+        assert _shard_shape(block["attn"]["q"]["kernel"]) == (depth, 64 // fsdp, 64 // tensor)
+        assert _shard_shape(block["attn"]["k"]["kernel"]) == (depth, 64 // fsdp, 32 // tensor)
+        assert _shard_shape(block["mlp"]["down"]["kernel"]) == (depth, 128 // tensor, 64 // fsdp)
+        assert _shard_shape(block["attn_norm"]["scale"]) == (depth, 64 // fsdp)
         head = exp.base_params["decoder"]["lm_head"]["kernel"]
         assert _shard_shape(head) == (64 // fsdp, 512 // tensor)
-        lora = state.trainable["lora"]["decoder"]["block_0"]["mlp"]["down"]
-        assert _shard_shape(lora["lora_a"]) == (4, 128 // (tensor * fsdp))
-        assert _shard_shape(lora["lora_b"]) == (64 // fsdp, 4)
+        lora = state.trainable["lora"]["decoder"]["blocks"]["mlp"]["down"]
+        assert _shard_shape(lora["lora_a"]) == (depth, 4, 128 // (tensor * fsdp))
+        assert _shard_shape(lora["lora_b"]) == (depth, 64 // fsdp, 4)
 
 
 def test_every_parameter_needs_a_rule_and_every_rule_a_parameter():

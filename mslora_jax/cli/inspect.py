@@ -35,9 +35,12 @@ def load_stage_adapters(workdir: str | Path, method: str) -> list[tuple[dict, di
 
 
 def _similarity(a: dict, b: dict) -> float:
-    """The CR similarity s = mean over tensors of exp(-||P_a - P_b||_F)."""
-    diffs = jax.tree.map(lambda x, y: np.exp(-np.linalg.norm(x - y)), a, b)
-    return float(np.mean(jax.tree.leaves(diffs)))
+    """The CR similarity s = mean over matrices of exp(-||P_a - P_b||_F) (a scanned layer's
+    ``[layers, m, n]`` factor counts as its ``layers`` matrices, as in the CR loss)."""
+    diffs = jax.tree.map(
+        lambda x, y: np.exp(-np.linalg.norm(x - y, axis=(-2, -1))).ravel(), a, b
+    )
+    return float(np.mean(np.concatenate(jax.tree.leaves(diffs))))
 
 
 def _norm(leaves, name: str) -> float:

@@ -2,7 +2,9 @@
 
 ``LoraAdapter.params`` holds, for every adapted module path of the backbone (and only those),
 ``{"lora_a": [r, in], "lora_b": [out, r]}`` (PyTorch/PEFT layout), so the delta of a layer with
-kernel ``W: [in, out]`` is ``scaling * A^T B^T``. Rank, alpha, modality and task name are static
+kernel ``W: [in, out]`` is ``scaling * A^T B^T``. A scanned decoder's layer (kernel
+``[layers, in, out]``) has ``[layers, r, in]`` / ``[layers, out, r]`` factors: one matrix pair
+per layer, as if unrolled. Rank, alpha, modality and task name are static
 metadata. To run several adapters in one forward pass they are stacked along a leading task axis
 (``stack_params``), which is what the ``lora`` collection of the model holds.
 """
@@ -45,10 +47,12 @@ class LoraAdapter:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
 
 
-def kaiming_uniform_a(rng: jax.Array, rank: int, fan_in: int) -> jax.Array:
-    """PyTorch's ``kaiming_uniform_(a=sqrt(5))`` on an ``[r, in]`` matrix: U(+-1/sqrt(in))."""
+def kaiming_uniform_a(rng: jax.Array, rank: int, fan_in: int, lead: tuple = ()) -> jax.Array:
+    """PyTorch's ``kaiming_uniform_(a=sqrt(5))`` on ``[r, in]`` matrices: U(+-1/sqrt(in)).
+
+    ``lead``: leading axes (a scanned decoder's layer axis), one independent draw per matrix."""
     bound = 1.0 / np.sqrt(fan_in)
-    return jax.random.uniform(rng, (rank, fan_in), jnp.float32, -bound, bound)
+    return jax.random.uniform(rng, (*lead, rank, fan_in), jnp.float32, -bound, bound)
 
 
 def init_adapter_params(
@@ -59,13 +63,14 @@ def init_adapter_params(
         raise ConfigError(f"lora.rank must be >= 1, got {rank}")
     tree: dict = {}
     for path, key in zip(targets, jax.random.split(rng, len(targets))):
-        fan_in, fan_out = get_by_path(base_params, path)["kernel"].shape
+        # A scanned layer's kernel is [layers, in, out]: its factors get the same leading axis.
+        *lead, fan_in, fan_out = get_by_path(base_params, path)["kernel"].shape
         tree = set_by_path(
             tree,
             path,
             {
-                LORA_A: kaiming_uniform_a(key, rank, fan_in),
-                LORA_B: jnp.zeros((fan_out, rank), jnp.float32),
+                LORA_A: kaiming_uniform_a(key, rank, fan_in, tuple(lead)),
+                LORA_B: jnp.zeros((*lead, fan_out, rank), jnp.float32),
             },
         )
     return tree

@@ -13,8 +13,8 @@ from mslora_jax.models.lora_dense import LORA_A, LORA_B
 
 def adapter_delta(adapter: LoraAdapter, path: str) -> jnp.ndarray:
     """``scaling * A^T B^T``: the ``[in, out]`` change that ``adapter`` makes to a kernel."""
-    layer = get_by_path(adapter.params, path)
-    return adapter.scaling * (layer[LORA_A].T @ layer[LORA_B].T)
+    layer = get_by_path(adapter.params, path)  # leading axes (a scanned layer axis) map over
+    return adapter.scaling * jnp.einsum("...ri,...or->...io", layer[LORA_A], layer[LORA_B])
 
 
 def _apply_deltas(base_params: Mapping, adapters: Sequence[LoraAdapter], sign: float) -> dict:
@@ -50,8 +50,9 @@ def merge_stack(base_params: Mapping, stack: Mapping, weights: jnp.ndarray) -> d
         layer = get_by_path(stack, path)
         kernel = get_by_path(base_params, path)["kernel"]
         a = layer[LORA_A].astype(jnp.float32)
-        b = layer[LORA_B].astype(jnp.float32) * weights.astype(jnp.float32)[:, None, None]
-        delta = jnp.einsum("tri,tor->io", a, b)
+        w = weights.astype(jnp.float32).reshape((-1,) + (1,) * (layer[LORA_B].ndim - 1))
+        b = layer[LORA_B].astype(jnp.float32) * w
+        delta = jnp.einsum("t...ri,t...or->...io", a, b)  # ``...``: a scanned layer axis
         merged = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
         out = set_by_path(out, path, {"kernel": merged})
     return out

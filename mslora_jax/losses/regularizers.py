@@ -2,10 +2,17 @@
 
 Both act on stacked adapter trees: every leaf has a leading task axis ``T``; which tasks count is
 given by ``[T]`` masks, so the current stage is data and never triggers a recompile.
+
+Every LoRA factor is a matrix (A ``[r, in]``, B ``[out, r]``) in its last two axes; axes between
+the task axis and those (a scanned decoder's layer axis) index more matrices. The released code
+sees one tensor per layer, so each matrix counts as one P here too: norms are taken over the last
+two axes and means run over every matrix, and a scanned adapter gives the same values as the
+unrolled one.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import jax
@@ -21,19 +28,22 @@ def _safe_norm(x: jax.Array, axes) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
 
 
+def _matrix_norms(x: jax.Array) -> jax.Array:
+    """``[T, ..., m, n]`` -> ``[T, M]``: the Frobenius norm of each of the M matrices per slot."""
+    return _safe_norm(x, (-2, -1)).reshape(x.shape[0], -1)
+
+
 def adapter_similarities(active: Mapping, stacked: Mapping) -> jax.Array:
     """``s_t = mean over P of exp(-||P_active - stopgrad(P_t)||_F)`` for every slot t: ``[T]``.
 
-    P ranges over every LoRA tensor (each A and each B of every adapted layer).
+    P ranges over every LoRA matrix (each A and each B of every adapted layer).
     """
     per_tensor = jax.tree.map(
-        lambda p, s: jnp.exp(
-            -_safe_norm(p[None] - jax.lax.stop_gradient(s), tuple(range(1, s.ndim)))
-        ),
+        lambda p, s: jnp.exp(-_matrix_norms(p[None] - jax.lax.stop_gradient(s))),
         active,
         stacked,
     )
-    return jnp.mean(jnp.stack(jax.tree.leaves(per_tensor)), axis=0)
+    return jnp.mean(jnp.concatenate(jax.tree.leaves(per_tensor), axis=1), axis=1)
 
 
 def contrastive_regularizer(
@@ -56,15 +66,21 @@ def _layers(stacked: Mapping):
     return [layer for child in stacked.values() for layer in _layers(child)]
 
 
+def _num_layers(stacked: Mapping) -> int:
+    """Adapted layers, a scanned layer's every slice counted (its A's shape ``[T, ..., r, in]``)."""
+    return sum(math.prod(layer[LORA_A].shape[1:-2]) for layer in _layers(stacked))
+
+
 def _orthogonality_per_task(stacked: Mapping) -> jax.Array:
     """``[T]``: sum over layers of ``||A A^T - I_r||_F^2 + ||B^T B - I_r||_F^2`` per slot."""
     total = 0.0
     for layer in _layers(stacked):
         a, b = layer[LORA_A], layer[LORA_B]
-        eye = jnp.eye(a.shape[1], dtype=a.dtype)
-        aat = jnp.einsum("tri,tsi->trs", a, a) - eye
-        btb = jnp.einsum("tor,tos->trs", b, b) - eye
-        total = total + jnp.sum(jnp.square(aat), axis=(1, 2)) + jnp.sum(jnp.square(btb), (1, 2))
+        eye = jnp.eye(a.shape[-2], dtype=a.dtype)
+        aat = jnp.einsum("t...ri,t...si->t...rs", a, a) - eye
+        btb = jnp.einsum("t...or,t...os->t...rs", b, b) - eye
+        axes = tuple(range(1, aat.ndim))
+        total = total + jnp.sum(jnp.square(aat), axis=axes) + jnp.sum(jnp.square(btb), axes)
     return total
 
 
@@ -72,7 +88,7 @@ def orthogonality_regularizer(stacked: Mapping, task_mask: jax.Array) -> jax.Arr
     """Mean over (A, B) pairs of the masked tasks and all layers of
     ``||A A^T - I_r||_F^2 + ||B^T B - I_r||_F^2`` (A: ``[T, r, in]``, B: ``[T, out, r]``)."""
     per_task = _orthogonality_per_task(stacked)
-    count = len(_layers(stacked)) * jnp.maximum(jnp.sum(task_mask.astype(jnp.float32)), 1.0)
+    count = _num_layers(stacked) * jnp.maximum(jnp.sum(task_mask.astype(jnp.float32)), 1.0)
     return jnp.sum(jnp.where(task_mask, per_task, 0.0)) / count
 
 
@@ -85,5 +101,5 @@ def orthogonality_with_active(
     per_task = _orthogonality_per_task(frozen)
     own = _orthogonality_per_task(jax.tree.map(lambda x: x[None], active))[0]
     per_task = jnp.where(jnp.arange(per_task.shape[0]) == active_slot, own, per_task)
-    count = len(_layers(frozen)) * jnp.maximum(jnp.sum(task_mask.astype(jnp.float32)), 1.0)
+    count = _num_layers(frozen) * jnp.maximum(jnp.sum(task_mask.astype(jnp.float32)), 1.0)
     return jnp.sum(jnp.where(task_mask, per_task, 0.0)) / count

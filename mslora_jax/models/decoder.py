@@ -1,6 +1,6 @@
 """A Mistral/LLaMA-style causal language model with LoRA-targetable projections and a KV cache.
 
-Block ``i`` (``block_{i}``): ``x + attn(attn_norm(x))`` then ``x + mlp(mlp_norm(x))``, with RMSNorm,
+Every block: ``x + attn(attn_norm(x))`` then ``x + mlp(mlp_norm(x))``, with RMSNorm,
 rotary position embeddings (RoPE, the "rotate half" layout of Hugging Face checkpoints),
 grouped-query attention (``num_heads`` query heads share ``num_kv_heads`` key/value heads) and a
 SwiGLU MLP ``down(silu(gate(x)) * up(x))``. The seven projections ``attn/{q,k,v,o}`` and
@@ -13,6 +13,13 @@ a padding mask, and optionally a ``KVCache``. Cache slots and positions are diff
 prompt of length L occupies slots ``[index, index + L)`` whatever its padding, the slot mask
 remembers which slots are padding, and RoPE uses the positions.
 
+Layouts (``DecoderConfig.scan_layers``): scanned (the default) keeps one module ``blocks`` whose
+parameters carry a leading ``layers`` axis (``blocks/attn/q/kernel``: ``[depth, in, out]``) and
+runs it under ``nn.scan``, so the program holds one block whatever the depth (compile time and
+program size stay flat); unrolled keeps ``block_{i}`` modules called in a Python loop (any layer
+can be targeted by itself; the layout of workdirs written before the scan). The two compute the
+same function of the same weights: ``scan_blocks``/``unscan_blocks`` convert a tree between them.
+
 Not implemented: Mistral-7B-v0.1's 4096-token sliding window (v0.2, the base of LLaVA-Med v1.5,
 has none).
 """
@@ -20,6 +27,8 @@ has none).
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Mapping
 
 import flax.linen as nn
 import flax.struct
@@ -27,12 +36,13 @@ import jax
 import jax.numpy as jnp
 
 from mslora_jax.errors import ConfigError
-from mslora_jax.models.lora_dense import LoraDense
+from mslora_jax.models.lora_dense import LORA_ACTIVE, LORA_COLLECTION, LoraDense
 
 # Logical axes of the residual stream [B, L, D] and of cached keys/values [B, S, K, Dh], for the
 # sharding constraints (``parallel.rules.LOGICAL_TO_MESH`` maps them to mesh axes).
 RESIDUAL_AXES = ("batch", None, None)
-CACHE_AXES = ("batch", None, "act_kv_heads", None)
+CACHE_AXES = (None, "batch", None, "act_kv_heads", None)  # [layers, B, S, K, Dh]
+SCANNED = "blocks"  # the scanned layout's module name (leaves with a leading layer axis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +58,9 @@ class DecoderConfig:
     max_len: int
     rope_theta: float = 10000.0
     rms_eps: float = 1e-5
+    # Blocks under ``nn.scan`` with parameters stacked on a leading layer axis (see the module
+    # docstring); False: unrolled ``block_{i}`` modules.
+    scan_layers: bool = True
 
     def __post_init__(self):
         for name in ("vocab_size", "width", "depth", "num_heads", "num_kv_heads", "mlp_dim"):
@@ -92,14 +105,16 @@ class DecoderConfig:
 
 @flax.struct.dataclass
 class KVCache:
-    """Per-layer keys and values plus which slots hold real tokens and where to write next.
+    """Every layer's keys and values plus which slots hold real tokens and where to write next.
 
-    ``layers[i]["k"]``/``["v"]``: ``[B, S, num_kv_heads, head_dim]`` (S = cache length);
+    ``keys``/``values``: ``[depth, B, S, num_kv_heads, head_dim]`` (S = cache length; one array
+    for all layers in both layouts, so a scanned decoder updates its layer's slice in place);
     ``mask``: ``[B, S]`` bool, True where a slot holds a real (non-padding) token;
     ``index``: ``[B]`` int32, the slot the next token of each example is written to.
     """
 
-    layers: tuple[dict[str, jax.Array], ...]
+    keys: jax.Array
+    values: jax.Array
     mask: jax.Array
     index: jax.Array
 
@@ -114,13 +129,12 @@ def init_cache(
     """An empty cache of ``size`` slots (all masked, index 0)."""
     if size > config.max_len:
         raise ConfigError(f"cache size {size} is over decoder.max_len={config.max_len}")
-    shape = (batch, size, config.num_kv_heads, config.head_dim)
+    shape = (config.depth, batch, size, config.num_kv_heads, config.head_dim)
 
     def zeros():  # sharded over batch (and kv heads) inside a mesh with logical rules
         return nn.with_logical_constraint(jnp.zeros(shape, dtype), CACHE_AXES)
 
-    layers = tuple({"k": zeros(), "v": zeros()} for _ in range(config.depth))
-    return KVCache(layers, jnp.zeros((batch, size), bool), jnp.zeros((batch,), jnp.int32))
+    return KVCache(zeros(), zeros(), jnp.zeros((batch, size), bool), jnp.zeros((batch,), jnp.int32))
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -281,6 +295,30 @@ class SwiGluMlp(nn.Module):
         return dense(cfg.width, "down")(nn.silu(gate) * up, task_weights, deterministic)
 
 
+def _block(
+    cfg: DecoderConfig,
+    lora_dropout: float,
+    query_chunk: int,
+    x: jax.Array,
+    positions: jax.Array,
+    visible: jax.Array,
+    task_weights: jax.Array | None,
+    layer_cache: dict[str, jax.Array] | None,
+    cache_index: jax.Array | None,
+    deterministic: bool,
+) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+    """One block's body, creating its modules inside the calling compact method (so the
+    unrolled ``DecoderBlock`` and the scanned ``_ScannedBlock`` name them alike)."""
+    h = RMSNorm(cfg.rms_eps, name="attn_norm")(x)
+    h, layer_cache = Attention(cfg, lora_dropout, query_chunk, name="attn")(
+        h, positions, visible, task_weights, layer_cache, cache_index, deterministic
+    )
+    x = x + h
+    h = RMSNorm(cfg.rms_eps, name="mlp_norm")(x)
+    x = x + SwiGluMlp(cfg, lora_dropout, name="mlp")(h, task_weights, deterministic)
+    return nn.with_logical_constraint(x, RESIDUAL_AXES), layer_cache
+
+
 class DecoderBlock(nn.Module):
     """``x + attn(RMSNorm(x))`` then ``x + mlp(RMSNorm(x))``."""
 
@@ -299,15 +337,77 @@ class DecoderBlock(nn.Module):
         cache_index: jax.Array | None = None,
         deterministic: bool = True,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-        cfg = self.config
-        h = RMSNorm(cfg.rms_eps, name="attn_norm")(x)
-        h, layer_cache = Attention(cfg, self.lora_dropout, self.query_chunk, name="attn")(
-            h, positions, visible, task_weights, layer_cache, cache_index, deterministic
+        return _block(
+            self.config,
+            self.lora_dropout,
+            self.query_chunk,
+            x,
+            positions,
+            visible,
+            task_weights,
+            layer_cache,
+            cache_index,
+            deterministic,
         )
-        x = x + h
-        h = RMSNorm(cfg.rms_eps, name="mlp_norm")(x)
-        x = x + SwiGluMlp(cfg, self.lora_dropout, name="mlp")(h, task_weights, deterministic)
-        return x, layer_cache
+
+
+class _ScannedBlock(nn.Module):
+    """A block as an ``nn.scan`` body: ``((x, keys, values, layer), inputs) -> (carry, None)``.
+
+    The whole cache (``[depth, ...]`` keys and values, or None) rides in the carry and the block
+    reads and writes its own layer's slice, so the loop updates one buffer in place instead of
+    stacking a second cache as scan outputs.
+    """
+
+    config: DecoderConfig
+    lora_dropout: float = 0.0
+    query_chunk: int = 0
+
+    @nn.compact
+    def __call__(self, carry, positions, visible, task_weights, cache_index, deterministic):
+        x, keys, values, layer = carry
+        layer_cache = None
+        if keys is not None:
+            take = lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False)
+            layer_cache = {"k": take(keys), "v": take(values)}
+        x, layer_cache = _block(
+            self.config,
+            self.lora_dropout,
+            self.query_chunk,
+            x,
+            positions,
+            visible,
+            task_weights,
+            layer_cache,
+            cache_index,
+            deterministic,
+        )
+        if keys is not None:
+            put = lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u.astype(a.dtype), layer, 0)
+            keys, values = put(keys, layer_cache["k"]), put(values, layer_cache["v"])
+        return (x, keys, values, layer + 1), None
+
+
+def scanned_blocks(config: DecoderConfig, lora_dropout: float, query_chunk: int, remat: bool):
+    """The ``blocks`` module of the scanned layout: ``_ScannedBlock`` (rematerialized inside
+    the loop when ``remat``: each layer keeps only its input for the backward pass) under
+    ``nn.scan`` over ``config.depth`` layers.
+
+    Parameters and the trained adapter (``lora_active``) are stacked on axis 0; the frozen
+    adapter stack ``lora`` (``[T, depth, ...]``: its task axis comes first everywhere else) is
+    scanned along axis 1. Each layer draws its own init and dropout keys.
+    """
+    body = _ScannedBlock
+    if remat:  # static_argnums counts self: argument 6 is the Python bool ``deterministic``
+        body = nn.remat(body, static_argnums=(6,), prevent_cse=False)
+    scan = nn.scan(
+        body,
+        variable_axes={"params": 0, LORA_ACTIVE: 0, LORA_COLLECTION: 1},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * 5,
+        length=config.depth,
+    )
+    return scan(config, lora_dropout, query_chunk, name=SCANNED)
 
 
 class Decoder(nn.Module):
@@ -325,12 +425,15 @@ class Decoder(nn.Module):
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.width, name="embed_tokens")
-        # static_argnums counts self: argument 7 is the Python bool ``deterministic``.
-        block = nn.remat(DecoderBlock, static_argnums=(7,)) if self.remat else DecoderBlock
-        self.blocks = [
-            block(cfg, self.lora_dropout, self.query_chunk, name=f"block_{i}")
-            for i in range(cfg.depth)
-        ]
+        if cfg.scan_layers:
+            self.blocks = scanned_blocks(cfg, self.lora_dropout, self.query_chunk, self.remat)
+        else:
+            # static_argnums counts self: argument 7 is the Python bool ``deterministic``.
+            block = nn.remat(DecoderBlock, static_argnums=(7,)) if self.remat else DecoderBlock
+            self.blocks = [
+                block(cfg, self.lora_dropout, self.query_chunk, name=f"block_{i}")
+                for i in range(cfg.depth)
+            ]
         self.norm = RMSNorm(cfg.rms_eps, name="norm")
         self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head")
 
@@ -394,18 +497,25 @@ class Decoder(nn.Module):
         visible = key_mask[:, None, :] & (key_slot[None, None, :] <= query_slot[..., None])
         # The residual stream is split over the batch only (FSDP gathers weights, not tokens).
         x = nn.with_logical_constraint(input_embeds, RESIDUAL_AXES)
-        new_layers = []
-        for i, block in enumerate(self.blocks):
-            layer_cache = None if cache is None else cache.layers[i]
-            index = None if cache is None else cache.index
-            x, layer_cache = block(
-                x, positions, visible, task_weights, layer_cache, index, deterministic
+        index = None if cache is None else cache.index
+        keys, values = (None, None) if cache is None else (cache.keys, cache.values)
+        if self.config.scan_layers:
+            carry = (x, keys, values, jnp.zeros((), jnp.int32))
+            (x, keys, values, _), _ = self.blocks(
+                carry, positions, visible, task_weights, index, deterministic
             )
-            x = nn.with_logical_constraint(x, RESIDUAL_AXES)
-            new_layers.append(layer_cache)
+        else:
+            for i, block in enumerate(self.blocks):
+                layer_cache = None if cache is None else {"k": keys[i], "v": values[i]}
+                x, layer_cache = block(
+                    x, positions, visible, task_weights, layer_cache, index, deterministic
+                )
+                if cache is not None:
+                    keys = keys.at[i].set(layer_cache["k"].astype(keys.dtype))
+                    values = values.at[i].set(layer_cache["v"].astype(values.dtype))
         if cache is None:
             return x, None
-        return x, KVCache(tuple(new_layers), key_mask, cache.index + length)
+        return x, KVCache(keys, values, key_mask, cache.index + length)
 
     def logits_from_ids(
         self,
@@ -429,3 +539,40 @@ def init_decoder(config: DecoderConfig, rng: jax.Array) -> dict:
     ids = jnp.zeros((1, 1), jnp.int32)
     init = lambda key: Decoder(config).init(key, ids, method=Decoder.logits_from_ids)["params"]
     return jax.jit(init)(rng)  # one compiled program instead of many eager ops
+
+
+def _block_index(key: str) -> int | None:
+    match = re.fullmatch(r"block_(\d+)", key)
+    return None if match is None else int(match.group(1))
+
+
+def scan_blocks(tree: Mapping, axis: int = 0) -> dict:
+    """A LLaVA-rooted tree (params, an adapter, or an adapter stack) with the unrolled
+    ``decoder/block_{i}`` subtrees stacked into ``decoder/blocks`` along ``axis`` (0 for params
+    and one adapter, 1 for a ``[T, ...]`` stack); anything else is returned as it is."""
+    decoder = tree.get("decoder") if isinstance(tree, Mapping) else None
+    if not isinstance(decoder, Mapping):
+        return dict(tree)
+    blocks = sorted((i, k) for k in decoder if (i := _block_index(k)) is not None)
+    if not blocks:
+        return dict(tree)
+    if [i for i, _ in blocks] != list(range(len(blocks))):
+        raise ConfigError(f"decoder blocks {[k for _, k in blocks]} are not block_0..block_N-1")
+    rest = {k: v for k, v in decoder.items() if _block_index(k) is None}
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs, axis), *(decoder[k] for _, k in blocks))
+    return {**tree, "decoder": {**rest, SCANNED: stacked}}
+
+
+def unscan_blocks(tree: Mapping, axis: int = 0) -> dict:
+    """Inverse of ``scan_blocks``: ``decoder/blocks`` split into ``decoder/block_{i}``."""
+    decoder = tree.get("decoder") if isinstance(tree, Mapping) else None
+    if not isinstance(decoder, Mapping) or SCANNED not in decoder:
+        return dict(tree)
+    stacked = decoder[SCANNED]
+    depth = jax.tree.leaves(stacked)[0].shape[axis]
+    rest = {k: v for k, v in decoder.items() if k != SCANNED}
+    blocks = {
+        f"block_{i}": jax.tree.map(lambda x, i=i: jnp.take(x, i, axis), stacked)
+        for i in range(depth)
+    }
+    return {**tree, "decoder": {**rest, **blocks}}

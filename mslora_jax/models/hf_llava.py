@@ -14,7 +14,9 @@ saved with the model, the CLIP tower under ``LLAVA_VISION_PREFIX``; OpenAI's own
 
 Layouts: torch ``Linear.weight`` is ``[out, in]``, a flax ``Dense`` kernel ``[in, out]``; a torch
 conv weight is ``[out, in, kh, kw]``, a flax ``Conv`` kernel ``[kh, kw, in, out]`` (both are
-cross-correlations, so no flip). q and k need no permutation: ``decoder.apply_rope`` uses HF's
+cross-correlations, so no flip). A scanned decoder's leaf ``decoder/blocks/...`` ``[depth, ...]``
+is filled from ``model.layers.{i}`` for every i, one layer's tensor at a time, into one array. q
+and k need no permutation: ``decoder.apply_rope`` uses HF's
 "rotate half" pairing (checked by tests/test_hf_llava.py against HF's formulas).
 """
 
@@ -29,6 +31,7 @@ import jax
 import numpy as np
 
 from mslora_jax.errors import CheckpointError
+from mslora_jax.models.decoder import SCANNED
 from mslora_jax.models.llava import LlavaConfig
 from mslora_jax.models.safetensors_folder import TensorSource
 
@@ -70,6 +73,7 @@ _MODULES = (
     (r"decoder/norm", r"model.norm"),
     (r"decoder/lm_head", r"lm_head"),
 )
+_SCANNED_PREFIX = f"decoder/{SCANNED}/"
 # Leaf name of flax's Dense/Conv/LayerNorm/RMSNorm/Embed -> HF's.
 _LEAF_NAMES = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}
 # Parameters held directly by the vision tower module.
@@ -100,8 +104,15 @@ class Target:
     """One leaf of the flax tree and the HF tensor that fills it."""
 
     path: str  # "decoder/block_0/attn/q/kernel"
-    shape: tuple[int, ...]  # the flax leaf's shape
+    shape: tuple[int, ...]  # the flax leaf's shape (one layer's, for a scanned leaf)
     layout: Layout
+    layer: int | None = None  # a scanned leaf ``[depth, *shape]``: the layer this tensor fills
+    depth: int = 0
+
+    @property
+    def where(self) -> str:
+        """The leaf (and layer) for messages: ``decoder/blocks/attn/q/kernel[3]``."""
+        return self.path if self.layer is None else f"{self.path}[{self.layer}]"
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -130,9 +141,15 @@ def hf_targets(abstract: dict, vision_prefix: str = LLAVA_VISION_PREFIX) -> dict
     """``{HF tensor name: Target}`` for every leaf of the LLaVA params tree ``abstract``."""
     targets = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-        path = _path_str(path)
-        name, layout = _hf_name(path, len(leaf.shape), vision_prefix)
-        targets[name] = Target(path, tuple(leaf.shape), layout)
+        path, shape = _path_str(path), tuple(leaf.shape)
+        if path.startswith(_SCANNED_PREFIX):  # one HF tensor per layer, named as if unrolled
+            for i in range(shape[0]):
+                unrolled = f"decoder/block_{i}/{path[len(_SCANNED_PREFIX) :]}"
+                name, layout = _hf_name(unrolled, len(shape) - 1, vision_prefix)
+                targets[name] = Target(path, shape[1:], layout, layer=i, depth=shape[0])
+            continue
+        name, layout = _hf_name(path, len(shape), vision_prefix)
+        targets[name] = Target(path, shape, layout)
     return targets
 
 
@@ -179,7 +196,7 @@ def check_tensor_names(
         if tuple(shapes[name]) != target.hf_shape:
             raise CheckpointError(
                 f"{where}: tensor {name} has shape {list(shapes[name])}, expected "
-                f"{list(target.hf_shape)} for {target.path} (does the config match these weights?)"
+                f"{list(target.hf_shape)} for {target.where} (does the config match these weights?)"
             )
 
 
@@ -210,7 +227,12 @@ def convert_hf_llava(
                 f"{source.describe(name)}: tensor {name} read as {list(value.shape)}, "
                 f"expected {list(target.hf_shape)}"
             )
-        flat[target.path] = value
+        if target.layer is None:
+            flat[target.path] = value
+        else:  # a scanned leaf: filled layer by layer, so no second copy of it is ever made
+            if target.path not in flat:
+                flat[target.path] = np.empty((target.depth, *target.shape), dtype)
+            flat[target.path][target.layer] = value
     return _unflatten(flat)
 
 

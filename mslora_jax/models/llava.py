@@ -37,10 +37,11 @@ from mslora_jax.errors import ConfigError, DataError
 from mslora_jax.models.clip import ModelConfig, embed_patches, vit_encoder
 from mslora_jax.models.decoder import Decoder, DecoderConfig, positions_from_mask
 
-# LoRA targets of the LLaVA model: the decoder's q, k, v, o, gate, up, down in every block.
+# LoRA targets of the LLaVA model: the decoder's q, k, v, o, gate, up, down in every block
+# (``decoder/blocks/...`` scanned, one path for all layers; ``decoder/block_{i}/...`` unrolled).
 LLAVA_LORA_TARGETS = (
-    r"^decoder/block_\d+/attn/(q|k|v|o)$",
-    r"^decoder/block_\d+/mlp/(gate|up|down)$",
+    r"^decoder/(blocks|block_\d+)/attn/(q|k|v|o)$",
+    r"^decoder/(blocks|block_\d+)/mlp/(gate|up|down)$",
 )
 LLAVA_IMAGE_TOKEN_INDEX = -200  # LLaVA's IMAGE_TOKEN_INDEX
 

@@ -13,7 +13,8 @@
 
 A LoRA factor inherits the logical axis of the base dimension it touches: for a kernel
 ``[in, out]`` with axes ``(li, lo)``, ``lora_a`` ``[.., r, in]`` gets ``(.., None, li)`` and
-``lora_b`` ``[.., out, r]`` gets ``(.., lo, None)`` (leading stack axes unsharded). A dimension
+``lora_b`` ``[.., out, r]`` gets ``(.., lo, None)`` (leading stack axes unsharded; a scanned
+kernel's ``layers`` axis is kept, unsharded, in place). A dimension
 whose size the mesh axes do not divide stays unsharded (e.g. a 1-head test model on tensor=2).
 FSDP splits every array: one that no rule puts on ``fsdp`` is split over it along its largest
 divisible dimension (see ``ShardingRules.spec``), so a LoRA B ``[mlp, r]`` is split too.
@@ -52,15 +53,26 @@ _TRANSFORMER_RULES: tuple[Rule, ...] = (
     (r"(image|vision_tower)/pos_embed", ("positions", "embed")),
 )
 
+# A decoder block's parameters, below ``decoder/block_{i}/`` (unrolled) or ``decoder/blocks/``
+# (scanned: one more leading ``layers`` axis, never sharded: each scan step reads one layer).
+_DECODER_BLOCK_RULES: tuple[Rule, ...] = (
+    (r"attn/q/kernel", ("embed", "heads")),
+    (r"attn/(k|v)/kernel", ("embed", "kv_heads")),
+    (r"attn/o/kernel", ("heads", "embed")),
+    (r"mlp/(gate|up)/kernel", ("embed", "mlp")),
+    (r"mlp/down/kernel", ("mlp", "embed")),
+    (r"(attn_norm|mlp_norm)/scale", ("norm",)),
+)
+
+# The two layouts' rule prefixes (``check_rules`` expects the rules of one of them to be used).
+_LAYOUT_PREFIXES = (r"decoder/block_\d+/", r"decoder/blocks/")
+
 # models.decoder (Mistral/LLaMA-style) and LLaVA's projector.
 _DECODER_RULES: tuple[Rule, ...] = (
     (r"decoder/embed_tokens/embedding", ("vocab", "embed")),
-    (r"decoder/block_\d+/attn/q/kernel", ("embed", "heads")),
-    (r"decoder/block_\d+/attn/(k|v)/kernel", ("embed", "kv_heads")),
-    (r"decoder/block_\d+/attn/o/kernel", ("heads", "embed")),
-    (r"decoder/block_\d+/mlp/(gate|up)/kernel", ("embed", "mlp")),
-    (r"decoder/block_\d+/mlp/down/kernel", ("mlp", "embed")),
-    (r"decoder/(block_\d+/(attn_norm|mlp_norm)|norm)/scale", ("norm",)),
+    *((rf"decoder/block_\d+/{pattern}", axes) for pattern, axes in _DECODER_BLOCK_RULES),
+    *((rf"decoder/blocks/{pattern}", ("layers", *axes)) for pattern, axes in _DECODER_BLOCK_RULES),
+    (r"decoder/norm/scale", ("norm",)),
     (r"decoder/lm_head/kernel", ("embed", "vocab")),
     # The projector maps the vision width to the decoder's: shard the decoder side.
     (r"projector/linear_1/kernel", ("vision_embed", "embed")),
@@ -152,6 +164,12 @@ class ShardingRules:
                     "rule (mslora_jax.parallel.rules.PARAM_RULES)"
                 )
         unused = [self.rules[i][0] for i in range(len(self.rules)) if i not in used]
+        # A decoder is scanned or unrolled: the other layout's rules may match nothing.
+        absent = [
+            p for p in _LAYOUT_PREFIXES if not any(self.rules[i][0].startswith(p) for i in used)
+        ]
+        if len(absent) < len(_LAYOUT_PREFIXES):
+            unused = [r for r in unused if not r.startswith(tuple(absent))]
         if unused:
             raise ConfigError(f"{self.family} sharding rules match no parameter: {unused}")
 
@@ -164,8 +182,10 @@ class ShardingRules:
 
         FSDP splits *every* array: if no logical axis put ``fsdp`` on a dimension (a LoRA B
         ``[mlp, r]``, a norm scale), the largest dimension it divides (never one listed in
-        ``keep_whole``: LoRA rank and task-slot axes) is split over ``fsdp`` too.
+        ``keep_whole``: LoRA rank and task-slot axes, nor a ``layers`` axis) is split over
+        ``fsdp`` too.
         """
+        keep_whole = {*keep_whole, *(i for i, name in enumerate(logical) if name == "layers")}
         out: list[tuple[str, ...]] = []
         taken: set[str] = set()
         for name, size in zip(logical, shape):
@@ -196,9 +216,11 @@ class ShardingRules:
         head, _, name = path.rpartition("/")
         if name in (LORA_A, LORA_B) and len(shape) >= 2:
             base = self.logical_axes(f"{head}/kernel")
-            if base is not None:
-                lead = (None,) * (len(shape) - 2)
-                logical = lead + ((None, base[0]) if name == LORA_A else (base[1], None))
+            if base is not None and len(shape) >= len(base):
+                # Stack axes (unsharded), then the kernel's own leading axes (a scanned layer's
+                # ``layers``), then the factor's matrix: [.., r, in] or [.., out, r].
+                lead = (None,) * (len(shape) - len(base)) + tuple(base[:-2])
+                logical = lead + ((None, base[-2]) if name == LORA_A else (base[-1], None))
                 rank_dim = len(shape) - 2 if name == LORA_A else len(shape) - 1
                 return self.spec(logical, shape, keep_whole=(*range(len(lead)), rank_dim))
         logical = self.logical_axes(path)

@@ -37,7 +37,8 @@ def abstract_like(tree, mesh: Mesh):
 
 def _describe_differences(old: Any, new: Any, where: str = "config") -> list[str]:
     """Differing leaves; a key missing on one side equals None (a newer optional key, e.g. a
-    task's ``batch_size``, does not invalidate a workdir written before it existed)."""
+    task's ``batch_size``, does not invalidate a workdir written before it existed) or False (a
+    flag added later, e.g. ``decoder.scan_layers``, was off in a workdir written before it)."""
     if isinstance(old, dict) and isinstance(new, dict):
         diffs = []
         for key in sorted(set(old) | set(new)):
@@ -49,6 +50,8 @@ def _describe_differences(old: Any, new: Any, where: str = "config") -> list[str
             for i, (a, b) in enumerate(zip(old, new))
             for d in _describe_differences(a, b, f"{where}[{i}]")
         ]
+    if (old is None and new is False) or (old is False and new is None):
+        return []
     return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
 
 
@@ -57,10 +60,14 @@ def check_same_config(saved: dict, current: dict, what: str) -> None:
     diffs = _describe_differences(saved, current)
     if diffs:
         shown = "; ".join(diffs[:5]) + (" ..." if len(diffs) > 5 else "")
-        raise CheckpointError(
-            f"{what} was written with a different config ({shown}); "
-            "use a new --workdir or restore the original config"
-        )
+        hint = "use a new --workdir or restore the original config"
+        if any(".scan_layers: None -> True" in d for d in diffs):
+            hint = (
+                "it predates the scanned decoder and holds the unrolled layout (decoder/block_i): "
+                "add --config.llava.decoder.scan_layers=False to use it as it is, or use a new "
+                "--workdir"
+            )
+        raise CheckpointError(f"{what} was written with a different config ({shown}); {hint}")
 
 
 class StageCheckpoints:

@@ -30,9 +30,19 @@ def count(tree) -> int:
     return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(tree)))
 
 
+def _layers_at(backbone, path: str) -> int:
+    """Layers behind a module path: a scanned kernel ``[layers, in, out]`` holds several."""
+    return int(np.prod(get_by_path(backbone, path)["kernel"].shape[:-2]))
+
+
 def lora_params_per_task(backbone, targets: list[str], rank: int) -> int:
-    """Every targeted kernel ``[in, out]`` gets A ``[r, in]`` and B ``[out, r]``."""
-    return int(sum(rank * sum(get_by_path(backbone, p)["kernel"].shape) for p in targets))
+    """Every targeted kernel ``[in, out]`` gets A ``[r, in]`` and B ``[out, r]`` (per layer)."""
+    return int(
+        sum(
+            rank * sum(get_by_path(backbone, p)["kernel"].shape[-2:]) * _layers_at(backbone, p)
+            for p in targets
+        )
+    )
 
 
 def expected_files(config: ExperimentConfig, task: TaskConfig) -> list[Path]:
@@ -105,11 +115,12 @@ def dry_run(config: ExperimentConfig) -> str:
     backbone = abstract_backbone(config)
     targets = select_targets(backbone, config.lora.targets)
     per_task = lora_params_per_task(backbone, targets, config.lora.rank)
+    layers = sum(_layers_at(backbone, p) for p in targets)
     lines = [
         f"model: {config.model_kind}",
         f"frozen backbone parameters: {count(backbone):,}",
-        f"LoRA: rank {config.lora.rank}, alpha {config.lora.alpha}, {len(targets)} adapted layers "
-        f"(e.g. {targets[0]})",
+        f"LoRA: rank {config.lora.rank}, alpha {config.lora.alpha}, {layers} adapted layers "
+        f"in {len(targets)} modules (e.g. {targets[0]})",
         f"LoRA parameters per task: {per_task:,}",
         *mesh_lines(config, backbone, targets),
         "tasks:",

@@ -76,9 +76,11 @@ class AdapterContext:
 
 def with_layer_weight(adapter: dict, weight: jax.Array) -> dict:
     """The ``lora_active`` collection: each adapted layer's ``{lora_a, lora_b}`` plus ``weight``
-    (its forward weight, task mask times alpha / rank)."""
+    (its forward weight, task mask times alpha / rank), with the factors' leading axes (a
+    scanned decoder's layer axis, which ``nn.scan`` slices every variable along)."""
     if LORA_A in adapter:
-        return {**adapter, LORA_WEIGHT: weight}
+        lead = adapter[LORA_A].shape[:-2]
+        return {**adapter, LORA_WEIGHT: jnp.broadcast_to(weight, lead)}
     return {k: with_layer_weight(v, weight) for k, v in adapter.items()}
 
 

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mslora_jax.models.decoder import SCANNED
+
 
 @flax.struct.dataclass
 class Schedule:
@@ -38,7 +40,14 @@ class Schedule:
 
 
 def _is_matrix(tree):
-    return jax.tree.map(lambda x: jnp.ndim(x) >= 2, tree)
+    """True for matrices; a scanned decoder's leaves count without their leading layer axis
+    (its norm scales ``[layers, D]`` are vectors, as in the unrolled layout)."""
+
+    def one(path, x):
+        scanned = any(getattr(key, "key", None) == SCANNED for key in path)
+        return jnp.ndim(x) - int(scanned) >= 2
+
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def make_optimizer(weight_decay: float, grad_clip_norm: float) -> optax.GradientTransformation:
