@@ -37,9 +37,7 @@ def load_stage_adapters(workdir: str | Path, method: str) -> list[tuple[dict, di
 def _similarity(a: dict, b: dict) -> float:
     """The CR similarity s = mean over matrices of exp(-||P_a - P_b||_F) (a scanned layer's
     ``[layers, m, n]`` factor counts as its ``layers`` matrices, as in the CR loss)."""
-    diffs = jax.tree.map(
-        lambda x, y: np.exp(-np.linalg.norm(x - y, axis=(-2, -1))).ravel(), a, b
-    )
+    diffs = jax.tree.map(lambda x, y: np.exp(-np.linalg.norm(x - y, axis=(-2, -1))).ravel(), a, b)
     return float(np.mean(np.concatenate(jax.tree.leaves(diffs))))
 
 
