@@ -45,6 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
             num_kv_heads=4,
             mlp_dim=2816,
             max_len=256,
+            # Blocks under nn.scan, parameters on a layer axis (False: block_i modules, the
+            # layout of workdirs written before the scan).
+            scan_layers=True,
         ),
         image_token_id=4,
         system_prompt="A medical image chat.",

@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
             num_kv_heads=2,
             mlp_dim=128,
             max_len=256,
+            # Blocks under nn.scan, parameters on a layer axis (False: block_i modules, the
+            # layout of workdirs written before the scan).
+            scan_layers=True,
         ),
         image_token_id=4,
         # A short system line instead of LLaVA's ~90-token one: sequences shrink from ~160 text

@@ -88,6 +88,9 @@ def get_config(data_root: str = "data/paper_8task") -> ml_collections.ConfigDict
             mlp_dim=14336,
             max_len=32768,
             rope_theta=1e6,
+            # Blocks under nn.scan, parameters on a layer axis (False: block_i modules, the
+            # layout of workdirs written before the scan).
+            scan_layers=True,
         ),
         # Mistral's tokenizer has no <image> token: the placeholder gets LLaVA's id -200.
         image_token_id=-200,

@@ -137,14 +137,26 @@ def clip_task_loss(model: DualEncoder, clip_loss_fn: ClipLossFn) -> TaskLossFn:
 
     def task_loss(variables, trainable, context: AdapterContext, batch, rng):
         logit_scale = trainable.get("logit_scale", context.base_params["logit_scale"])
-        image_emb, text_emb, _ = model.apply(
-            variables,
-            normalize_images(batch["image"]),
-            context.class_tokens[batch["label"]],
-            context.forward_weights,
-            deterministic=False,
-            rngs={"dropout": rng},
-        )
+        images = normalize_images(batch["image"])
+        if model.lora_dropout > 0.0:  # each copy of a prompt draws its own dropout mask
+            image_emb, text_emb, _ = model.apply(
+                variables,
+                images,
+                context.class_tokens[batch["label"]],
+                context.forward_weights,
+                deterministic=False,
+                rngs={"dropout": rng},
+            )
+        else:
+            # Without dropout every prompt of a class is the same computation: encode each class
+            # once ([C, L], not [B, L]) and gather by label. Same embeddings and gradients (the
+            # gathered copies' gradients sum into the one encoding) at C instead of B sequences.
+            weights = context.forward_weights
+            image_emb = model.apply(variables, images, weights, method=DualEncoder.encode_image)
+            class_emb = model.apply(
+                variables, context.class_tokens, weights, method=DualEncoder.encode_text
+            )
+            text_emb = class_emb[batch["label"]]
         return clip_loss_fn(image_emb, text_emb, batch["label"], logit_scale)
 
     return task_loss
