@@ -72,7 +72,7 @@ def test_orthogonality_hand_computed():
 def test_scanned_layers_count_as_separate_tensors():
     """A scanned decoder's ``[T, layers, ...]`` factors give CR, similarities and
     orthogonality equal to the unrolled ``block_{i}`` trees (each layer one P, as released)."""
-    from mslora_jax.losses.regularizers import orthogonality_with_active
+    from mslora_jax.losses.regularizers import orthogonality_per_slot, orthogonality_with_active
     from mslora_jax.models.decoder import scan_blocks
 
     rng = np.random.default_rng(0)
@@ -98,7 +98,7 @@ def test_scanned_layers_count_as_separate_tensors():
         orthogonality_regularizer(stack_s, mask), orthogonality_regularizer(stack, mask), rtol=1e-6
     )
     np.testing.assert_allclose(
-        orthogonality_with_active(stack_s, active_s, mask, 2),
-        orthogonality_with_active(stack, active, mask, 2),
+        orthogonality_with_active(orthogonality_per_slot(stack_s), active_s, mask, 2),
+        orthogonality_with_active(orthogonality_per_slot(stack), active, mask, 2),
         rtol=1e-6,
     )

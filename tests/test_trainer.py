@@ -178,6 +178,7 @@ def test_trained_adapter_outside_the_stack_equals_inserting_it():
     from mslora_jax.losses.contrastive import clip_loss
     from mslora_jax.losses.regularizers import (
         contrastive_regularizer,
+        orthogonality_per_slot,
         orthogonality_regularizer,
     )
     from mslora_jax.train.objectives import adapter_loss, clip_task_loss
@@ -193,7 +194,8 @@ def test_trained_adapter_outside_the_stack_equals_inserting_it():
         earlier_mask=jnp.asarray([False, True, False]),
         forward_weights=jnp.asarray([2.0, 0.5, 0.0]),
     )
-    context = context.replace(lora_stack=exp.stack({**slots, 1: _random_earlier_adapter(exp, 2)}))
+    stack = exp.stack({**slots, 1: _random_earlier_adapter(exp, 2)})
+    context = context.replace(lora_stack=stack, frozen_ortho=orthogonality_per_slot(stack))
     trainable = {"lora": jax.tree.map(lambda x: x + 0.03, _random_earlier_adapter(exp, 3))}
     images, labels = union_train_split(exp.tasks, exp.table, [1])
     batch = next(train_batches(images, labels, batch_size=32, num_steps=1, seed=3))

@@ -71,8 +71,11 @@ def _num_layers(stacked: Mapping) -> int:
     return sum(math.prod(layer[LORA_A].shape[1:-2]) for layer in _layers(stacked))
 
 
-def _orthogonality_per_task(stacked: Mapping) -> jax.Array:
-    """``[T]``: sum over layers of ``||A A^T - I_r||_F^2 + ||B^T B - I_r||_F^2`` per slot."""
+def orthogonality_per_slot(stacked: Mapping) -> jax.Array:
+    """``[T]``: sum over layers of ``||A A^T - I_r||_F^2 + ||B^T B - I_r||_F^2`` per slot.
+
+    A stage's frozen slots do not change during the stage, so their terms are computed once per
+    stage (``AdapterContext.frozen_ortho``) rather than in every step."""
     total = 0.0
     for layer in _layers(stacked):
         a, b = layer[LORA_A], layer[LORA_B]
@@ -87,19 +90,20 @@ def _orthogonality_per_task(stacked: Mapping) -> jax.Array:
 def orthogonality_regularizer(stacked: Mapping, task_mask: jax.Array) -> jax.Array:
     """Mean over (A, B) pairs of the masked tasks and all layers of
     ``||A A^T - I_r||_F^2 + ||B^T B - I_r||_F^2`` (A: ``[T, r, in]``, B: ``[T, out, r]``)."""
-    per_task = _orthogonality_per_task(stacked)
+    per_task = orthogonality_per_slot(stacked)
     count = _num_layers(stacked) * jnp.maximum(jnp.sum(task_mask.astype(jnp.float32)), 1.0)
     return jnp.sum(jnp.where(task_mask, per_task, 0.0)) / count
 
 
 def orthogonality_with_active(
-    frozen: Mapping, active: Mapping, task_mask: jax.Array, active_slot: jax.Array
+    frozen_terms: jax.Array, active: Mapping, task_mask: jax.Array, active_slot: jax.Array
 ) -> jax.Array:
-    """``orthogonality_regularizer`` of ``frozen`` with slot ``active_slot`` replaced by the
-    unstacked ``active`` adapter, without building that stack (the trained adapter's gradient
-    never touches the other slots)."""
-    per_task = _orthogonality_per_task(frozen)
-    own = _orthogonality_per_task(jax.tree.map(lambda x: x[None], active))[0]
-    per_task = jnp.where(jnp.arange(per_task.shape[0]) == active_slot, own, per_task)
-    count = _num_layers(frozen) * jnp.maximum(jnp.sum(task_mask.astype(jnp.float32)), 1.0)
+    """``orthogonality_regularizer`` of a stack whose per-slot terms are ``frozen_terms``
+    (``orthogonality_per_slot`` of the frozen stack, ``[T]``) with slot ``active_slot``
+    replaced by the unstacked ``active`` adapter, without building that stack (the trained
+    adapter's gradient never touches the other slots)."""
+    one = jax.tree.map(lambda x: x[None], active)
+    own = orthogonality_per_slot(one)[0]
+    per_task = jnp.where(jnp.arange(frozen_terms.shape[0]) == active_slot, own, frozen_terms)
+    count = _num_layers(one) * jnp.maximum(jnp.sum(task_mask.astype(jnp.float32)), 1.0)
     return jnp.sum(jnp.where(task_mask, per_task, 0.0)) / count

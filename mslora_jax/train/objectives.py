@@ -63,6 +63,7 @@ class AdapterContext:
     # deltas merged into their kernels when the loss folds them (``folded=True``).
     base_params: dict
     lora_stack: dict  # every slot's adapter params, stacked; the regularizers read it
+    frozen_ortho: jax.Array  # [T] each slot's orthogonality terms, fixed for the stage
     active_slot: jax.Array  # int32 scalar
     forward_weights: jax.Array  # [T] task mask * (alpha / rank): which adapters the forward sums
     earlier_mask: jax.Array  # [T] bool: slots the CR loss compares against
@@ -123,7 +124,9 @@ def regularized_adapter_loss(task_loss: TaskLossFn, folded: bool = False):
         cr = contrastive_regularizer(
             active, context.lora_stack, context.earlier_mask, context.same_modality
         )
-        ortho = orthogonality_with_active(frozen, active, context.ortho_mask, context.active_slot)
+        ortho = orthogonality_with_active(
+            context.frozen_ortho, active, context.ortho_mask, context.active_slot
+        )
         w_cr = context.alpha_cr * jnp.exp(trainable.get("log_alpha_cr", 0.0))
         w_ortho = context.beta_ortho * jnp.exp(trainable.get("log_beta_ortho", 0.0))
         total = task + w_cr * cr + w_ortho * ortho
@@ -138,7 +141,10 @@ def clip_task_loss(model: DualEncoder, clip_loss_fn: ClipLossFn) -> TaskLossFn:
     def task_loss(variables, trainable, context: AdapterContext, batch, rng):
         logit_scale = trainable.get("logit_scale", context.base_params["logit_scale"])
         images = normalize_images(batch["image"])
-        if model.lora_dropout > 0.0:  # each copy of a prompt draws its own dropout mask
+        # Each copy of a prompt draws its own dropout mask; and with more classes than
+        # examples, encoding the batch's prompts is the smaller job.
+        per_example = context.class_tokens.shape[0] >= batch["label"].shape[0]
+        if model.lora_dropout > 0.0 or per_example:
             image_emb, text_emb, _ = model.apply(
                 variables,
                 images,
@@ -148,9 +154,9 @@ def clip_task_loss(model: DualEncoder, clip_loss_fn: ClipLossFn) -> TaskLossFn:
                 rngs={"dropout": rng},
             )
         else:
-            # Without dropout every prompt of a class is the same computation: encode each class
-            # once ([C, L], not [B, L]) and gather by label. Same embeddings and gradients (the
-            # gathered copies' gradients sum into the one encoding) at C instead of B sequences.
+            # Without dropout every prompt of a class is the same computation: encode each of the
+            # C < B classes once ([C, L], not [B, L]) and gather by label. Same embeddings and
+            # gradients (the gathered copies' gradients sum into the one encoding).
             weights = context.forward_weights
             image_emb = model.apply(variables, images, weights, method=DualEncoder.encode_image)
             class_emb = model.apply(

@@ -25,6 +25,7 @@ from mslora_jax.lora.adapter import init_adapter_params, stack_params
 from mslora_jax.lora.merge import merge_stack, with_kernels
 from mslora_jax.lora.targets import get_by_path, select_targets
 from mslora_jax.losses.contrastive import sharded_clip_loss
+from mslora_jax.losses.regularizers import orthogonality_per_slot
 from mslora_jax.models.clip import DualEncoder
 from mslora_jax.parallel.distributed import is_primary
 from mslora_jax.parallel.mesh import batch_shards, check_divisible, process_row_range
@@ -291,6 +292,10 @@ def initial_trainable(exp: StreamExperiment, method: Method, adapter: dict) -> d
     return trainable
 
 
+# Once per stage (one small compiled program per stack structure).
+_orthogonality_per_slot = jax.jit(orthogonality_per_slot)
+
+
 def stage_context(
     exp: StreamExperiment, method: Method, stage: int, slots: dict, task_indices
 ) -> AdapterContext:
@@ -309,9 +314,11 @@ def stage_context(
     if exp.fold_frozen:  # the frozen slots' deltas merged once for the whole stage
         frozen = [i for i in method.train_slots(stage) if i != active_slot]
         base_params = exp.inference_params(slots, frozen)
+    lora_stack = exp.stack(slots)
     return AdapterContext(
         base_params=base_params,
-        lora_stack=exp.stack(slots),
+        lora_stack=lora_stack,
+        frozen_ortho=_orthogonality_per_slot(lora_stack),
         active_slot=jnp.int32(active_slot),
         forward_weights=forward_weights,
         earlier_mask=exp.mask(method.cr_slots(stage)),
