@@ -441,6 +441,26 @@ def test_scanned_decoder_equals_unrolled_with_adapters_and_gradients():
     chex.assert_trees_all_equal(unscan_blocks(scan_blocks(stack, axis=1), axis=1), stack)
 
 
+def test_one_seed_gives_the_same_weights_and_adapters_in_both_layouts():
+    """``decoder.scan_layers`` is a layout, not a seed: random init and fresh adapters are the
+    unrolled layout's draws, stacked (depth 11 puts block_10 before block_2 in tree order)."""
+    config = dataclasses.replace(LLAVA, decoder=dataclasses.replace(DEC, depth=11))
+    unrolled = dataclasses.replace(
+        config, decoder=dataclasses.replace(config.decoder, scan_layers=False)
+    )
+    scanned_params = init_llava(config, jax.random.PRNGKey(4))
+    unrolled_params = init_llava(unrolled, jax.random.PRNGKey(4))
+    chex.assert_trees_all_equal(scanned_params, scan_blocks(unrolled_params))
+    chex.assert_trees_all_equal(
+        init_decoder(config.decoder, jax.random.PRNGKey(5)),
+        scan_blocks({"decoder": init_decoder(unrolled.decoder, jax.random.PRNGKey(5))})["decoder"],
+    )
+    adapter = lambda params: init_adapter_params(
+        params, select_targets(params, LLAVA_LORA_TARGETS), 2, jax.random.PRNGKey(6)
+    )
+    chex.assert_trees_all_equal(adapter(scanned_params), scan_blocks(adapter(unrolled_params)))
+
+
 def test_mistral_7b_lora_parameter_count():
     """Shapes only (jax.eval_shape): no weights are allocated."""
     config = LlavaConfig.llava_med_v15()

@@ -20,6 +20,7 @@ import numpy as np
 
 from mslora_jax.errors import ConfigError
 from mslora_jax.lora.targets import get_by_path, set_by_path
+from mslora_jax.models.decoder import SCANNED
 from mslora_jax.models.lora_dense import LORA_A, LORA_B
 
 
@@ -47,31 +48,46 @@ class LoraAdapter:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
 
 
-def kaiming_uniform_a(rng: jax.Array, rank: int, fan_in: int, lead: tuple = ()) -> jax.Array:
-    """PyTorch's ``kaiming_uniform_(a=sqrt(5))`` on ``[r, in]`` matrices: U(+-1/sqrt(in)).
-
-    ``lead``: leading axes (a scanned decoder's layer axis), one independent draw per matrix."""
+def kaiming_uniform_a(rng: jax.Array, rank: int, fan_in: int) -> jax.Array:
+    """PyTorch's ``kaiming_uniform_(a=sqrt(5))`` on an ``[r, in]`` matrix: U(+-1/sqrt(in))."""
     bound = 1.0 / np.sqrt(fan_in)
-    return jax.random.uniform(rng, (*lead, rank, fan_in), jnp.float32, -bound, bound)
+    return jax.random.uniform(rng, (rank, fan_in), jnp.float32, -bound, bound)
 
 
 def init_adapter_params(
     base_params: Mapping, targets: Sequence[str], rank: int, rng: jax.Array
 ) -> dict:
-    """A fresh adapter tree: A kaiming-uniform, B zeros (so the model output is unchanged)."""
+    """A fresh adapter tree: A kaiming-uniform, B zeros (so the model output is unchanged).
+
+    A scanned decoder layer (kernel ``[layers, in, out]``) draws each layer's A as the unrolled
+    layout does (one key per ``decoder/block_{i}/...`` path, in that tree's order) and stacks
+    them, so one seed gives the same adapters in both layouts."""
     if rank < 1:
         raise ConfigError(f"lora.rank must be >= 1, got {rank}")
+    layers = []  # (path, layer or None, unrolled path): every adapted matrix pair
+    for path in targets:
+        head, _, rest = path.partition(f"decoder/{SCANNED}/")
+        if head or not rest:
+            layers.append((path, None, path))
+            continue
+        depth = get_by_path(base_params, path)["kernel"].shape[0]
+        layers += [(path, i, f"decoder/block_{i}/{rest}") for i in range(depth)]
+    if any(layer is not None for _, layer, _ in layers):
+        # The unrolled tree's order: its (sorted) keys, so block_10 comes before block_2.
+        layers.sort(key=lambda entry: entry[2].split("/"))
+    drawn: dict[str, list] = {}
+    for (path, layer, _), key in zip(layers, jax.random.split(rng, len(layers))):
+        *_, fan_in, fan_out = get_by_path(base_params, path)["kernel"].shape
+        drawn.setdefault(path, []).append((layer, kaiming_uniform_a(key, rank, fan_in)))
     tree: dict = {}
-    for path, key in zip(targets, jax.random.split(rng, len(targets))):
-        # A scanned layer's kernel is [layers, in, out]: its factors get the same leading axis.
+    for path in targets:
         *lead, fan_in, fan_out = get_by_path(base_params, path)["kernel"].shape
+        parts = [a for _, a in sorted(drawn[path], key=lambda d: -1 if d[0] is None else d[0])]
+        lora_a = parts[0] if not lead else jnp.stack(parts)
         tree = set_by_path(
             tree,
             path,
-            {
-                LORA_A: kaiming_uniform_a(key, rank, fan_in, tuple(lead)),
-                LORA_B: jnp.zeros((*lead, fan_out, rank), jnp.float32),
-            },
+            {LORA_A: lora_a, LORA_B: jnp.zeros((*lead, fan_out, rank), jnp.float32)},
         )
     return tree
 

@@ -535,10 +535,21 @@ class Decoder(nn.Module):
 
 
 def init_decoder(config: DecoderConfig, rng: jax.Array) -> dict:
-    """Random decoder parameters (the ``params`` collection only)."""
+    """Random decoder parameters (the ``params`` collection only); a scanned decoder gets the
+    unrolled layout's draws, stacked, so one seed gives the same weights in both layouts."""
     ids = jnp.zeros((1, 1), jnp.int32)
-    init = lambda key: Decoder(config).init(key, ids, method=Decoder.logits_from_ids)["params"]
+    unrolled = Decoder(unrolled_config(config))
+
+    def init(key):
+        params = unrolled.init(key, ids, method=Decoder.logits_from_ids)["params"]
+        return scan_blocks({"decoder": params})["decoder"] if config.scan_layers else params
+
     return jax.jit(init)(rng)  # one compiled program instead of many eager ops
+
+
+def unrolled_config(config: DecoderConfig) -> DecoderConfig:
+    """``config`` in the unrolled layout (``block_{i}`` modules)."""
+    return dataclasses.replace(config, scan_layers=False)
 
 
 def _block_index(key: str) -> int | None:

@@ -35,7 +35,13 @@ import numpy as np
 
 from mslora_jax.errors import ConfigError, DataError
 from mslora_jax.models.clip import ModelConfig, embed_patches, vit_encoder
-from mslora_jax.models.decoder import Decoder, DecoderConfig, positions_from_mask
+from mslora_jax.models.decoder import (
+    Decoder,
+    DecoderConfig,
+    positions_from_mask,
+    scan_blocks,
+    unrolled_config,
+)
 
 # LoRA targets of the LLaVA model: the decoder's q, k, v, o, gate, up, down in every block
 # (``decoder/blocks/...`` scanned, one path for all layers; ``decoder/block_{i}/...`` unrolled).
@@ -271,11 +277,19 @@ class Llava(nn.Module):
 
 
 def init_llava(config: LlavaConfig, rng: jax.Array) -> dict:
-    """Random LLaVA parameters (the ``params`` collection only)."""
+    """Random LLaVA parameters (the ``params`` collection only).
+
+    A scanned decoder gets the unrolled layout's draws, stacked (``scan_blocks``): one seed gives
+    the same weights in both layouts, so ``decoder.scan_layers`` never changes a result."""
     size = config.vision.image_size
     images = jnp.zeros((1, size, size, 3), jnp.float32)
     ids = jnp.full((1, 1), config.image_token_id, jnp.int32)
-    init = lambda key: Llava(config).init(key, images, ids, jnp.ones((1, 1), bool))["params"]
+    unrolled = dataclasses.replace(config, decoder=unrolled_config(config.decoder))
+
+    def init(key):
+        params = Llava(unrolled).init(key, images, ids, jnp.ones((1, 1), bool))["params"]
+        return scan_blocks(params) if config.decoder.scan_layers else params
+
     return jax.jit(init)(rng)  # one compiled program instead of many eager ops
 
 
