@@ -18,7 +18,7 @@ from mslora_jax.data.chat_template import ChatTemplate
 from mslora_jax.errors import ConfigError
 from mslora_jax.eval.answer_metrics import METRIC_NAMES
 from mslora_jax.models.clip import ModelConfig
-from mslora_jax.models.decoder import DecoderConfig
+from mslora_jax.models.decoder import ATTENTION_KERNELS, DecoderConfig
 from mslora_jax.models.llava import LlavaConfig
 
 METHODS = ("each", "seq", "mslora", "mslora_cr", "mslora_cr_ortho", "joint")
@@ -224,6 +224,13 @@ class LlavaSettings:
     # Decoder attention scores computed this many queries at a time (0: all at once). Same
     # values; the float32 [B, heads, L, L] scores of long sequences no longer fill memory.
     attention_chunk: int = 0
+    # Attention kernel of the cache-free forward (training): None or "xla"
+    # (jax.nn.dot_product_attention, any backend), "splash" (the Pallas flash kernel for TPUs:
+    # no [B, H, L, L] scores, causal blocks skipped; needs TPU devices) or "splash_interpret"
+    # (that kernel interpreted, any backend, slow: for checking). Generation with the KV cache
+    # always uses XLA's. (None, not "xla", is the default so workdirs written before this key
+    # existed still match.)
+    attention_kernel: str | None = None
     # Frozen backbone and activations in "bfloat16" (half the memory; LoRA adapters, their
     # optimizer and the loss stay float32) or "float32".
     dtype: str = "float32"
@@ -232,6 +239,11 @@ class LlavaSettings:
         ChatTemplate(self.template, self.system_prompt)  # raises for an unknown template
         if self.attention_chunk < 0:
             raise ConfigError(f"llava.attention_chunk must be >= 0, got {self.attention_chunk}")
+        if self.attention_kernel is not None and self.attention_kernel not in ATTENTION_KERNELS:
+            raise ConfigError(
+                f"llava.attention_kernel={self.attention_kernel!r} is unknown; expected one of "
+                f"{ATTENTION_KERNELS}"
+            )
         if self.dtype not in DTYPES:
             raise ConfigError(f"llava.dtype={self.dtype!r} is unknown; expected one of {DTYPES}")
         if (self.image_mean is None) != (self.image_std is None):

@@ -37,12 +37,16 @@ import jax.numpy as jnp
 
 from mslora_jax.errors import ConfigError
 from mslora_jax.models.lora_dense import LORA_ACTIVE, LORA_COLLECTION, LoraDense
+from mslora_jax.models.splash import splash_attention
 
 # Logical axes of the residual stream [B, L, D] and of cached keys/values [B, S, K, Dh], for the
 # sharding constraints (``parallel.rules.LOGICAL_TO_MESH`` maps them to mesh axes).
 RESIDUAL_AXES = ("batch", None, None)
 CACHE_AXES = (None, "batch", None, "act_kv_heads", None)  # [layers, B, S, K, Dh]
 SCANNED = "blocks"  # the scanned layout's module name (leaves with a leading layer axis)
+# Attention kernels: XLA's (``jax.nn.dot_product_attention``), the Pallas splash kernel on TPU
+# for cache-free calls (``models.splash``), or that kernel in the Pallas interpreter (any backend).
+ATTENTION_KERNELS = ("xla", "splash", "splash_interpret")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,11 +185,14 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE; LoRA-targetable projections q, k, v, o.
 
-    ``query_chunk`` > 0 computes the scores that many queries at a time (see ``attend``)."""
+    ``query_chunk`` > 0 computes the scores that many queries at a time (see ``attend``);
+    ``kernel``: ``ATTENTION_KERNELS`` (``splash``: the Pallas TPU kernel for cache-free calls).
+    """
 
     config: DecoderConfig
     lora_dropout: float = 0.0
     query_chunk: int = 0
+    kernel: str = "xla"
 
     @nn.compact
     def __call__(
@@ -228,6 +235,12 @@ class Attention(nn.Module):
                 "v": _write(layer_cache["v"], v, cache_index),
             }
             k, v = layer_cache["k"].astype(x.dtype), layer_cache["v"].astype(x.dtype)  # [B,S,K,Dh]
+        if self.kernel != "xla" and layer_cache is None:
+            # Cache-free: keys are these tokens, and the last query sees every real key.
+            out = splash_attention(q, k, v, visible[:, -1], self.kernel == "splash_interpret")
+            return dense(cfg.width, "o")(
+                out.reshape(b, length, heads * dh), task_weights, deterministic
+            ), layer_cache
         # Query head h = kv * groups + g uses kv head h // groups (HF's repeat_kv order).
         q = q.reshape(b, length, kv_heads, groups, dh)
         out = attend(q, k, v, visible, self.query_chunk).reshape(b, length, heads * dh)
@@ -299,6 +312,7 @@ def _block(
     cfg: DecoderConfig,
     lora_dropout: float,
     query_chunk: int,
+    kernel: str,
     x: jax.Array,
     positions: jax.Array,
     visible: jax.Array,
@@ -310,7 +324,7 @@ def _block(
     """One block's body, creating its modules inside the calling compact method (so the
     unrolled ``DecoderBlock`` and the scanned ``_ScannedBlock`` name them alike)."""
     h = RMSNorm(cfg.rms_eps, name="attn_norm")(x)
-    h, layer_cache = Attention(cfg, lora_dropout, query_chunk, name="attn")(
+    h, layer_cache = Attention(cfg, lora_dropout, query_chunk, kernel, name="attn")(
         h, positions, visible, task_weights, layer_cache, cache_index, deterministic
     )
     x = x + h
@@ -325,6 +339,7 @@ class DecoderBlock(nn.Module):
     config: DecoderConfig
     lora_dropout: float = 0.0
     query_chunk: int = 0
+    kernel: str = "xla"
 
     @nn.compact
     def __call__(
@@ -341,6 +356,7 @@ class DecoderBlock(nn.Module):
             self.config,
             self.lora_dropout,
             self.query_chunk,
+            self.kernel,
             x,
             positions,
             visible,
@@ -362,6 +378,7 @@ class _ScannedBlock(nn.Module):
     config: DecoderConfig
     lora_dropout: float = 0.0
     query_chunk: int = 0
+    kernel: str = "xla"
 
     @nn.compact
     def __call__(self, carry, positions, visible, task_weights, cache_index, deterministic):
@@ -374,6 +391,7 @@ class _ScannedBlock(nn.Module):
             self.config,
             self.lora_dropout,
             self.query_chunk,
+            self.kernel,
             x,
             positions,
             visible,
@@ -388,7 +406,9 @@ class _ScannedBlock(nn.Module):
         return (x, keys, values, layer + 1), None
 
 
-def scanned_blocks(config: DecoderConfig, lora_dropout: float, query_chunk: int, remat: bool):
+def scanned_blocks(
+    config: DecoderConfig, lora_dropout: float, query_chunk: int, kernel: str, remat: bool
+):
     """The ``blocks`` module of the scanned layout: ``_ScannedBlock`` (rematerialized inside
     the loop when ``remat``: each layer keeps only its input for the backward pass) under
     ``nn.scan`` over ``config.depth`` layers.
@@ -407,7 +427,7 @@ def scanned_blocks(config: DecoderConfig, lora_dropout: float, query_chunk: int,
         in_axes=(nn.broadcast,) * 5,
         length=config.depth,
     )
-    return scan(config, lora_dropout, query_chunk, name=SCANNED)
+    return scan(config, lora_dropout, query_chunk, kernel, name=SCANNED)
 
 
 class Decoder(nn.Module):
@@ -421,17 +441,26 @@ class Decoder(nn.Module):
     lora_dropout: float = 0.0
     remat: bool = False
     query_chunk: int = 0  # attention scores this many queries at a time (0: all at once)
+    attention_kernel: str = "xla"  # ATTENTION_KERNELS
 
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.width, name="embed_tokens")
         if cfg.scan_layers:
-            self.blocks = scanned_blocks(cfg, self.lora_dropout, self.query_chunk, self.remat)
+            self.blocks = scanned_blocks(
+                cfg, self.lora_dropout, self.query_chunk, self.attention_kernel, self.remat
+            )
         else:
             # static_argnums counts self: argument 7 is the Python bool ``deterministic``.
             block = nn.remat(DecoderBlock, static_argnums=(7,)) if self.remat else DecoderBlock
             self.blocks = [
-                block(cfg, self.lora_dropout, self.query_chunk, name=f"block_{i}")
+                block(
+                    cfg,
+                    self.lora_dropout,
+                    self.query_chunk,
+                    self.attention_kernel,
+                    name=f"block_{i}",
+                )
                 for i in range(cfg.depth)
             ]
         self.norm = RMSNorm(cfg.rms_eps, name="norm")

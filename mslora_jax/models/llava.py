@@ -200,12 +200,15 @@ class Llava(nn.Module):
     lora_dropout: float = 0.0
     remat: bool = False
     query_chunk: int = 0  # decoder attention this many queries at a time (``decoder.attend``)
+    attention_kernel: str = "xla"  # ``decoder.ATTENTION_KERNELS``
 
     def setup(self):
         cfg = self.config
         self.vision_tower = VisionTower(cfg.vision, cfg.vision_layer)
         self.projector = Projector(cfg.decoder.width)
-        self.decoder = Decoder(cfg.decoder, self.lora_dropout, self.remat, self.query_chunk)
+        self.decoder = Decoder(
+            cfg.decoder, self.lora_dropout, self.remat, self.query_chunk, self.attention_kernel
+        )
 
     def encode_images(self, images: jax.Array) -> jax.Array:
         """``[B, H, W, 3]`` images -> ``[B, P, D]`` projected patch tokens."""

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
 from mslora_jax.config import ExperimentConfig, TaskConfig
@@ -28,6 +29,7 @@ from mslora_jax.data.conversation import (
 )
 from mslora_jax.data.vqa import VqaExample, VqaTestItem, load_image, read_test_file, read_train_file
 from mslora_jax.data.vqa_pipeline import vqa_train_batches
+from mslora_jax.errors import ConfigError
 from mslora_jax.eval.answer_metrics import score_answers
 from mslora_jax.losses.answer import answer_cross_entropy
 from mslora_jax.models.generate import llava_generate
@@ -76,6 +78,18 @@ def cast_floating(tree, dtype: str):
         return x.astype(jnp.dtype(dtype))
 
     return jax.tree.map(cast, tree)
+
+
+def attention_kernel(config: ExperimentConfig, mesh: Mesh) -> str:
+    """``llava.attention_kernel`` for the model (None: "xla"); "splash" needs TPU devices."""
+    kernel = config.llava.attention_kernel or "xla"
+    platform = mesh.devices.flat[0].platform
+    if kernel == "splash" and platform != "tpu":
+        raise ConfigError(
+            f'llava.attention_kernel="splash" is a TPU kernel, but the devices are {platform}; '
+            'use "xla" (or "splash_interpret" to check the kernel on any backend, slowly)'
+        )
+    return kernel
 
 
 def load_vqa_task(config: ExperimentConfig, task: TaskConfig) -> VqaTask:
@@ -142,6 +156,7 @@ class GenerativeExperiment(StreamExperiment):
             lora_dropout=config.lora.dropout,
             remat=config.llava.remat,
             query_chunk=config.llava.attention_chunk,
+            attention_kernel=attention_kernel(config, mesh),
         )
         self.tokenizer = tokenizer
         self.ids = special_ids(tokenizer, config.llava.image_token_id)
@@ -262,6 +277,7 @@ def pretrain_llava(
         config.llava.model_config(),
         remat=config.llava.remat,
         query_chunk=config.llava.attention_chunk,
+        attention_kernel=attention_kernel(config, mesh),
     )
     init_key, state_key = jax.random.split(rng)
     rules = ShardingRules(mesh, "llava")
