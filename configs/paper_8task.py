@@ -106,6 +106,10 @@ def get_config(data_root: str = "data/paper_8task") -> ml_collections.ConfigDict
         # Attention scores 512 queries at a time: the float32 [heads, 2623, 2623] scores of one
         # layer are what overflows a 16 GiB chip otherwise (README, "Proof of fit").
         attention_chunk=512,
+        # None: XLA's attention. On TPUs, --config.llava.attention_kernel=splash uses the Pallas
+        # flash-attention kernel for training instead (README, "How a stage computes"); a
+        # placeholder so that the command line may set a string.
+        attention_kernel=ml_collections.config_dict.placeholder(str),
         dtype="bfloat16",  # frozen backbone and activations (LLaVA trains with --bf16)
     )
     c.lora = dict(rank=64, alpha=64.0, targets=LLAVA_LORA_TARGETS, dropout=0.0)
