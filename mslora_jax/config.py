@@ -85,8 +85,13 @@ class TrainConfig:
     # micro-batches follows each task's batch size (24 -> 3 and 16 -> 2 for 8 rows) and the
     # activation memory is that of ``micro_batch_size`` rows whatever the task.
     micro_batch_size: int = 0
+    # Training scalars (workdir/logs: train.jsonl, TensorBoard) every this many steps, and the
+    # non-finite check's fetch; None: 25 (None so workdirs written before this key still match).
+    log_every_steps: int | None = None
 
     def __post_init__(self):
+        if self.log_every_steps is not None and self.log_every_steps < 1:
+            raise ConfigError(f"train.log_every_steps must be >= 1, got {self.log_every_steps}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ConfigError("train.batch_size and train.eval_batch_size must be >= 1")
         if self.micro_batch_size < 0:

@@ -19,3 +19,7 @@ class DataError(MsloraError):
 
 class CheckpointError(MsloraError):
     """A checkpoint is missing, corrupt or belongs to a different config."""
+
+
+class TrainingDivergedError(MsloraError):
+    """A loss term or the gradient became non-finite; names the stage, step and term."""

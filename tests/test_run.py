@@ -66,10 +66,10 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(full_run, tmp_path, m
     full_dir, full_results = full_run
     original = stream.train_stage
 
-    def crash_at_stage_2(exp, method, stage, slots):
+    def crash_at_stage_2(exp, method, stage, slots, *args):
         if method.name == "mslora_cr" and stage == 2:
             raise KeyboardInterrupt("simulated interruption")
-        return original(exp, method, stage, slots)
+        return original(exp, method, stage, slots, *args)
 
     monkeypatch.setattr(stream, "train_stage", crash_at_stage_2)
     with pytest.raises(KeyboardInterrupt):
@@ -91,6 +91,45 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(full_run, tmp_path, m
     assert (tmp_path / "task_metrics.json").read_text() == (
         full_dir / "task_metrics.json"
     ).read_text()
+    # The log of the interrupted run is kept and the rerun appends: mslora_cr's stage 2 rows
+    # come once, after its first two stages' rows (which the rerun restored, not retrained).
+    rows = [json.loads(line) for line in (tmp_path / "logs" / "train.jsonl").open()]
+    cr = [(r["kind"], r["stage"]) for r in rows if r["method"] == "mslora_cr"]
+    assert cr.count(("stage", 2)) == 1 and cr.index(("stage", 1)) < cr.index(("stage", 2))
+
+
+def test_training_log_jsonl_and_tensorboard(full_run):
+    """Per-step scalars every train.log_every_steps steps (and at each stage's last step) and
+    each stage's row, in logs/train.jsonl and TensorBoard event files per method."""
+    workdir, results = full_run
+    rows = [json.loads(line) for line in (workdir / "logs" / "train.jsonl").open()]
+    steps = [r for r in rows if r["kind"] == "step" and r["method"] == "mslora_cr"]
+    per_stage = _config().train.steps_per_task
+    assert [r["step"] for r in steps if r["stage"] == 0] == [0, per_stage - 1]
+    assert [r["method_step"] for r in steps] == [
+        s * per_stage + i for s in range(3) for i in (0, per_stage - 1)
+    ]
+    for r in steps:
+        assert {"loss", "task_loss", "cr", "ortho", "grad_norm", "lr"} <= r.keys()
+        assert all(np.isfinite(r[k]) for k in ("loss", "cr", "ortho", "grad_norm"))
+    assert steps[-1]["steps_per_s"] > 0 and steps[1]["cr"] == 0.0 and steps[3]["cr"] > 0
+    stages = [r for r in rows if r["kind"] == "stage" and r["method"] == "seq"]
+    assert [r["row"] for r in stages] == results["methods"]["seq"]["acc_matrix"]
+    for method in METHODS:
+        events = list((workdir / "logs" / "tensorboard" / method).glob("events.out.tfevents.*"))
+        assert events and events[0].stat().st_size > 100
+
+
+def test_non_finite_loss_stops_with_stage_step_and_term(tmp_path):
+    """A learning rate that blows the adapter up: the run stops naming the stage, the step and
+    the term, and the stage is not checkpointed."""
+    from mslora_jax.errors import TrainingDivergedError
+
+    config = _config(methods=("mslora_cr",), **{"train.learning_rate": 1e30})
+    with pytest.raises(TrainingDivergedError, match=r"mslora_cr 1/3 path_a: .* at step \d+ of"):
+        run_experiment(config, tmp_path)
+    assert StageCheckpoints(tmp_path / "checkpoints" / "mslora_cr").finished_stages() == []
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_rerun_with_a_different_config_is_refused_and_keeps_files(full_run):

@@ -22,6 +22,7 @@ from mslora_jax.parallel.distributed import is_primary
 from mslora_jax.parallel.mesh import make_mesh
 from mslora_jax.report.results import validate_results, write_results
 from mslora_jax.report.task_metrics import validate_task_metrics, write_task_metrics
+from mslora_jax.report.training_log import TrainingLog
 from mslora_jax.train.checkpoints import StageCheckpoints, check_same_config
 from mslora_jax.train.methods import get_method
 from mslora_jax.train.pretrain import init_backbone_sharded, obtain_backbone
@@ -91,15 +92,20 @@ def run_experiment(config: ExperimentConfig, workdir: str | os.PathLike) -> dict
     zero_shot_metrics = [exp.task_metrics({}, [], t) for t in range(exp.num_tasks)]
     zero_shot = [exp.primary_value(m, t) for t, m in enumerate(zero_shot_metrics)]
     log.info("frozen backbone, no adapter: %s", zero_shot)
-    outcomes = {
-        name: run_method(
-            exp,
-            get_method(name),
-            StageCheckpoints(workdir / "checkpoints" / name),
-            fingerprint(config),
-        )
-        for name in config.methods
-    }
+    training_log = TrainingLog(workdir / "logs")
+    try:
+        outcomes = {
+            name: run_method(
+                exp,
+                get_method(name),
+                StageCheckpoints(workdir / "checkpoints" / name),
+                fingerprint(config),
+                training_log,
+            )
+            for name in config.methods
+        }
+    finally:
+        training_log.close()
     methods = {name: outcome.summary for name, outcome in outcomes.items()}
     method_metrics = {name: outcome.task_metrics for name, outcome in outcomes.items()}
     results = {

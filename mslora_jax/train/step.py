@@ -100,6 +100,7 @@ def make_train_step(
         lr = context.schedule(state.step)
         trainable = optax.apply_updates(state.trainable, scale_by_lr(updates, lr))
         new_state = TrainState(state.step + 1, trainable, opt_state, rng)
-        return new_state, {**metrics, "loss": loss, "lr": lr}
+        metrics = {**metrics, "loss": loss, "lr": lr, "grad_norm": optax.tree.norm(grads)}
+        return new_state, metrics
 
     return train_step

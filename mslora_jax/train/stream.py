@@ -32,6 +32,7 @@ from mslora_jax.parallel.mesh import batch_shards, check_divisible, process_row_
 from mslora_jax.parallel.rules import ShardingRules
 from mslora_jax.parallel.sharded_jit import ShardedOutputs, ShardedStep
 from mslora_jax.report.results import method_summary
+from mslora_jax.report.training_log import TrainingLog
 from mslora_jax.train.checkpoints import StageCheckpoints
 from mslora_jax.train.loop import run_steps
 from mslora_jax.train.methods import Method
@@ -334,9 +335,17 @@ def stage_context(
 
 
 def train_stage(
-    exp: StreamExperiment, method: Method, stage: int, slots: dict
+    exp: StreamExperiment,
+    method: Method,
+    stage: int,
+    slots: dict,
+    training_log: TrainingLog | None = None,
+    method_step: int = 0,
 ) -> tuple[TrainState, dict]:
-    """Train the adapter of ``stage``; returns the final train state and timing."""
+    """Train the adapter of ``stage``; returns the final train state and timing.
+
+    ``training_log`` gets the scalars every ``train.log_every_steps`` steps, at ``method_step`` (the
+    method's steps before this stage) plus the step."""
     task_indices = list(range(exp.num_tasks)) if method.joint else [stage]
     slot = method.slot(stage)
     start = (
@@ -357,6 +366,12 @@ def train_stage(
         num_steps=steps,
         desc=f"{method.name} {stage + 1}/{method.num_stages(exp.num_tasks)} {name}",
         progress=exp.config.progress,
+        log_every=exp.config.train.log_every_steps or 25,
+        on_log=None
+        if training_log is None
+        else lambda i, scalars: training_log.step(
+            method.name, stage, name, i, method_step + i, scalars
+        ),
     )
     timing = {"steps": steps, "timed_steps": stats.timed_steps, "seconds": stats.timed_seconds}
     return state, {"timing": timing, "final": stats.final_metrics}
@@ -406,9 +421,14 @@ class MethodRun:
 
 
 def run_method(
-    exp: StreamExperiment, method: Method, checkpoints: StageCheckpoints | None, fingerprint: dict
+    exp: StreamExperiment,
+    method: Method,
+    checkpoints: StageCheckpoints | None,
+    fingerprint: dict,
+    training_log: TrainingLog | None = None,
 ) -> MethodRun:
-    """Learn the stream with ``method``, resuming after its last checkpointed stage."""
+    """Learn the stream with ``method``, resuming after its last checkpointed stage; training
+    scalars and each stage's row go to ``training_log``."""
     slots: dict[int, dict] = {}
     rows, timings, metric_rows = [], [], []
     finished = set(checkpoints.finished_stages()) if checkpoints else set()
@@ -442,11 +462,15 @@ def run_method(
             timings.append(metrics["timing"])
             log.info("%s: restored stage %d from %s", method.name, stage, checkpoints.directory)
             continue
-        state, info = train_stage(exp, method, stage, slots)
+        method_step = sum(t["steps"] for t in timings)
+        state, info = train_stage(exp, method, stage, slots, training_log, method_step)
         slots[slot] = state.trainable["lora"]
         previous = metric_rows[-1] if metric_rows else None
         metric_row = evaluate_row(exp, method, stage, slots, previous)
         row = primary_row(exp, metric_row)
+        if training_log is not None:
+            name = "joint" if method.joint else exp.tasks[stage].name
+            training_log.stage(method.name, stage, name, row, method_step + info["timing"]["steps"])
         rows.append(row)
         metric_rows.append(metric_row)
         timings.append(info["timing"])
