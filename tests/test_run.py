@@ -132,6 +132,19 @@ def test_non_finite_loss_stops_with_stage_step_and_term(tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
+def test_run_time_knobs_may_change_on_resume(full_run):
+    """Evaluation batch size, accumulation, logging cadence: a rerun resumes every stage."""
+    from mslora_jax.train.experiment import fingerprint
+
+    workdir, results = full_run
+    knobs = {"train.eval_batch_size": 16, "train.micro_batch_size": 16, "train.log_every_steps": 5}
+    assert fingerprint(_config(**knobs)) == fingerprint(_config())
+    assert fingerprint(_config(**{"lora.rank": 3})) != fingerprint(_config())
+    resumed = run_experiment(_config(**knobs), workdir)
+    for method in METHODS:
+        assert resumed["methods"][method]["acc_matrix"] == results["methods"][method]["acc_matrix"]
+
+
 def test_rerun_with_a_different_config_is_refused_and_keeps_files(full_run):
     workdir, _ = full_run
     before = {p: _digest(p) for p in workdir.rglob("*") if p.is_file()}

@@ -32,15 +32,26 @@ log = logging.getLogger(__name__)
 
 ZERO_SHOT_DIR = "frozen_backbone"  # answers/ folder of the model without adapters
 
-# Keys that may change between a run and its resumption without invalidating checkpoints.
-# Dotted keys are nested ("llava.attention_chunk": how attention is computed, not what).
+# Run-time knobs: keys that may change between a run and its resumption without invalidating
+# checkpoints (how the results are computed, or what the run shows, not what they are); every
+# other key defines the results and a resume must match it (``fingerprint``). Dotted keys are
+# nested. Two knobs change numbers (README, "Checkpoints and resuming"): gradient accumulation
+# (each micro-batch's loss is its own mean; the dual encoder's negatives are its micro-batch's)
+# and the generation length (answers of stages evaluated after the change).
 RESUMABLE_KEYS = (
     "methods",
     "progress",
     "num_devices",
     "mesh",
-    "llava.attention_chunk",
+    "train.eval_batch_size",
+    "train.grad_accum_steps",
+    "train.micro_batch_size",
+    "train.log_every_steps",
     "lora.fold_frozen",
+    "llava.attention_chunk",
+    "llava.attention_kernel",
+    "llava.remat",
+    "llava.max_new_tokens",
 )
 
 
