@@ -75,15 +75,17 @@ def init_adapter_params(
     if any(layer is not None for _, layer, _ in layers):
         # The unrolled tree's order: its (sorted) keys, so block_10 comes before block_2.
         layers.sort(key=lambda entry: entry[2].split("/"))
-    drawn: dict[str, list] = {}
-    for (path, layer, _), key in zip(layers, jax.random.split(rng, len(layers))):
-        *_, fan_in, fan_out = get_by_path(base_params, path)["kernel"].shape
-        drawn.setdefault(path, []).append((layer, kaiming_uniform_a(key, rank, fan_in)))
+    keys = dict(
+        zip(((path, layer) for path, layer, _ in layers), jax.random.split(rng, len(layers)))
+    )
     tree: dict = {}
     for path in targets:
         *lead, fan_in, fan_out = get_by_path(base_params, path)["kernel"].shape
-        parts = [a for _, a in sorted(drawn[path], key=lambda d: -1 if d[0] is None else d[0])]
-        lora_a = parts[0] if not lead else jnp.stack(parts)
+        if lead:  # scanned: [layers, r, in], layer i drawn with block_i's key
+            draws = [kaiming_uniform_a(keys[path, i], rank, fan_in) for i in range(lead[0])]
+            lora_a = jnp.stack(draws)
+        else:
+            lora_a = kaiming_uniform_a(keys[path, None], rank, fan_in)
         tree = set_by_path(
             tree,
             path,

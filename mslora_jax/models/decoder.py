@@ -308,38 +308,39 @@ class SwiGluMlp(nn.Module):
         return dense(cfg.width, "down")(nn.silu(gate) * up, task_weights, deterministic)
 
 
-def _block(
-    cfg: DecoderConfig,
-    lora_dropout: float,
-    query_chunk: int,
-    kernel: str,
-    x: jax.Array,
-    positions: jax.Array,
-    visible: jax.Array,
-    task_weights: jax.Array | None,
-    layer_cache: dict[str, jax.Array] | None,
-    cache_index: jax.Array | None,
-    deterministic: bool,
-) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-    """One block's body, creating its modules inside the calling compact method (so the
-    unrolled ``DecoderBlock`` and the scanned ``_ScannedBlock`` name them alike)."""
-    h = RMSNorm(cfg.rms_eps, name="attn_norm")(x)
-    h, layer_cache = Attention(cfg, lora_dropout, query_chunk, kernel, name="attn")(
-        h, positions, visible, task_weights, layer_cache, cache_index, deterministic
-    )
-    x = x + h
-    h = RMSNorm(cfg.rms_eps, name="mlp_norm")(x)
-    x = x + SwiGluMlp(cfg, lora_dropout, name="mlp")(h, task_weights, deterministic)
-    return nn.with_logical_constraint(x, RESIDUAL_AXES), layer_cache
-
-
-class DecoderBlock(nn.Module):
-    """``x + attn(RMSNorm(x))`` then ``x + mlp(RMSNorm(x))``."""
+class _BlockModule(nn.Module):
+    """What both block layouts are built from; ``_body`` creates the block's modules inside
+    the calling compact method, so ``DecoderBlock`` and ``_ScannedBlock`` name them alike."""
 
     config: DecoderConfig
     lora_dropout: float = 0.0
     query_chunk: int = 0
     kernel: str = "xla"
+
+    def _body(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        visible: jax.Array,
+        task_weights: jax.Array | None,
+        layer_cache: dict[str, jax.Array] | None,
+        cache_index: jax.Array | None,
+        deterministic: bool,
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        cfg = self.config
+        h = RMSNorm(cfg.rms_eps, name="attn_norm")(x)
+        attention = Attention(cfg, self.lora_dropout, self.query_chunk, self.kernel, name="attn")
+        h, layer_cache = attention(
+            h, positions, visible, task_weights, layer_cache, cache_index, deterministic
+        )
+        x = x + h
+        h = RMSNorm(cfg.rms_eps, name="mlp_norm")(x)
+        x = x + SwiGluMlp(cfg, self.lora_dropout, name="mlp")(h, task_weights, deterministic)
+        return nn.with_logical_constraint(x, RESIDUAL_AXES), layer_cache
+
+
+class DecoderBlock(_BlockModule):
+    """``x + attn(RMSNorm(x))`` then ``x + mlp(RMSNorm(x))``."""
 
     @nn.compact
     def __call__(
@@ -352,33 +353,18 @@ class DecoderBlock(nn.Module):
         cache_index: jax.Array | None = None,
         deterministic: bool = True,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-        return _block(
-            self.config,
-            self.lora_dropout,
-            self.query_chunk,
-            self.kernel,
-            x,
-            positions,
-            visible,
-            task_weights,
-            layer_cache,
-            cache_index,
-            deterministic,
+        return self._body(
+            x, positions, visible, task_weights, layer_cache, cache_index, deterministic
         )
 
 
-class _ScannedBlock(nn.Module):
+class _ScannedBlock(_BlockModule):
     """A block as an ``nn.scan`` body: ``((x, keys, values, layer), inputs) -> (carry, None)``.
 
     The whole cache (``[depth, ...]`` keys and values, or None) rides in the carry and the block
     reads and writes its own layer's slice, so the loop updates one buffer in place instead of
     stacking a second cache as scan outputs.
     """
-
-    config: DecoderConfig
-    lora_dropout: float = 0.0
-    query_chunk: int = 0
-    kernel: str = "xla"
 
     @nn.compact
     def __call__(self, carry, positions, visible, task_weights, cache_index, deterministic):
@@ -387,18 +373,8 @@ class _ScannedBlock(nn.Module):
         if keys is not None:
             take = lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False)
             layer_cache = {"k": take(keys), "v": take(values)}
-        x, layer_cache = _block(
-            self.config,
-            self.lora_dropout,
-            self.query_chunk,
-            self.kernel,
-            x,
-            positions,
-            visible,
-            task_weights,
-            layer_cache,
-            cache_index,
-            deterministic,
+        x, layer_cache = self._body(
+            x, positions, visible, task_weights, layer_cache, cache_index, deterministic
         )
         if keys is not None:
             put = lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u.astype(a.dtype), layer, 0)

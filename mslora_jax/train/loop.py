@@ -94,7 +94,7 @@ def run_steps(
     progress = progress and is_primary()  # one bar per run, not one per host
     bar = tqdm(total=num_steps, desc=desc, leave=False, disable=not progress, mininterval=0.5)
     first_bad = None
-    last_log = (0, time.perf_counter())
+    last_log = None  # (step, time) of the previous log point; set after the first step
     for i, batch in enumerate(batches):
         if i == num_steps:
             break

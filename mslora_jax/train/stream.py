@@ -334,6 +334,11 @@ def stage_context(
     )
 
 
+def stage_task_name(exp: StreamExperiment, method: Method, stage: int) -> str:
+    """What a stage trains on: its task's name, or "joint" for the joint method's one stage."""
+    return "joint" if method.joint else exp.tasks[stage].name
+
+
 def train_stage(
     exp: StreamExperiment,
     method: Method,
@@ -356,7 +361,7 @@ def train_stage(
     context = exp.rules.place(stage_context(exp, method, stage, slots, task_indices))
     steps = exp.num_steps(task_indices)
     batches = exp.train_batches(task_indices, steps, seed=exp.config.seed * 7919 + stage)
-    name = "joint" if method.joint else exp.tasks[stage].name
+    name = stage_task_name(exp, method, stage)
     state, stats = run_steps(
         exp.train_step,
         state,
@@ -469,7 +474,7 @@ def run_method(
         metric_row = evaluate_row(exp, method, stage, slots, previous)
         row = primary_row(exp, metric_row)
         if training_log is not None:
-            name = "joint" if method.joint else exp.tasks[stage].name
+            name = stage_task_name(exp, method, stage)
             training_log.stage(method.name, stage, name, row, method_step + info["timing"]["steps"])
         rows.append(row)
         metric_rows.append(metric_row)
@@ -490,7 +495,7 @@ def run_method(
                     "fingerprint": fingerprint,
                     "method": method.name,
                     "slot": slot,
-                    "task": "joint" if method.joint else exp.tasks[stage].name,
+                    "task": stage_task_name(exp, method, stage),
                     "modality": "mixed" if method.joint else exp.tasks[stage].modality,
                     "rank": exp.config.lora.rank,
                     "alpha": exp.config.lora.alpha,
