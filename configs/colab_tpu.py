@@ -70,5 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.backbone = dict(source="random")
     c.num_devices = 0
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
+    # Preemptible TPUs: save the stage in progress every 50 steps too (and always at a
+    # stage's end and on SIGTERM); a rerun with the same --workdir continues from the newest.
+    c.checkpoint = dict(every_steps=50, keep=2)
     c.progress = True
     return c

@@ -133,5 +133,8 @@ def get_config(data_root: str = "data/paper_8task") -> ml_collections.ConfigDict
     # step of batch 24 needs 7.56 GiB, of batch 16 6.27 GiB.
     c.num_devices = 0
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
+    # Preemptible TPUs: save the stage in progress every 200 steps too (and always at a
+    # stage's end and on SIGTERM); a rerun with the same --workdir continues from the newest.
+    c.checkpoint = dict(every_steps=200, keep=2)
     c.progress = True
     return c

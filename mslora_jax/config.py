@@ -103,6 +103,10 @@ class TrainConfig:
             )
         if self.grad_accum_steps < 1:
             raise ConfigError(f"train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.steps_per_task < 0 or self.epochs <= 0:
+            raise ConfigError("train.steps_per_task must be >= 0 and train.epochs > 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         self.accum_steps(self.batch_size, "train.batch_size")
 
     def accum_steps(self, batch_size: int, what: str = "batch_size") -> int:
@@ -121,10 +125,26 @@ class TrainConfig:
                 f"train.grad_accum_steps={self.grad_accum_steps}"
             )
         return self.grad_accum_steps
-        if self.steps_per_task < 0 or self.epochs <= 0:
-            raise ConfigError("train.steps_per_task must be >= 0 and train.epochs > 0")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoints inside a stage (``train.checkpoints.StepCheckpoints``): a run-time knob, so a
+    resumed run may change it. Whatever these are, a stage's trained adapter is saved when its
+    training ends, before its evaluation, and on SIGTERM."""
+
+    every_steps: int | None = None  # also every this many steps of a stage; None: never
+    keep: int | None = None  # in-stage checkpoints kept per stage, newest first; None: 2
+
+    def __post_init__(self):
+        for key in ("every_steps", "keep"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or value < 1):
+                raise ConfigError(f"checkpoint.{key} must be >= 1 or None, got {value!r}")
+
+    @property
+    def max_to_keep(self) -> int:
+        return self.keep or 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,6 +336,7 @@ class ExperimentConfig:
     train: TrainConfig = TrainConfig()
     pretrain: PretrainConfig = PretrainConfig()
     backbone: BackboneConfig = BackboneConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     num_devices: int = 0  # devices of the mesh; 0 = all (global) devices
     mesh: MeshConfig = MeshConfig()
     progress: bool = True

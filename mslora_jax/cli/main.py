@@ -19,6 +19,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from mslora_jax.errors import MsloraError
+from mslora_jax.train.preemption import RunPreempted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (created; a rerun resumes).")
@@ -137,7 +138,10 @@ def main(argv: list[str]) -> None:
         {"run": _run, "inspect": _inspect, "convert-llava-med": _convert_llava_med}[commands[0]]()
     except MsloraError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))
+    except RunPreempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 def entry_point() -> None:

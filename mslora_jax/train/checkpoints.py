@@ -1,4 +1,5 @@
-"""orbax checkpoints: the frozen backbone once, then one checkpoint per finished stage.
+"""orbax checkpoints: the frozen backbone once, one checkpoint per finished stage, and the
+last few checkpoints inside the stage in progress.
 
 Layout of a workdir::
 
@@ -6,15 +7,21 @@ Layout of a workdir::
     backbone/params, backbone/meta.json
     checkpoints/<method>/<stage>/    adapter (the stage's trained LoRA tree), trainer (its
                                      optimizer state, step and rng), metrics, meta
+    steps/<method>/<stage>/<step>/   in-stage: trainer after <step> steps, meta (removed once
+                                     the stage's checkpoint above is written)
 
-Only what was trained is saved per stage; the backbone is saved once. orbax writes each
-checkpoint to a temporary folder and renames it, so an interrupted save never looks finished.
+Only what was trained is saved; the backbone is saved once. orbax writes each checkpoint to a
+temporary folder and renames it when complete, so an interrupted save never looks finished and
+the previous checkpoint stays the newest readable one. The data position needs no saving: a
+training batch is a pure function of (seed, step), so step ``k``'s checkpoint resumes with the
+batch of step ``k``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +124,70 @@ class StageCheckpoints:
         except Exception as e:
             raise CheckpointError(f"checkpoint {where} is unreadable or does not match: {e}") from e
         return restored["adapter"], restored["trainer"], restored["metrics"], meta
+
+
+class StepCheckpoints:
+    """In-stage checkpoints of one stage of one method: the train state after some steps.
+
+    Saves are asynchronous (training goes on while orbax writes; the arrays are copied off the
+    device before ``save`` returns, so the next step may reuse their buffers); ``keep`` newest
+    ones stay.
+    """
+
+    def __init__(self, directory: os.PathLike | str, keep: int):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=True
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step (an interrupted save does not count)."""
+        return self._manager.latest_step()
+
+    def save(self, step: int, trainer, meta: dict) -> None:
+        """Start saving ``trainer`` after ``step`` steps (returns while the files are written)."""
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                trainer=ocp.args.StandardSave(trainer), meta=ocp.args.JsonSave(meta)
+            ),
+        )
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def restore_latest(self, abstract_trainer, fingerprint: dict):
+        """(step, trainer, meta) of the newest complete checkpoint, or None if there is none."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        where = self.directory / str(step)
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises many types for a damaged folder
+            raise CheckpointError(f"checkpoint {where} is unreadable: {e}") from e
+        meta = meta["meta"]
+        check_same_config(meta.get("fingerprint", {}), fingerprint, f"checkpoint {where}")
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(trainer=ocp.args.StandardRestore(abstract_trainer)),
+            )
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {where} is unreadable or does not match: {e}") from e
+        return step, restored["trainer"], meta
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def remove_tree(directory: os.PathLike | str) -> None:
+    """Delete ``directory`` (process 0; every process waits for it), e.g. a finished stage's
+    in-stage checkpoints."""
+    if is_primary():
+        shutil.rmtree(directory, ignore_errors=True)
+    sync_processes(f"remove {directory}")
 
 
 def read_tree_on_one_device(path: os.PathLike | str) -> dict:

@@ -25,6 +25,7 @@ from mslora_jax.report.task_metrics import validate_task_metrics, write_task_met
 from mslora_jax.report.training_log import TrainingLog
 from mslora_jax.train.checkpoints import StageCheckpoints, check_same_config
 from mslora_jax.train.methods import get_method
+from mslora_jax.train.preemption import stop_on_sigterm
 from mslora_jax.train.pretrain import init_backbone_sharded, obtain_backbone
 from mslora_jax.train.stream import build_experiment, run_method
 
@@ -47,6 +48,7 @@ RESUMABLE_KEYS = (
     "train.grad_accum_steps",
     "train.micro_batch_size",
     "train.log_every_steps",
+    "checkpoint",
     "lora.fold_frozen",
     "llava.attention_chunk",
     "llava.attention_kernel",
@@ -90,6 +92,11 @@ def run_experiment(config: ExperimentConfig, workdir: str | os.PathLike) -> dict
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     claim_workdir(config, workdir)
+    with stop_on_sigterm():  # SIGTERM: save at the next step and stop (train.preemption)
+        return _run_experiment(config, workdir)
+
+
+def _run_experiment(config: ExperimentConfig, workdir: Path) -> dict:
     mesh = make_mesh(config.num_devices, config.mesh.shape)
     if config.model_kind == "llava":
         from mslora_jax.train.generative_run import prepare_generative
@@ -112,6 +119,7 @@ def run_experiment(config: ExperimentConfig, workdir: str | os.PathLike) -> dict
                 StageCheckpoints(workdir / "checkpoints" / name),
                 fingerprint(config),
                 training_log,
+                steps_dir=workdir / "steps" / name,
             )
             for name in config.methods
         }

@@ -171,7 +171,9 @@ class GenerativeExperiment(StreamExperiment):
 
         return loss
 
-    def train_batches(self, task_indices: list[int], num_steps: int, seed: int):
+    def train_batches(
+        self, task_indices: list[int], num_steps: int, seed: int, start_step: int = 0
+    ):
         examples = [e for i in task_indices for e in self.tasks[i].examples]
         batch_size = self.config.stage_batch_size(task_indices)
         return vqa_train_batches(
@@ -183,6 +185,7 @@ class GenerativeExperiment(StreamExperiment):
             num_steps=num_steps,
             seed=seed,
             rows=process_row_range(self.mesh, batch_size),
+            start_step=start_step,
             template=self.template,
             image_token_id=self.config.llava.image_token_id,
             pad_to_square=self.config.llava.pad_to_square,

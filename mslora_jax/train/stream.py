@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -33,11 +34,13 @@ from mslora_jax.parallel.rules import ShardingRules
 from mslora_jax.parallel.sharded_jit import ShardedOutputs, ShardedStep
 from mslora_jax.report.results import method_summary
 from mslora_jax.report.training_log import TrainingLog
-from mslora_jax.train.checkpoints import StageCheckpoints
-from mslora_jax.train.loop import run_steps
+from mslora_jax.train import faults
+from mslora_jax.train.checkpoints import StageCheckpoints, StepCheckpoints, remove_tree
+from mslora_jax.train.loop import LoopStats, run_steps
 from mslora_jax.train.methods import Method
 from mslora_jax.train.objectives import AdapterContext, clip_task_loss, regularized_adapter_loss
 from mslora_jax.train.optim import Schedule, make_optimizer
+from mslora_jax.train.preemption import stop_if_preempted
 from mslora_jax.train.step import TrainState, init_train_state, make_train_step
 
 log = logging.getLogger(__name__)
@@ -86,7 +89,10 @@ class StreamExperiment:
     def task_loss(self):
         raise NotImplementedError
 
-    def train_batches(self, task_indices: list[int], num_steps: int, seed: int):
+    def train_batches(
+        self, task_indices: list[int], num_steps: int, seed: int, start_step: int = 0
+    ):
+        """This process's rows of the batches of steps ``start_step..num_steps-1``."""
         raise NotImplementedError
 
     def task_metrics(self, slots: dict[int, dict], active: list[int], task: int) -> TaskMetrics:
@@ -244,7 +250,9 @@ class Experiment(StreamExperiment):
     def context_inputs(self) -> dict:
         return {"class_tokens": jnp.asarray(self.table.tokens)}
 
-    def train_batches(self, task_indices: list[int], num_steps: int, seed: int):
+    def train_batches(
+        self, task_indices: list[int], num_steps: int, seed: int, start_step: int = 0
+    ):
         images, labels = union_train_split(self.tasks, self.table, task_indices)
         batch_size = self.config.stage_batch_size(task_indices)
         return train_batches(
@@ -254,6 +262,7 @@ class Experiment(StreamExperiment):
             num_steps=num_steps,
             seed=seed,
             rows=process_row_range(self.mesh, batch_size),
+            start_step=start_step,
         )
 
     def task_metrics(self, slots: dict[int, dict], active: list[int], task: int) -> TaskMetrics:
@@ -339,6 +348,15 @@ def stage_task_name(exp: StreamExperiment, method: Method, stage: int) -> str:
     return "joint" if method.joint else exp.tasks[stage].name
 
 
+def abstract_train_state(exp: StreamExperiment, method: Method, stage: int):
+    """Shapes and shardings of ``method``'s train state at ``stage`` (a restore target)."""
+    abstract_adapter = exp.rules.abstract(jax.eval_shape(exp.fresh_adapter, stage))
+    init = lambda a: init_train_state(
+        initial_trainable(exp, method, a), exp.optimizer, jax.random.PRNGKey(0)
+    )
+    return abstract_adapter, exp.rules.abstract(jax.eval_shape(init, abstract_adapter))
+
+
 def train_stage(
     exp: StreamExperiment,
     method: Method,
@@ -346,40 +364,90 @@ def train_stage(
     slots: dict,
     training_log: TrainingLog | None = None,
     method_step: int = 0,
+    step_checkpoints: StepCheckpoints | None = None,
+    fingerprint: dict | None = None,
 ) -> tuple[TrainState, dict]:
     """Train the adapter of ``stage``; returns the final train state and timing.
 
     ``training_log`` gets the scalars every ``train.log_every_steps`` steps, at ``method_step`` (the
-    method's steps before this stage) plus the step."""
+    method's steps before this stage) plus the step. With ``step_checkpoints`` the stage starts
+    from its newest in-stage checkpoint, if any (the batches continue at its step, so the result
+    is the one an uninterrupted run gets), and saves every ``checkpoint.every_steps`` steps, at
+    the end (before any evaluation) and on SIGTERM.
+    """
     task_indices = list(range(exp.num_tasks)) if method.joint else [stage]
     slot = method.slot(stage)
-    start = (
-        slots[slot] if (method.continues_previous() and slot in slots) else exp.fresh_adapter(stage)
-    )
-    key = jax.random.fold_in(jax.random.PRNGKey(exp.config.seed + 1), stage)
-    state = exp.init_state(method, start, key)
-    context = exp.rules.place(stage_context(exp, method, stage, slots, task_indices))
     steps = exp.num_steps(task_indices)
-    batches = exp.train_batches(task_indices, steps, seed=exp.config.seed * 7919 + stage)
     name = stage_task_name(exp, method, stage)
-    state, stats = run_steps(
-        exp.train_step,
-        state,
-        context,
-        batches,
-        exp.mesh,
-        num_steps=steps,
-        desc=f"{method.name} {stage + 1}/{method.num_stages(exp.num_tasks)} {name}",
-        progress=exp.config.progress,
-        log_every=exp.config.train.log_every_steps or 25,
-        on_log=None
-        if training_log is None
-        else lambda i, scalars: training_log.step(
-            method.name, stage, name, i, method_step + i, scalars
-        ),
-    )
-    timing = {"steps": steps, "timed_steps": stats.timed_steps, "seconds": stats.timed_seconds}
-    return state, {"timing": timing, "final": stats.final_metrics}
+    desc = f"{method.name} {stage + 1}/{method.num_stages(exp.num_tasks)} {name}"
+    restored = None
+    if step_checkpoints is not None:
+        restored = step_checkpoints.restore_latest(
+            abstract_train_state(exp, method, stage)[1], fingerprint or {}
+        )
+    if restored is None:
+        first = slots[slot] if (method.continues_previous() and slot in slots) else None
+        start = exp.fresh_adapter(stage) if first is None else first
+        key = jax.random.fold_in(jax.random.PRNGKey(exp.config.seed + 1), stage)
+        state, start_step, before = exp.init_state(method, start, key), 0, _no_timing()
+    else:
+        start_step, state, meta = restored
+        before = meta["timing"]
+        log.info("%s: resuming at step %d of %d", desc, start_step, steps)
+    final = {} if restored is None else restored[2]["final"]
+    if start_step < steps:
+        context = exp.rules.place(stage_context(exp, method, stage, slots, task_indices))
+        batches = exp.train_batches(
+            task_indices, steps, seed=exp.config.seed * 7919 + stage, start_step=start_step
+        )
+
+        def save(done: int, state: TrainState, stats: LoopStats) -> None:
+            timing = _add_timing(before, stats)
+            meta = {"fingerprint": fingerprint or {}, "method": method.name, "stage": stage,
+                    "task": name, "step": done, "num_steps": steps, "timing": timing,
+                    "final": stats.final_metrics}  # fmt: skip
+            step_checkpoints.save(done, state, meta)
+            faults.reached("save")
+
+        try:
+            state, stats = run_steps(
+                exp.train_step,
+                state,
+                context,
+                batches,
+                exp.mesh,
+                num_steps=steps,
+                desc=desc,
+                start_step=start_step,
+                progress=exp.config.progress,
+                log_every=exp.config.train.log_every_steps or 25,
+                on_log=None
+                if training_log is None
+                else lambda i, scalars: training_log.step(
+                    method.name, stage, name, i, method_step + i, scalars
+                ),
+                checkpoint=None if step_checkpoints is None else save,
+                checkpoint_every=exp.config.checkpoint.every_steps,
+            )
+        finally:
+            if step_checkpoints is not None:
+                # On disk before evaluation starts, or before a preempted run exits.
+                step_checkpoints.wait()
+        before, final = _add_timing(before, stats), stats.final_metrics
+    timing = {"steps": steps, **before}
+    return state, {"timing": timing, "final": final}
+
+
+def _no_timing() -> dict:
+    return {"timed_steps": 0, "seconds": 0.0}
+
+
+def _add_timing(before: dict, stats: LoopStats) -> dict:
+    """Throughput over the parts of a stage run so far (each part's first step untimed)."""
+    return {
+        "timed_steps": before["timed_steps"] + stats.timed_steps,
+        "seconds": before["seconds"] + stats.timed_seconds,
+    }
 
 
 def evaluate_row(
@@ -397,6 +465,7 @@ def evaluate_row(
     """
     row: list[TaskMetrics | None] = []
     for task in range(exp.num_tasks):
+        stop_if_preempted(f"{method.name} stage {stage + 1}: evaluation")
         if not (method.joint or task <= stage):
             row.append(None)
         elif previous is not None and method.per_task_adapters and task < stage:
@@ -431,8 +500,10 @@ def run_method(
     checkpoints: StageCheckpoints | None,
     fingerprint: dict,
     training_log: TrainingLog | None = None,
+    steps_dir: Path | None = None,
 ) -> MethodRun:
-    """Learn the stream with ``method``, resuming after its last checkpointed stage; training
+    """Learn the stream with ``method``, resuming after its last checkpointed stage (and inside
+    the next one from its newest in-stage checkpoint under ``steps_dir/<stage>``); training
     scalars and each stage's row go to ``training_log``."""
     slots: dict[int, dict] = {}
     rows, timings, metric_rows = [], [], []
@@ -444,15 +515,7 @@ def run_method(
         slot = method.slot(stage)
         if stage in finished:
             # Restored straight into the rules' shardings (each host reads only its shards).
-            abstract_adapter = exp.rules.abstract(jax.eval_shape(exp.fresh_adapter, stage))
-            abstract_state = exp.rules.abstract(
-                jax.eval_shape(
-                    lambda a: init_train_state(
-                        initial_trainable(exp, method, a), exp.optimizer, jax.random.PRNGKey(0)
-                    ),
-                    abstract_adapter,
-                )
-            )
+            abstract_adapter, abstract_state = abstract_train_state(exp, method, stage)
             adapter, _, metrics, _ = checkpoints.restore(
                 stage, abstract_adapter, abstract_state, fingerprint
             )
@@ -466,10 +529,18 @@ def run_method(
             metric_rows.append(metrics.get("task_metrics", primary_only))
             timings.append(metrics["timing"])
             log.info("%s: restored stage %d from %s", method.name, stage, checkpoints.directory)
+            if steps_dir is not None and (steps_dir / str(stage)).exists():
+                remove_tree(steps_dir / str(stage))  # left by a kill after the stage's save
             continue
         method_step = sum(t["steps"] for t in timings)
-        state, info = train_stage(exp, method, stage, slots, training_log, method_step)
+        in_stage = None
+        if steps_dir is not None:
+            in_stage = StepCheckpoints(steps_dir / str(stage), exp.config.checkpoint.max_to_keep)
+        state, info = train_stage(
+            exp, method, stage, slots, training_log, method_step, in_stage, fingerprint
+        )
         slots[slot] = state.trainable["lora"]
+        faults.reached("eval")
         previous = metric_rows[-1] if metric_rows else None
         metric_row = evaluate_row(exp, method, stage, slots, previous)
         row = primary_row(exp, metric_row)
@@ -502,6 +573,9 @@ def run_method(
                     "targets": exp.targets,
                 },
             )
+        if in_stage is not None:
+            in_stage.close()
+            remove_tree(in_stage.directory)  # the stage's checkpoint above supersedes them
     unified_slots = method.unified_slots(exp.num_tasks)
     unified = [exp.accuracy(slots, unified_slots, task) for task in range(exp.num_tasks)]
     timed = sum(t["timed_steps"] for t in timings)
