@@ -218,4 +218,5 @@ def test_trained_adapter_outside_the_stack_equals_inserting_it():
     value, grads = jax.value_and_grad(split)(trainable)
     ref_value, ref_grads = jax.value_and_grad(inserted)(trainable)
     np.testing.assert_allclose(value, ref_value, rtol=1e-6)
-    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-5, atol=1e-7)
+    # float32 sums in another order: on an AMD EPYC one element of ~4e-3 differed by 1.5e-7.
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-5, atol=1e-6)
