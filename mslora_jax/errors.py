@@ -23,3 +23,7 @@ class CheckpointError(MsloraError):
 
 class TrainingDivergedError(MsloraError):
     """A loss term or the gradient became non-finite; names the stage, step and term."""
+
+
+class CommandLineError(MsloraError):
+    """The command line is malformed: an unknown command or flag, a missing or bad flag value."""

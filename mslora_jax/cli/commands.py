@@ -1,0 +1,174 @@
+"""The commands of ``mslora-jax``, each a thin call into the library.
+
+A new command is a ``Command`` (``mslora_jax.cli.command``) and one entry in ``COMMANDS``.
+Library imports happen inside each function: ``run`` must start ``jax.distributed`` before
+anything touches jax, and ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from absl import flags
+
+from mslora_jax.cli.command import Command
+
+_CONFIG_HELP = "The experiment config: a configs/*.py file, with get_config's argument after ':'."
+
+
+def _workdir(flag_values: flags.FlagValues, help_text: str) -> None:
+    flags.DEFINE_string("workdir", None, help_text, flag_values=flag_values)
+
+
+def _run_flags(fv: flags.FlagValues) -> None:
+    _workdir(fv, "Output folder (created; a rerun resumes after the last finished stage).")
+    flags.DEFINE_bool(
+        "dry-run",
+        False,
+        "Size the model abstractly and check the data layout; train nothing, write nothing.",
+        flag_values=fv,
+    )
+    flags.DEFINE_enum(
+        "distributed",
+        None,
+        ["off", "auto"],
+        "Multi-process: 'auto' lets jax detect the cluster (TPU pod, SLURM); default: "
+        "$MSLORA_DISTRIBUTED, else off unless the three coordinates below are given.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "Multi-process: host:port of process 0 (default $MSLORA_COORDINATOR_ADDRESS).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "num_processes",
+        None,
+        "Multi-process: how many processes (default $MSLORA_NUM_PROCESSES).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "process_id",
+        None,
+        "Multi-process: this process's index, 0..N-1 (default $MSLORA_PROCESS_ID).",
+        flag_values=fv,
+    )
+
+
+def _run(args: SimpleNamespace) -> None:
+    from mslora_jax.parallel.distributed import initialize_distributed, label_logs_with_process
+
+    # First: some imports below already run jax code.
+    initialize_distributed(
+        args.coordinator_address, args.num_processes, args.process_id, mode=args.distributed
+    )
+    label_logs_with_process()
+
+    from mslora_jax.config import experiment_config
+    from mslora_jax.parallel.distributed import is_primary
+    from mslora_jax.report.results import format_markdown_table
+    from mslora_jax.train.experiment import run_experiment
+
+    config = experiment_config(args.config)
+    if args.dry_run:
+        from mslora_jax.train.dry_run import dry_run
+
+        print(dry_run(config))
+        return
+    results = run_experiment(config, args.workdir)
+    if not is_primary():
+        return  # process 0 wrote the files and reports them
+    print(format_markdown_table(results))
+    print(f"\nwrote {args.workdir}/results.json, results.md, results.csv, acc_matrices.png")
+
+
+RUN = Command(
+    name="run",
+    summary="Train and evaluate every method of a config on its task stream (or --dry-run).",
+    usage="--config FILE[:ARG] --workdir DIR [--config.KEY=VALUE ...] [--dry-run] "
+    "[multi-process flags]",
+    run=_run,
+    define_flags=_run_flags,
+    config_help=_CONFIG_HELP,
+    required=("config", "workdir"),
+)
+
+
+def _inspect_flags(fv: flags.FlagValues) -> None:
+    _workdir(fv, "The folder of a run (mslora-jax run --workdir).")
+    flags.DEFINE_string(
+        "method", None, "Whose adapters: one of the run's methods, e.g. mslora_cr.", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "task", None, "Only this task's stage: a task name or id (default: all).", flag_values=fv
+    )
+
+
+def _inspect(args: SimpleNamespace) -> None:
+    from mslora_jax.cli.inspect import inspect_adapters
+
+    print(inspect_adapters(args.workdir, args.method, args.task))
+
+
+INSPECT = Command(
+    name="inspect",
+    summary="Print a run's saved adapters: size, norms and the CR similarity between them.",
+    usage="--workdir DIR --method METHOD [--task NAME_OR_ID]",
+    run=_inspect,
+    define_flags=_inspect_flags,
+    required=("workdir", "method"),
+)
+
+
+def _convert_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string(
+        "hf-dir", None, "The Hugging Face LLaVA-Med folder (safetensors).", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "vision-hf-dir",
+        None,
+        "A CLIP folder (openai/clip-vit-large-patch14-336) to take the vision tower from, for a "
+        "LLaVA folder without one.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "out",
+        None,
+        "The backbone folder to write (default: the config's backbone.path).",
+        flag_values=fv,
+    )
+
+
+def _convert_llava_med(args: SimpleNamespace) -> None:
+    from mslora_jax.config import experiment_config
+    from mslora_jax.errors import CommandLineError
+    from mslora_jax.train.hf_backbone import convert_llava_backbone
+
+    config = experiment_config(args.config)
+    # Default: where a run with this config loads its backbone from.
+    out = args.out or (config.backbone.path if config.backbone.source == "load" else "")
+    if not out:
+        raise CommandLineError(
+            'convert-llava-med needs --out (or a config with backbone.source="load")'
+        )
+    count = convert_llava_backbone(config, args.hf_dir, out, args.vision_hf_dir)
+    print(f"converted {count:,} parameters into {out}")
+    loaded_by_run = Path(out).absolute() == Path(config.backbone.path).absolute()
+    if config.backbone.source != "load" or not loaded_by_run:
+        print(f'run with --config.backbone.source=load --config.backbone.path="{out}"')
+
+
+CONVERT_LLAVA_MED = Command(
+    name="convert-llava-med",
+    summary="Convert Hugging Face LLaVA-Med weights into a backbone folder that runs load.",
+    usage="--config FILE[:ARG] --hf-dir DIR [--vision-hf-dir DIR] [--out DIR]",
+    run=_convert_llava_med,
+    define_flags=_convert_flags,
+    config_help=_CONFIG_HELP,
+    required=("config", "hf-dir"),
+)
+
+# In the order `mslora-jax --help` lists them.
+COMMANDS: tuple[Command, ...] = (RUN, INSPECT, CONVERT_LLAVA_MED)
