@@ -22,7 +22,7 @@ from mslora_jax.models.decoder import ATTENTION_KERNELS, DecoderConfig
 from mslora_jax.models.llava import LlavaConfig
 
 METHODS = ("each", "seq", "mslora", "mslora_cr", "mslora_cr_ortho", "joint")
-TASK_SOURCES = ("synthetic", "medmnist", "vqa")
+TASK_SOURCES = ("synthetic", "medmnist", "tfds", "vqa")
 MODEL_KINDS = ("dual_encoder", "llava")
 BACKBONE_SOURCES = ("pretrain", "random", "load")
 
@@ -172,7 +172,8 @@ class BackboneConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-    """One task: synthetic (generated from a seed) or medmnist (read from an .npz file)."""
+    """One task: synthetic (generated from a seed), medmnist (read from an .npz file), tfds (a
+    prepared TFDS dataset) or vqa (the paper's JSON layout)."""
 
     name: str
     modality: str
@@ -188,6 +189,16 @@ class TaskConfig:
     labels: tuple[int, ...] = ()  # subset of the file's label ids, remapped to 0..n-1
     max_train: int = 0  # 0 = all
     max_test: int = 0
+    # tfds: a TFDS image-classification dataset prepared (as array_record) under
+    # data_dir/tfds_data_dir, read from its files; class_names default to the label feature's
+    # names and max_train/max_test cap it as above. None = the default in the comment (None, so
+    # workdirs written before these keys existed still match).
+    tfds_name: str | None = None  # e.g. "patch_camelyon", "name:1.2.0", "name/config"
+    tfds_data_dir: str | None = None  # relative to data_dir (None: data_dir itself)
+    train_split: str | None = None  # "train"; TFDS split syntax, e.g. "train[:90%]"
+    test_split: str | None = None  # "test"; e.g. "validation"
+    image_key: str | None = None  # "image"
+    label_key: str | None = None  # "label"
     # vqa (the paper's format, files relative to data_dir/<folder or name>/)
     folder: str = ""  # defaults to the task name
     train_file: str = "train.json"
@@ -207,11 +218,37 @@ class TaskConfig:
             )
         if self.source == "medmnist" and not (self.file and self.class_names):
             raise ConfigError(f"task {self.name!r}: a medmnist task needs file and class_names")
+        self._check_tfds_keys()
         size = self.batch_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
             raise ConfigError(
                 f"task {self.name!r}: batch_size={size!r} must be an integer >= 1 "
                 "(or 0 / None for train.batch_size)"
+            )
+
+    def _check_tfds_keys(self) -> None:
+        keys = ("tfds_name", "tfds_data_dir", "train_split", "test_split", "image_key", "label_key")
+        given = {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
+        if self.source != "tfds":
+            if given:
+                raise ConfigError(
+                    f"task {self.name!r}: {sorted(given)} only apply to source='tfds' "
+                    f"(this task has source={self.source!r})"
+                )
+            return
+        for key, value in given.items():  # _convert passes `str | None` through unchecked
+            if not isinstance(value, str) or (key != "tfds_data_dir" and not value):
+                raise ConfigError(
+                    f"task {self.name!r}: {key} must be a non-empty string, got {value!r}"
+                )
+        if not self.tfds_name:
+            raise ConfigError(
+                f"task {self.name!r}: a tfds task needs tfds_name (e.g. 'patch_camelyon')"
+            )
+        if self.labels:
+            raise ConfigError(
+                f"task {self.name!r}: labels (a subset of label ids) is not supported for tfds "
+                "tasks: choosing rows by label would decode every record of the split"
             )
 
 
@@ -327,7 +364,7 @@ class ExperimentConfig:
     prompt_template: str = "a {modality} image of {label}"
     stream: tuple[TaskConfig, ...] = ()
     base_tasks: tuple[TaskConfig, ...] = ()  # for backbone pretraining, not part of the stream
-    data_dir: str = ""  # medmnist files are resolved relative to this folder
+    data_dir: str = ""  # medmnist files and tfds/vqa data folders are relative to this folder
     model_kind: str = "dual_encoder"  # dual_encoder | llava
     model: ModelConfig = ModelConfig()
     llava: LlavaSettings = LlavaSettings()
@@ -366,6 +403,11 @@ class ExperimentConfig:
             raise ConfigError('backbone.source="pretrain" needs config.base_tasks')
         if self.model_kind == "llava":
             for task in self.stream:
+                if task.source == "tfds":
+                    raise ConfigError(
+                        f"task {task.name!r}: source='tfds' is a classification task for "
+                        "model_kind='dual_encoder'; a llava stream reads vqa (or synthetic) tasks"
+                    )
                 if task.primary_metric not in METRIC_NAMES:
                     raise ConfigError(
                         f"task {task.name!r}: primary_metric={task.primary_metric!r} is unknown; "

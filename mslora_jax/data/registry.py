@@ -12,6 +12,7 @@ from mslora_jax.config import ExperimentConfig, TaskConfig
 from mslora_jax.data.medmnist import load_medmnist_task
 from mslora_jax.data.synthetic import SyntheticTaskSpec, make_synthetic_task
 from mslora_jax.data.task import TaskData
+from mslora_jax.data.tfds_source import load_tfds_task
 from mslora_jax.data.tokenizer import prompt, tokenize
 
 
@@ -20,6 +21,22 @@ def load_task(task: TaskConfig, *, image_size: int, data_dir: str = "", seed: in
         spec = SyntheticTaskSpec(task.name, task.modality, task.num_classes, task.seed)
         return make_synthetic_task(
             spec, image_size=image_size, num_train=task.num_train, num_test=task.num_test
+        )
+    if task.source == "tfds":
+        return load_tfds_task(
+            task.tfds_name,
+            data_dir=tfds_data_dir(task, data_dir),
+            name=task.name,
+            modality=task.modality,
+            class_names=task.class_names,
+            train_split=task.train_split or "train",
+            test_split=task.test_split or "test",
+            image_key=task.image_key or "image",
+            label_key=task.label_key or "label",
+            image_size=image_size,
+            max_train=task.max_train or None,
+            max_test=task.max_test or None,
+            seed=seed,
         )
     return load_medmnist_task(
         os.path.join(data_dir, task.file) if data_dir else task.file,
@@ -32,6 +49,13 @@ def load_task(task: TaskConfig, *, image_size: int, data_dir: str = "", seed: in
         max_test=task.max_test or None,
         seed=seed,
     )
+
+
+def tfds_data_dir(task: TaskConfig, data_dir: str = "") -> str | None:
+    """A tfds task's TFDS data folder: ``tfds_data_dir`` relative to ``data_dir`` (an absolute
+    one as is); None when both are unset (TFDS's default, ``~/tensorflow_datasets``)."""
+    folder = os.path.join(data_dir, task.tfds_data_dir) if task.tfds_data_dir else data_dir
+    return folder or None
 
 
 def load_tasks(config: ExperimentConfig, tasks: Sequence[TaskConfig]) -> list[TaskData]:

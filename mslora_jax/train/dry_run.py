@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
 from mslora_jax.config import ExperimentConfig, TaskConfig
+from mslora_jax.data.registry import tfds_data_dir
 from mslora_jax.lora.adapter import init_adapter_params
 from mslora_jax.lora.targets import get_by_path, select_targets
 from mslora_jax.models.clip import init_backbone
@@ -52,6 +54,11 @@ def expected_files(config: ExperimentConfig, task: TaskConfig) -> list[Path]:
     if task.source == "vqa":
         folder = root / (task.folder or task.name)
         return [folder / task.train_file, folder / task.test_file, folder / task.image_dir]
+    if task.source == "tfds":  # <dir>/<name>[/<config>][/<version>]
+        tfds_dir = tfds_data_dir(task, config.data_dir) or os.environ.get(
+            "TFDS_DATA_DIR", "~/tensorflow_datasets"
+        )
+        return [Path(tfds_dir).expanduser() / task.tfds_name.replace(":", "/")]
     return []
 
 
