@@ -380,21 +380,23 @@ def train_stage(
     steps = exp.num_steps(task_indices)
     name = stage_task_name(exp, method, stage)
     desc = f"{method.name} {stage + 1}/{method.num_stages(exp.num_tasks)} {name}"
+    fingerprint = fingerprint or {}
     restored = None
     if step_checkpoints is not None:
-        restored = step_checkpoints.restore_latest(
-            abstract_train_state(exp, method, stage)[1], fingerprint or {}
-        )
+        abstract_state = abstract_train_state(exp, method, stage)[1]
+        restored = step_checkpoints.restore_latest(abstract_state, fingerprint)
     if restored is None:
-        first = slots[slot] if (method.continues_previous() and slot in slots) else None
-        start = exp.fresh_adapter(stage) if first is None else first
+        start = (
+            slots[slot]
+            if (method.continues_previous() and slot in slots)
+            else exp.fresh_adapter(stage)
+        )
         key = jax.random.fold_in(jax.random.PRNGKey(exp.config.seed + 1), stage)
-        state, start_step, before = exp.init_state(method, start, key), 0, _no_timing()
+        state, start_step, before, final = exp.init_state(method, start, key), 0, _no_timing(), {}
     else:
         start_step, state, meta = restored
-        before = meta["timing"]
+        before, final = meta["timing"], meta["final"]
         log.info("%s: resuming at step %d of %d", desc, start_step, steps)
-    final = {} if restored is None else restored[2]["final"]
     if start_step < steps:
         context = exp.rules.place(stage_context(exp, method, stage, slots, task_indices))
         batches = exp.train_batches(
@@ -403,7 +405,7 @@ def train_stage(
 
         def save(done: int, state: TrainState, stats: LoopStats) -> None:
             timing = _add_timing(before, stats)
-            meta = {"fingerprint": fingerprint or {}, "method": method.name, "stage": stage,
+            meta = {"fingerprint": fingerprint, "method": method.name, "stage": stage,
                     "task": name, "step": done, "num_steps": steps, "timing": timing,
                     "final": stats.final_metrics}  # fmt: skip
             step_checkpoints.save(done, state, meta)
