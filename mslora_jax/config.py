@@ -88,10 +88,23 @@ class TrainConfig:
     # Training scalars (workdir/logs: train.jsonl, TensorBoard) every this many steps, and the
     # non-finite check's fetch; None: 25 (None so workdirs written before this key still match).
     log_every_steps: int | None = None
+    # Input pipeline (mslora_jax.data.loader): when and where batches are built, never what they
+    # hold. Batches built ahead in a background thread (None: 2; 0: on demand); worker processes
+    # building them (None or 0: this process; they pay off for decoding VQA images, and start
+    # anew, in seconds, for each stage's training and each evaluation); MiB of decoded VQA
+    # training images cached per process (None: 1024; 0: none). Run-time knobs (RESUMABLE_KEYS).
+    input_prefetch: int | None = None
+    input_workers: int | None = None
+    image_cache_mb: int | None = None
 
     def __post_init__(self):
         if self.log_every_steps is not None and self.log_every_steps < 1:
             raise ConfigError(f"train.log_every_steps must be >= 1, got {self.log_every_steps}")
+        for key in ("input_prefetch", "input_workers", "image_cache_mb"):
+            value = getattr(self, key)
+            bad = isinstance(value, bool) or not isinstance(value, int) or value < 0
+            if value is not None and bad:
+                raise ConfigError(f"train.{key} must be an integer >= 0 (or None), got {value!r}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ConfigError("train.batch_size and train.eval_batch_size must be >= 1")
         if self.micro_batch_size < 0:
@@ -125,6 +138,12 @@ class TrainConfig:
                 f"train.grad_accum_steps={self.grad_accum_steps}"
             )
         return self.grad_accum_steps
+
+    def input_options(self) -> dict:
+        """``prefetch`` and ``num_workers`` for the input pipelines: those set (``input_*``);
+        the pipelines' own defaults stand for the others."""
+        options = {"prefetch": self.input_prefetch, "num_workers": self.input_workers}
+        return {key: value for key, value in options.items() if value is not None}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,6 +63,20 @@ def test_unknown_primary_metric_is_named():
         experiment_config(cfg)
 
 
+def test_input_pipeline_knobs():
+    train = experiment_config(load_config_file("demo.py")).train
+    assert (train.input_prefetch, train.input_workers, train.image_cache_mb) == (None,) * 3
+    assert train.input_options() == {}  # the pipelines' own defaults
+    cfg = load_config_file("demo.py")
+    cfg.train.input_workers, cfg.train.input_prefetch = 2, 0
+    assert experiment_config(cfg).train.input_options() == {"num_workers": 2, "prefetch": 0}
+    for key, bad in (("input_workers", -1), ("input_prefetch", "2"), ("image_cache_mb", True)):
+        cfg = load_config_file("demo.py").to_dict()
+        cfg["train"][key] = bad
+        with pytest.raises(ConfigError, match=rf"train\.{key} must be an integer >= 0"):
+            experiment_config(cfg)
+
+
 @pytest.mark.parametrize("bad", [-1, True, "24", 2.5])
 def test_bad_task_batch_size_is_named(bad):
     cfg = load_config_file("demo.py")

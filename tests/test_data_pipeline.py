@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from mslora_jax.data.pipeline import eval_batches, train_batches
+from mslora_jax.data.loader import iterate
+from mslora_jax.data.pipeline import eval_batches, step_indices, train_batches
 from mslora_jax.errors import ConfigError, DataError
 
 
@@ -87,6 +88,76 @@ def test_batches_match_the_hand_written_permutation():
     )
 
 
+def _reference_batches(images, labels, batch, steps, seed, rows, start_step):
+    """What the pipeline gave before it read ahead (41b7a3e): for each step, its epoch's seeded
+    permutation cut into batches, this process's rows of it gathered."""
+    start, stop = rows
+    ids = _reference_ids(len(labels), batch, steps, seed)[start_step:, start:stop]
+    return [{"image": images[i], "label": labels[i].astype(np.int32)} for i in ids]
+
+
+def _assert_same_batches(batches, reference):
+    batches = list(batches)
+    assert len(batches) == len(reference)
+    for batch, expected in zip(batches, reference):
+        assert sorted(batch) == sorted(expected)  # worker output comes back with sorted keys
+        for key, value in expected.items():
+            assert batch[key].dtype == value.dtype and batch[key].shape == value.shape
+            np.testing.assert_array_equal(batch[key], value)
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 3])
+@pytest.mark.parametrize(
+    "seed, start_step, rows", [(0, 0, (0, 8)), (4, 5, (2, 6)), (11, 9, (7, 8)), (2**31, 13, (0, 3))]
+)
+def test_batches_equal_the_old_formula_however_they_are_read(prefetch, seed, start_step, rows):
+    # Random images and labels: every array of every step must be the very same as before.
+    rng = np.random.default_rng(seed % 97)
+    images, labels = rng.normal(size=(29, 3, 2)).astype(np.float32), rng.integers(0, 5, 29)
+    options = dict(batch_size=8, num_steps=14, seed=seed, rows=rows, start_step=start_step)
+    _assert_same_batches(
+        train_batches(images, labels, prefetch=prefetch, **options),
+        _reference_batches(images, labels, 8, 14, seed, rows, start_step),
+    )
+
+
+def test_worker_processes_give_the_same_batches():
+    # Two spawned workers build alternate steps; grain puts them back in order. Seconds: the
+    # workers import jax (through grain).
+    images, labels = _data(45)
+    options = dict(batch_size=8, num_steps=12, seed=3, rows=(2, 7), start_step=5)
+    _assert_same_batches(
+        train_batches(images, labels, num_workers=2, prefetch=1, **options),
+        _reference_batches(images, labels, 8, 12, 3, (2, 7), 5),
+    )
+
+
+def test_closing_a_reading_ahead_pipeline_early():
+    data = _data(40)
+    batches = train_batches(*data, batch_size=8, num_steps=30, seed=1, prefetch=4)
+    first = [next(batches) for _ in range(3)]
+    batches.close()  # stops the background thread; the batches taken stay valid
+    with pytest.raises(StopIteration):
+        next(batches)
+    np.testing.assert_array_equal(
+        _ids(first), _ids(train_batches(*data, batch_size=8, num_steps=3, seed=1))
+    )
+
+
+def test_step_indices_and_errors_from_the_batch_function():
+    steps = step_indices(20, batch_size=4, num_steps=8, seed=0, rows=(1, 3), start_step=2)
+    assert len(steps) == 6
+    np.testing.assert_array_equal(steps[0], _reference_ids(20, 4, 3, 0)[2, 1:3])
+
+    def explode(indices):
+        raise DataError(f"bad rows {indices.tolist()}")
+
+    # An error building a batch reaches the caller as itself, read ahead or not.
+    for prefetch in (0, 2):
+        with pytest.raises(DataError, match="bad rows"):
+            next(iterate(steps.map(explode), prefetch=prefetch))
+
+
 @pytest.mark.parametrize("count", [2, 4, 8])
 def test_process_rows_rebuild_the_same_global_batch(count):
     # However many processes share it, their rows concatenate to the single-process batch.
@@ -133,6 +204,9 @@ def test_uneven_row_ranges():
         ({"rows": 3}, "rows must be"),
         ({"start_step": 11}, "start_step"),
         ({"seed": -1}, "seed"),
+        ({"prefetch": -1}, "prefetch must be an integer >= 0"),
+        ({"num_workers": 1.5}, "num_workers must be an integer >= 0"),
+        ({"num_workers": True}, "num_workers"),
     ],
 )
 def test_bad_arguments_raise_at_call_time(kwargs, message):
@@ -149,9 +223,10 @@ def test_mismatched_images_and_labels():
         eval_batches(images, labels[:19], batch_size=4)
 
 
-def test_eval_batches_are_in_order_padded_and_masked():
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_eval_batches_are_in_order_padded_and_masked(prefetch):
     images, labels = _data(10)
-    batches = list(eval_batches(images, labels, batch_size=4))
+    batches = list(eval_batches(images, labels, batch_size=4, prefetch=prefetch))
     assert len(batches) == 3
     for batch in batches:
         assert batch["image"].shape == (4, 4, 4, 3) and batch["image"].dtype == np.uint8
@@ -170,3 +245,5 @@ def test_eval_batches_exact_multiple_and_empty():
     assert list(eval_batches(*_data(0), batch_size=4)) == []
     with pytest.raises(ConfigError):
         eval_batches(*_data(8), batch_size=0)
+    with pytest.raises(ConfigError, match="eval_batches: prefetch"):
+        eval_batches(*_data(8), batch_size=4, prefetch=-2)

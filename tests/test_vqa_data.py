@@ -11,6 +11,7 @@ from mslora_jax.data.conversation import (
     build_tokenizer,
     check_tokenizer_fits,
     encode_conversation,
+    encode_conversations,
     encode_prompt,
     left_pad_prompts,
     load_tokenizer,
@@ -26,7 +27,12 @@ from mslora_jax.data.vqa import (
     read_test_file,
     read_train_file,
 )
-from mslora_jax.data.vqa_pipeline import vqa_train_batches
+from mslora_jax.data.vqa_pipeline import (
+    ImageCache,
+    ImageRows,
+    vqa_eval_batches,
+    vqa_train_batches,
+)
 from mslora_jax.errors import ConfigError, DataError
 
 MAX_LEN = 192
@@ -397,7 +403,7 @@ def test_pipeline_shapes_and_determinism(data, tokenizer):
         for key, dtype in (("input_ids", np.int32), ("loss_mask", bool), ("attention_mask", bool)):
             assert batch[key].shape == (2, MAX_LEN) and batch[key].dtype == dtype
         assert (np.sum(batch["input_ids"] == 4, axis=1) == 1).all()
-    again = _batches(examples, tokenizer, cache_images=False, num_threads=1)
+    again = _batches(examples, tokenizer, image_cache_mb=0, num_threads=1)
     for a, b in zip(first, again):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
@@ -443,3 +449,146 @@ def test_pipeline_process_rows_and_errors(data, tokenizer):
         vqa_train_batches(
             examples, tokenizer, image_size=8, max_len=10, batch_size=2, num_steps=1, seed=0
         )
+
+
+def _reference_train(examples, tokenizer, *, batch_size, num_steps, seed, rows, start_step):
+    """The batches as the pipeline built them before it read ahead (41b7a3e), written out:
+    each epoch a seeded permutation cut into batches; this process's rows; images decoded."""
+    text = pad_batch(encode_conversations(tokenizer, examples, MAX_LEN), 0, MAX_LEN)
+    n, (start, stop) = len(examples), rows
+    out = []
+    for step in range(start_step, num_steps):
+        epoch, position = divmod(step, n // batch_size)
+        order = np.random.default_rng([seed, 1, epoch]).permutation(n)
+        ids = order[position * batch_size : (position + 1) * batch_size][start:stop]
+        image = np.stack([load_image(examples[i].image, 8) for i in ids])
+        out.append({"image": image, **{key: value[ids] for key, value in text.items()}})
+    return out
+
+
+def _assert_same(batches, reference):
+    batches = list(batches)
+    assert len(batches) == len(reference)
+    for batch, expected in zip(batches, reference):
+        assert sorted(batch) == sorted(expected)  # worker output comes back with sorted keys
+        for key, value in expected.items():
+            assert batch[key].dtype == value.dtype and batch[key].shape == value.shape
+            np.testing.assert_array_equal(batch[key], value)
+
+
+@pytest.mark.parametrize(
+    "seed, start_step, rows, cache_mb, prefetch",
+    [(3, 0, (0, 3), 1024, 2), (5, 4, (1, 3), 0, 0), (8, 7, (2, 3), 1, 3)],
+)
+def test_pipeline_equals_the_old_formula(
+    data, tokenizer, seed, start_step, rows, cache_mb, prefetch
+):
+    examples = _examples(data) * 3  # 9 examples, 3 images: shared images come from the cache
+    options = dict(batch_size=3, num_steps=10, seed=seed, rows=rows, start_step=start_step)
+    _assert_same(
+        _batches(examples, tokenizer, image_cache_mb=cache_mb, prefetch=prefetch, **options),
+        _reference_train(examples, tokenizer, **options),
+    )
+
+
+def test_pipeline_decodes_in_a_worker_process(data, tokenizer):
+    # One spawned worker builds every batch (decoding its images, with its own cache); seconds:
+    # it imports jax through grain. The ordering of several workers: test_data_pipeline.py.
+    examples = _examples(data) * 2
+    options = dict(batch_size=2, num_steps=6, seed=1, rows=(0, 2), start_step=1)
+    _assert_same(
+        _batches(examples, tokenizer, num_workers=1, **options),
+        _reference_train(examples, tokenizer, **options),
+    )
+
+
+def test_image_cache_is_lru_by_bytes():
+    cache = ImageCache(max_bytes=300)
+    a, b, c = (np.full(100, i, np.uint8) for i in range(3))
+    cache.put("a", a)
+    cache.put("b", b)
+    cache.put("c", c)
+    assert cache.nbytes == 300 and len(cache) == 3
+    assert cache.get("a") is a  # now the most recently used
+    cache.put("d", np.zeros(150, np.uint8))  # evicts b and c, the least recently used
+    assert "b" not in cache and "c" not in cache and "a" in cache and cache.nbytes == 250
+    assert cache.get("b") is None
+    cache.put("a", np.zeros(50, np.uint8))  # replacing an entry counts its new size only
+    assert cache.nbytes == 200
+    cache.put("huge", np.zeros(301, np.uint8))  # larger than the bound: not kept, nothing evicted
+    assert "huge" not in cache and cache.nbytes == 200
+    off = ImageCache(0)
+    off.put("a", a)
+    assert len(off) == 0 and off.nbytes == 0
+    with pytest.raises(ConfigError, match="max_bytes"):
+        ImageCache(-1)
+
+
+def test_image_rows_stay_within_the_cache_bound(data, monkeypatch):
+    import mslora_jax.data.vqa_pipeline as vqa_pipeline
+
+    decoded = []
+
+    def counting_load(path, image_size, pad_to_square=False):
+        decoded.append(path)
+        return load_image(path, image_size, pad_to_square)
+
+    monkeypatch.setattr(vqa_pipeline, "load_image", counting_load)
+    paths = [e.image for e in _examples(data)]  # 3 images of 8 * 8 * 3 = 192 bytes
+    expected = [load_image(p, 8) for p in paths]
+    order = [[0, 1], [1, 2], [0, 0], [2, 1], [0, 2]]
+    for cache_bytes, decodes in ((0, 9), (192 * 2, 6), (192 * 3, 3)):
+        rows = ImageRows(paths, image_size=8, cache_bytes=cache_bytes, num_threads=2)
+        decoded.clear()
+        for step in order:
+            np.testing.assert_array_equal(rows(step), np.stack([expected[i] for i in step]))
+            assert rows.cache.nbytes <= cache_bytes
+        # No cache: each distinct image of a batch once (9). Room for two: the misses of a
+        # least-recently-used cache, 0 1 | 2 (evicts 0) | 0 (evicts 1) | 1 | 0 (6). All three:
+        # each image once (3).
+        assert len(decoded) == decodes, (cache_bytes, decoded)
+
+
+def _reference_eval(paths, prompts, batch_size, rows):
+    """The generative eval batches as GenerativeExperiment.answers built them (41b7a3e)."""
+    length, (start, stop) = max(len(p) for p in prompts), rows
+    out = []
+    for first in range(0, len(paths), batch_size):
+        chunk = list(range(first, min(first + batch_size, len(paths))))
+        items = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        padded = left_pad_prompts([prompts[i] for i in items], 0, length)
+        image = np.stack([load_image(paths[i], 8, True) for i in items])
+        out.append({k: v[start:stop] for k, v in {"image": image, **padded}.items()})
+    return out
+
+
+@pytest.mark.parametrize(
+    "batch_size, rows, prefetch", [(2, (0, 2), 2), (4, (1, 3), 0), (5, (4, 5), 1)]
+)
+def test_eval_batches_equal_the_old_loop(data, tokenizer, batch_size, rows, prefetch):
+    paths = [e.image for e in _examples(data)] * 2  # 6 items: the last batch is filled up
+    questions = ["Is this a CT?", "What organ?", "Which side?"] * 2
+    prompts = [encode_prompt(tokenizer, q) for q in questions]
+    batches = vqa_eval_batches(
+        paths, prompts, batch_size=batch_size, image_size=8, pad_id=0, rows=rows,
+        pad_to_square=True, prefetch=prefetch,
+    )  # fmt: skip
+    _assert_same(batches, _reference_eval(paths, prompts, batch_size, rows))
+
+
+def test_pipeline_option_errors(data, tokenizer):
+    examples = _examples(data)
+    for options, message in (
+        ({"image_cache_mb": -1}, "image_cache_mb must be an integer >= 0"),
+        ({"prefetch": -1}, "vqa_train_batches: prefetch"),
+        ({"num_workers": "2"}, "vqa_train_batches: num_workers"),
+        ({"num_threads": 0}, "num_threads"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            _batches(examples, tokenizer, **options)
+    prompts = [encode_prompt(tokenizer, "Is this a CT?")]
+    paths = [examples[0].image]
+    with pytest.raises(ConfigError, match="one prompt per image"):
+        vqa_eval_batches(paths * 2, prompts, batch_size=2, image_size=8, pad_id=0)
+    with pytest.raises(ConfigError, match="vqa_eval_batches: rows"):
+        vqa_eval_batches(paths, prompts, batch_size=2, image_size=8, pad_id=0, rows=(1, 3))

@@ -4,21 +4,28 @@ Training uses a grain ``MapDataset`` indexed by *step*: step -> the indices of i
 gathered arrays. Grain's per-element shuffle/batch costs ~25 us per example (~1.6 ms for a batch
 of 64, too much next to a ~10 ms train step), so shuffling is done per epoch with one numpy
 permutation and batches are gathered with fancy indexing. Because a batch is a pure function of
-(seed, step), a run resumed at ``start_step`` sees exactly the batches it would have seen.
+(seed, step), a run resumed at ``start_step`` sees exactly the batches it would have seen, and
+reading ahead (``prefetch``) or in worker processes (``num_workers``, see ``loader``) changes
+when and where a batch is built, never what it holds.
 
 Multi-process: every process computes the same *global* batch indices for a step and gathers
 only its own rows ``[start, stop)`` of them (``parallel.mesh.process_row_range``), so the global
-batch, and therefore training, does not depend on how many processes share it.
+batch, and therefore training, does not depend on how many processes share it. This is the
+pipeline's per-process sharding; grain's ``ShardByJaxProcess`` would split the *examples* by
+process index instead, which changes the batches with the process count and need not match the
+rows the mesh gives each process's devices.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grain
 import numpy as np
 
+from mslora_jax.data.loader import DEFAULT_PREFETCH, check_loader_options, iterate
 from mslora_jax.errors import ConfigError, DataError
 
 Batch = dict[str, np.ndarray]
@@ -33,68 +40,102 @@ def train_batches(
     seed: int,
     rows: tuple[int, int] | None = None,
     start_step: int = 0,
+    prefetch: int = DEFAULT_PREFETCH,
+    num_workers: int = 0,
 ) -> Iterator[Batch]:
     """Yields ``{"image": [b, ...], "label": int32 [b]}`` for steps ``start_step..num_steps-1``.
 
     ``batch_size`` is the global batch. ``rows = (start, stop)`` are the rows of every global batch
     this process reads (``process_row_range(mesh, batch_size)``; default all), so
     ``b = stop - start`` and only those examples are gathered. Each epoch is a fresh seeded
-    permutation of all examples with the remainder dropped. Arguments are checked here, not on
-    the first ``next``.
+    permutation of all examples with the remainder dropped. ``prefetch`` batches are built
+    ahead in a background thread (0: on demand), in ``num_workers`` processes if > 0 (see
+    ``loader``; each gets a copy of the arrays). Arguments are checked here, not on the first
+    ``next``.
     """
     labels = np.asarray(labels, np.int32)
     _check_pair(images, labels)
+    check_loader_options(prefetch, num_workers, "train_batches")
+    steps = step_indices(
+        len(labels),
+        batch_size=batch_size,
+        num_steps=num_steps,
+        seed=seed,
+        rows=rows,
+        start_step=start_step,
+    )
+    gather = functools.partial(_gather, images=images, labels=labels)
+    return iterate(steps.map(gather), prefetch=prefetch, num_workers=num_workers)
+
+
+def step_indices(
+    num_examples: int,
+    *,
+    batch_size: int,
+    num_steps: int,
+    seed: int,
+    rows: tuple[int, int] | None = None,
+    start_step: int = 0,
+    where: str = "train_batches",
+) -> grain.MapDataset:
+    """A ``MapDataset`` over steps ``start_step..num_steps-1``: element ``i`` holds the indices
+    (into the ``num_examples`` examples) of this process's ``rows`` of step ``start_step + i``'s
+    global batch, as ``train_batches`` gathers them. Bad arguments raise ConfigError naming
+    ``where``."""
     if batch_size < 1:
-        raise ConfigError(f"train_batches: batch_size must be >= 1, got {batch_size}")
-    start, stop = _check_rows(rows, batch_size)
-    if len(labels) < batch_size:
+        raise ConfigError(f"{where}: batch_size must be >= 1, got {batch_size}")
+    start, stop = check_rows(rows, batch_size, where)
+    if num_examples < batch_size:
         raise ConfigError(
-            f"train_batches: {len(labels)} training examples is fewer than batch_size {batch_size}"
+            f"{where}: {num_examples} training examples is fewer than batch_size {batch_size}"
         )
     if seed < 0:
-        raise ConfigError(f"train_batches: seed must be >= 0, got {seed}")
+        raise ConfigError(f"{where}: seed must be >= 0, got {seed}")
     if not 0 <= start_step <= num_steps:
         raise ConfigError(
-            f"train_batches: need 0 <= start_step <= num_steps, got {start_step} and {num_steps}"
+            f"{where}: need 0 <= start_step <= num_steps, got {start_step} and {num_steps}"
         )
-    batch_indices = functools.partial(
-        _batch_indices,
-        batch=batch_size,
-        rows=slice(start, stop),
-        steps_per_epoch=len(labels) // batch_size,
-        order=_epoch_order(len(labels), seed),
-    )
-    dataset = (
-        grain.MapDataset.range(start_step, num_steps)
-        .map(batch_indices)
-        .map(lambda idx: {"image": images[idx], "label": labels[idx]})
-    )
-    return _iterate(dataset)
+    indices = _StepIndices(num_examples, batch_size, slice(start, stop), seed)
+    return grain.MapDataset.range(start_step, num_steps).map(indices)
 
 
-def eval_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int) -> Iterator[Batch]:
+def eval_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    batch_size: int,
+    prefetch: int = DEFAULT_PREFETCH,
+) -> Iterator[Batch]:
     """Yields the data in order as ``{"image", "label", "mask"}`` batches of exactly ``batch_size``.
 
     The last batch is zero-padded and ``mask`` (bool ``[batch_size]``) marks the real rows, so a
-    jitted eval step is traced once.
+    jitted eval step is traced once. ``prefetch`` batches are built ahead in a background thread
+    (0: on demand).
     """
     labels = np.asarray(labels, np.int32)
     _check_pair(images, labels)
     if batch_size < 1:
         raise ConfigError(f"eval_batches: batch_size must be >= 1, got {batch_size}")
-    return _padded(images, labels, batch_size)
+    check_loader_options(prefetch, 0, "eval_batches")
+    count = -(-len(labels) // batch_size)
+    padded = functools.partial(_padded, images=images, labels=labels, batch_size=batch_size)
+    return iterate(grain.MapDataset.range(count).map(padded), prefetch=prefetch)
 
 
-def _padded(images: np.ndarray, labels: np.ndarray, batch_size: int) -> Iterator[Batch]:
-    for start in range(0, len(labels), batch_size):
-        image, label = images[start : start + batch_size], labels[start : start + batch_size]
-        real = len(label)
-        mask = np.arange(batch_size) < real
-        if real < batch_size:
-            pad = batch_size - real
-            image = np.concatenate([image, np.zeros((pad, *image.shape[1:]), image.dtype)])
-            label = np.concatenate([label, np.zeros(pad, label.dtype)])
-        yield {"image": image, "label": label, "mask": mask}
+def _padded(index: int, *, images: np.ndarray, labels: np.ndarray, batch_size: int) -> Batch:
+    start = index * batch_size
+    image, label = images[start : start + batch_size], labels[start : start + batch_size]
+    real = len(label)
+    mask = np.arange(batch_size) < real
+    if real < batch_size:
+        pad = batch_size - real
+        image = np.concatenate([image, np.zeros((pad, *image.shape[1:]), image.dtype)])
+        label = np.concatenate([label, np.zeros(pad, label.dtype)])
+    return {"image": image, "label": label, "mask": mask}
+
+
+def _gather(indices: np.ndarray, *, images: np.ndarray, labels: np.ndarray) -> Batch:
+    return {"image": images[indices], "label": labels[indices]}
 
 
 def _check_pair(images: np.ndarray, labels: np.ndarray) -> None:
@@ -105,46 +146,42 @@ def _check_pair(images: np.ndarray, labels: np.ndarray) -> None:
         )
 
 
-def _iterate(dataset: grain.MapDataset) -> Iterator[Batch]:
-    # Random access, not iter(dataset): grain's iterator adds ~0.4 ms of overhead per element.
-    for i in range(len(dataset)):
-        yield dataset[i]
-
-
-def _check_rows(rows: tuple[int, int] | None, batch_size: int) -> tuple[int, int]:
+def check_rows(rows: tuple[int, int] | None, batch_size: int, where: str) -> tuple[int, int]:
     """``rows`` as ``(start, stop)`` with ``0 <= start < stop <= batch_size`` (None: all rows)."""
     if rows is None:
         return 0, batch_size
     try:
         start, stop = (int(r) for r in rows)
     except (TypeError, ValueError):
-        raise ConfigError(f"train_batches: rows must be (start, stop), got {rows!r}") from None
+        raise ConfigError(f"{where}: rows must be (start, stop), got {rows!r}") from None
     if not 0 <= start < stop <= batch_size:
         raise ConfigError(
-            f"train_batches: rows (start, stop) = {rows} must satisfy "
+            f"{where}: rows (start, stop) = {rows} must satisfy "
             f"0 <= start < stop <= batch_size {batch_size}"
         )
     return start, stop
 
 
-def _epoch_order(n: int, seed: int) -> Callable[[int], np.ndarray]:
-    """``epoch -> a seeded permutation of range(n)``; memoised as consecutive steps share one."""
+@dataclasses.dataclass(frozen=True)
+class _StepIndices:
+    """``step ->`` this process's ``rows`` of the global batch of ``step`` (indices into the
+    data). A module-level class, not a closure, so worker processes can unpickle it."""
 
-    @functools.lru_cache(maxsize=2)
-    def order(epoch: int) -> np.ndarray:
-        return np.random.default_rng([seed, 1, epoch]).permutation(n)
+    num_examples: int
+    batch: int
+    rows: slice
+    seed: int
 
+    def __call__(self, step: int) -> np.ndarray:
+        epoch, position = divmod(step, self.num_examples // self.batch)
+        order = _epoch_order(self.num_examples, self.seed, epoch)
+        return order[position * self.batch : (position + 1) * self.batch][self.rows]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """A seeded permutation of ``range(num_examples)``; memoised as consecutive steps share one
+    (a few entries: pipelines built or read side by side each keep their current epoch)."""
+    order = np.random.default_rng([seed, 1, epoch]).permutation(num_examples)
+    order.flags.writeable = False  # shared by every batch of the epoch
     return order
-
-
-def _batch_indices(
-    step: int,
-    *,
-    batch: int,
-    rows: slice,
-    steps_per_epoch: int,
-    order: Callable[[int], np.ndarray],
-) -> np.ndarray:
-    """This process's ``rows`` of the global batch of ``step`` (indices into the data)."""
-    epoch, position = divmod(step, steps_per_epoch)
-    return order(epoch)[position * batch : (position + 1) * batch][rows]

@@ -24,17 +24,16 @@ from mslora_jax.data.chat_template import ChatTemplate
 from mslora_jax.data.conversation import (
     check_tokenizer_fits,
     encode_prompt,
-    left_pad_prompts,
     special_ids,
 )
-from mslora_jax.data.vqa import VqaExample, VqaTestItem, load_image, read_test_file, read_train_file
-from mslora_jax.data.vqa_pipeline import vqa_train_batches
+from mslora_jax.data.vqa import VqaExample, VqaTestItem, read_test_file, read_train_file
+from mslora_jax.data.vqa_pipeline import vqa_eval_batches, vqa_train_batches
 from mslora_jax.errors import ConfigError
 from mslora_jax.eval.answer_metrics import score_answers
 from mslora_jax.losses.answer import answer_cross_entropy
 from mslora_jax.models.generate import llava_generate
 from mslora_jax.models.llava import Llava, init_llava
-from mslora_jax.parallel.mesh import process_row_range, process_rows, to_global_batch
+from mslora_jax.parallel.mesh import process_row_range, to_global_batch
 from mslora_jax.parallel.rules import ShardingRules
 from mslora_jax.parallel.sharded_jit import born_sharded, sharding_context
 from mslora_jax.train.objectives import normalize_images
@@ -90,6 +89,15 @@ def attention_kernel(config: ExperimentConfig, mesh: Mesh) -> str:
             'use "xla" (or "splash_interpret" to check the kernel on any backend, slowly)'
         )
     return kernel
+
+
+def train_input_options(config: ExperimentConfig) -> dict:
+    """``vqa_train_batches``'s reading and cache options from ``train.input_*`` and
+    ``train.image_cache_mb`` (those left None keep the pipeline's defaults)."""
+    options = config.train.input_options()
+    if config.train.image_cache_mb is not None:
+        options["image_cache_mb"] = config.train.image_cache_mb
+    return options
 
 
 def load_vqa_task(config: ExperimentConfig, task: TaskConfig) -> VqaTask:
@@ -189,6 +197,7 @@ class GenerativeExperiment(StreamExperiment):
             template=self.template,
             image_token_id=self.config.llava.image_token_id,
             pad_to_square=self.config.llava.pad_to_square,
+            **train_input_options(self.config),
         )
 
     def answers(self, variables, weights, items: list[VqaTestItem]) -> list[str]:
@@ -203,15 +212,22 @@ class GenerativeExperiment(StreamExperiment):
             )
             for it in items
         ]
-        length = max(len(p) for p in prompts)
+        # Data parallel like training: each process builds (decodes) only its devices' rows,
+        # each device generates for its rows of the batch.
+        batches = vqa_eval_batches(
+            [it.image for it in items],
+            prompts,
+            batch_size=self.eval_batch_size,
+            image_size=size,
+            pad_id=self.ids.pad,
+            rows=process_row_range(self.mesh, self.eval_batch_size),
+            pad_to_square=pad,
+            **self.config.train.input_options(),
+        )
         out = []
-        for start in range(0, len(items), self.eval_batch_size):
-            chunk = list(range(start, min(start + self.eval_batch_size, len(items))))
-            rows = chunk + [chunk[-1]] * (self.eval_batch_size - len(chunk))
-            padded = left_pad_prompts([prompts[i] for i in rows], self.ids.pad, length)
-            images = np.stack([load_image(items[i].image, size, pad) for i in rows])
-            # Data parallel like training: each device generates for its rows of the batch.
-            batch = to_global_batch(self.mesh, process_rows(self.mesh, {"image": images, **padded}))
+        for start, local in zip(range(0, len(items), self.eval_batch_size), batches, strict=True):
+            chunk = range(start, min(start + self.eval_batch_size, len(items)))
+            batch = to_global_batch(self.mesh, local)
             with sharding_context(self.rules):  # KV cache and activations sharded over batch
                 generation = llava_generate(
                     self.model,
@@ -303,6 +319,7 @@ def pretrain_llava(
         template=chat_template(config),
         image_token_id=config.llava.image_token_id,
         pad_to_square=config.llava.pad_to_square,
+        **train_input_options(config),
     )
     state, _ = train_all_params(
         config, rules, params, loss_fn, batches, state_key, class_tokens=None, desc="pretrain llava"

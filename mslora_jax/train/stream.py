@@ -263,6 +263,7 @@ class Experiment(StreamExperiment):
             seed=seed,
             rows=process_row_range(self.mesh, batch_size),
             start_step=start_step,
+            **self.config.train.input_options(),
         )
 
     def task_metrics(self, slots: dict[int, dict], active: list[int], task: int) -> TaskMetrics:
