@@ -238,6 +238,11 @@ class TaskConfig:
         if self.source == "medmnist" and not (self.file and self.class_names):
             raise ConfigError(f"task {self.name!r}: a medmnist task needs file and class_names")
         self._check_tfds_keys()
+        if self.source == "synthetic" and min(self.num_train, self.num_test) < 1:
+            raise ConfigError(
+                f"task {self.name!r}: num_train and num_test must be >= 1 (an empty split), got "
+                f"{self.num_train} and {self.num_test}"
+            )
         size = self.batch_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
             raise ConfigError(

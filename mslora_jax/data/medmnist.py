@@ -56,6 +56,9 @@ def load_medmnist_task(
         images, split_labels = _select_classes(
             path, split, images, split_labels, class_names, labels
         )
+        if not len(split_labels):  # nothing to train on, or an accuracy over no images
+            chosen = f" with label ids {list(labels)}" if labels is not None else ""
+            raise DataError(f"{path}: the {split} split has no images{chosen}")
         if limit is not None and limit < len(split_labels):
             keep = np.sort(split_rng.choice(len(split_labels), size=limit, replace=False))
             images, split_labels = images[keep], split_labels[keep]

@@ -51,6 +51,10 @@ def _describe_differences(old: Any, new: Any, where: str = "config") -> list[str
         for key in sorted(set(old) | set(new)):
             diffs += _describe_differences(old.get(key), new.get(key), f"{where}.{key}")
         return diffs
+    if isinstance(old, list) and isinstance(new, list) and len(old) != len(new):
+        if any(isinstance(x, dict) for x in old + new):  # tasks: their names, not every field
+            names = [[x.get("name") if isinstance(x, dict) else x for x in xs] for xs in (old, new)]
+            return [f"{where}: {len(old)} entries {names[0]} -> {len(new)} entries {names[1]}"]
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         return [
             d

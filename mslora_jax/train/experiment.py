@@ -12,11 +12,14 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
+from jax.sharding import Mesh
 
 from mslora_jax.config import BackboneConfig, ExperimentConfig, to_json_dict
 from mslora_jax.data.registry import load_tasks
+from mslora_jax.errors import ConfigError
 from mslora_jax.io_utils import atomic_write_json, atomic_write_text, read_json
 from mslora_jax.parallel.distributed import is_primary
 from mslora_jax.parallel.mesh import make_mesh
@@ -28,6 +31,10 @@ from mslora_jax.train.methods import get_method
 from mslora_jax.train.preemption import stop_on_sigterm
 from mslora_jax.train.pretrain import init_backbone_sharded, obtain_backbone
 from mslora_jax.train.stream import build_experiment, run_method
+
+if TYPE_CHECKING:
+    from mslora_jax.data.task import TaskData
+    from mslora_jax.train.generative_run import GenerativeInputs
 
 log = logging.getLogger(__name__)
 
@@ -93,22 +100,62 @@ def run_experiment(config: ExperimentConfig, workdir: str | os.PathLike) -> dict
     generative run also saves every final model's answers under ``answers/``.
     """
     workdir = Path(workdir)
+    # Bad input (mesh, data, tokenizer file) fails before the workdir is created or claimed, so
+    # the fixed config can still use it.
+    mesh = make_mesh(config.num_devices, config.mesh.shape)
+    inputs = read_inputs(config)
     workdir.mkdir(parents=True, exist_ok=True)
     claim_workdir(config, workdir)
     with stop_on_sigterm():  # SIGTERM: save at the next step and stop (train.preemption)
-        return _run_experiment(config, workdir)
+        return _run_experiment(config, workdir, mesh, inputs)
 
 
-def _run_experiment(config: ExperimentConfig, workdir: Path) -> dict:
-    mesh = make_mesh(config.num_devices, config.mesh.shape)
+def read_inputs(config: ExperimentConfig) -> list[TaskData] | GenerativeInputs:
+    """What a run reads from outside its workdir, read and checked (it only reads): the dual
+    encoder's stream tasks, or a generative run's VQA files and tokenizer file."""
+    if config.model_kind == "llava":
+        from mslora_jax.train import generative_run
+
+        inputs = generative_run.read_inputs(config)
+        sizes = [
+            len(inputs.tasks[t.name].examples) if t.source == "vqa" else t.num_train
+            for t in config.stream
+        ]
+    else:
+        inputs = load_tasks(config, config.stream)
+        sizes = [len(t.train_labels) for t in inputs]
+    check_train_sizes(config, sizes)
+    return inputs
+
+
+def check_train_sizes(config: ExperimentConfig, sizes: list[int]) -> None:
+    """ConfigError naming the task if a stage of ``config.methods`` has fewer training examples
+    (``sizes``, per stream task) than its batch size: found now, not after the first compiles."""
+    methods = [get_method(name) for name in config.methods]
+    stages = [[i] for i in range(len(sizes))] if any(not m.joint for m in methods) else []
+    if any(m.joint for m in methods):
+        stages.append(list(range(len(sizes))))
+    for indices in stages:
+        count, batch_size = sum(sizes[i] for i in indices), config.stage_batch_size(indices)
+        if count < batch_size:
+            names = [config.stream[i].name for i in indices]
+            what = f"task {names[0]!r}" if len(names) == 1 else f"the joint stage over {names}"
+            raise ConfigError(
+                f"{what} has {count} training examples, fewer than its batch size {batch_size} "
+                "(train.batch_size, or the task's batch_size)"
+            )
+
+
+def _run_experiment(
+    config: ExperimentConfig, workdir: Path, mesh: Mesh, inputs: list[TaskData] | GenerativeInputs
+) -> dict:
     if config.model_kind == "llava":
         from mslora_jax.train.generative_run import prepare_generative
 
-        exp, backbone_info = prepare_generative(config, workdir, mesh)
+        exp, backbone_info = prepare_generative(config, workdir, mesh, inputs)
     else:
-        tasks = load_tasks(config, config.stream)  # fail on bad data before any training
         base_params, backbone_info = obtain_backbone(config, workdir, mesh)
-        exp = build_experiment(config, tasks, mesh, base_params)
+        exp = build_experiment(config, inputs, mesh, base_params)
     tasks = exp.tasks
     zero_shot_metrics = [exp.task_metrics({}, [], t) for t in range(exp.num_tasks)]
     zero_shot = [exp.primary_value(m, t) for t, m in enumerate(zero_shot_metrics)]

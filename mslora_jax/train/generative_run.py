@@ -15,10 +15,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
 from jax.sharding import Mesh
+from tokenizers import Tokenizer
 
 from mslora_jax.config import ExperimentConfig, TaskConfig
 from mslora_jax.data.conversation import (
@@ -49,8 +51,30 @@ from mslora_jax.train.pretrain import obtain_frozen_backbone, pretrain_provenanc
 log = logging.getLogger(__name__)
 
 
-def load_generative_tasks(config: ExperimentConfig, tasks, workdir: Path) -> list[VqaTask]:
-    """Read VQA tasks; synthetic ones are first materialised under ``workdir/data``."""
+@dataclasses.dataclass(frozen=True)
+class GenerativeInputs:
+    """What a generative run reads from outside its workdir, read and checked (``read_inputs``)."""
+
+    tasks: Mapping[str, VqaTask]  # the VQA tasks (source "vqa") of stream and base, by name
+    tokenizer: Tokenizer | None  # llava.tokenizer_file, checked against the model; None: none
+
+
+def read_inputs(config: ExperimentConfig) -> GenerativeInputs:
+    """Reads the user's VQA files and tokenizer file; only reads, so a run checks its input
+    before it claims a workdir (and a fixed config can still use that workdir)."""
+    tasks = config.stream + config.base_tasks
+    path = config.llava.tokenizer_file
+    return GenerativeInputs(
+        tasks={t.name: load_vqa_task(config, t) for t in tasks if t.source == "vqa"},
+        tokenizer=_fitting_tokenizer(config, load_tokenizer(path), path) if path else None,
+    )
+
+
+def load_generative_tasks(
+    config: ExperimentConfig, tasks, workdir: Path, read: Mapping[str, VqaTask] | None = None
+) -> list[VqaTask]:
+    """Read VQA tasks (or take them from ``read``); synthetic ones are first materialised under
+    ``workdir/data``."""
     out = []
     for task in tasks:
         if task.source == "synthetic":
@@ -58,6 +82,8 @@ def load_generative_tasks(config: ExperimentConfig, tasks, workdir: Path) -> lis
             local = dataclasses.replace(config, data_dir=str(workdir / "data"))
             task = TaskConfig(**{**dataclasses.asdict(task), "source": "vqa"})
             out.append(load_vqa_task(local, task))
+        elif read is not None and task.name in read:
+            out.append(read[task.name])
         else:
             out.append(load_vqa_task(config, task))
     return out
@@ -83,12 +109,20 @@ def _materialise_synthetic(config: ExperimentConfig, task: TaskConfig, folder: P
             raise
 
 
-def obtain_tokenizer(config: ExperimentConfig, tasks: list[VqaTask], workdir: Path):
-    """``llava.tokenizer_file``, else a byte-level BPE built once from the training texts.
+def obtain_tokenizer(
+    config: ExperimentConfig,
+    tasks: list[VqaTask],
+    workdir: Path,
+    tokenizer: Tokenizer | None = None,
+):
+    """``llava.tokenizer_file`` (or ``tokenizer``, that file already read and checked), else a
+    byte-level BPE built once from the training texts.
 
     Checked against the model before anything is trained; errors name the tokenizer file. The
     build is deterministic, so every process of a run gets the same one; process 0 saves it.
     """
+    if tokenizer is not None:
+        return tokenizer
     path = Path(config.llava.tokenizer_file or workdir / "tokenizer.json")
     if config.llava.tokenizer_file or path.exists():
         tokenizer = load_tokenizer(path)
@@ -96,15 +130,21 @@ def obtain_tokenizer(config: ExperimentConfig, tasks: list[VqaTask], workdir: Pa
         template = chat_template(config)
         texts = [render_conversation(e, template) for t in tasks for e in t.examples]
         tokenizer = build_tokenizer(texts, config.llava.tokenizer_vocab_size)
+    _fitting_tokenizer(config, tokenizer, path)
+    if is_primary() and not path.exists():
+        # Atomic (unlike Tokenizer.save): another process may be reading the path right now.
+        atomic_write_text(path, tokenizer.to_str(pretty=True))
+    return tokenizer
+
+
+def _fitting_tokenizer(config: ExperimentConfig, tokenizer: Tokenizer, path) -> Tokenizer:
+    """``tokenizer``, if the model can use it; else the error, naming the file at ``path``."""
     try:
         check_tokenizer_fits(
             tokenizer, config.llava.decoder.vocab_size, config.llava.image_token_id
         )
     except (ConfigError, DataError) as error:
         raise type(error)(f"{path}: {error}") from None
-    if is_primary() and not path.exists():
-        # Atomic (unlike Tokenizer.save): another process may be reading the path right now.
-        atomic_write_text(path, tokenizer.to_str(pretty=True))
     return tokenizer
 
 
@@ -131,11 +171,16 @@ def _pretraining_settings(config: ExperimentConfig) -> dict:
     return {key: getattr(config.llava, key) for key in _PRETRAINING_KEYS}
 
 
-def prepare_generative(config: ExperimentConfig, workdir: Path, mesh: Mesh):
-    """(experiment, backbone info) for a LLaVA run; pretrains and saves the backbone once."""
-    stream = load_generative_tasks(config, config.stream, workdir)
-    base = load_generative_tasks(config, config.base_tasks, workdir)
-    tokenizer = obtain_tokenizer(config, base + stream, workdir)
+def prepare_generative(
+    config: ExperimentConfig, workdir: Path, mesh: Mesh, inputs: GenerativeInputs | None = None
+):
+    """(experiment, backbone info) for a LLaVA run; pretrains and saves the backbone once.
+
+    ``inputs``: what ``read_inputs(config)`` returned, if the caller read it already."""
+    inputs = inputs or GenerativeInputs(tasks={}, tokenizer=None)
+    stream = load_generative_tasks(config, config.stream, workdir, inputs.tasks)
+    base = load_generative_tasks(config, config.base_tasks, workdir, inputs.tasks)
+    tokenizer = obtain_tokenizer(config, base + stream, workdir, inputs.tokenizer)
     model_cfg = config.llava.model_config()
     init = functools.partial(init_llava, model_cfg)
     dtype = config.llava.dtype
