@@ -73,8 +73,8 @@ def test_command_help_shows_only_its_flags(capsys):
         ("--config.stream[0].nme=x", "did you mean stream[0].name?"),
         ("--config.lora.xyzzy=1", "no key lora.xyzzy in {}; lora has: alpha, rank\n"),
         ("--config.stream[5].name=x", "stream has 3 entries, so it has no [5]"),
-        # a real key of the typed config that this file does not set
-        ("--config.lora.dropout=0.1", "{} does not set lora.dropout (a valid key"),
+        # a real key of the typed config inside a list, which the file does not set
+        ("--config.stream[0].tfds_name=x", "{} does not set stream[0].tfds_name (a valid key"),
     ],
 )
 def test_bad_config_key_is_one_line_naming_the_nearest_key(capsys, override, want):
@@ -125,6 +125,40 @@ def test_bad_config_value_is_one_line(capsys):
 def test_bad_command_lines_are_one_line(capsys, args, want):
     code, _, err = _exit(capsys, *args)
     assert want in _one_error_line(code, err)
+
+
+def test_overrides_set_keys_the_file_leaves_at_their_defaults():
+    from mslora_jax.config import experiment_config
+
+    # configs/smoke.py has no checkpoint section and sets neither lora.dropout nor
+    # train.input_workers (whose default is None).
+    run = parse_command_line(
+        [
+            "run",
+            "--config",
+            SMOKE,
+            "--workdir",
+            "out",
+            "--config.checkpoint.every_steps=50",
+            "--config.lora.dropout=0.1",
+            "--config.train.input_workers=2",
+        ],
+        COMMANDS,
+    )
+    config = experiment_config(run.args.config)
+    assert config.checkpoint.every_steps == 50 and config.checkpoint.keep is None
+    assert config.lora.dropout == 0.1 and config.train.input_workers == 2
+    # Only the overridden keys are added, so the file's own config converts as before.
+    plain = experiment_config(
+        parse_command_line(["run", "--config", SMOKE, "--workdir", "o"], COMMANDS).args.config
+    )
+    assert config.lora.rank == plain.lora.rank and config.stream == plain.stream
+    assert (
+        "checkpoint"
+        not in parse_command_line(
+            ["run", "--config", SMOKE, "--workdir", "o"], COMMANDS
+        ).args.config
+    )
 
 
 def test_documented_invocations_parse_as_before():

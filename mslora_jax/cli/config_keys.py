@@ -11,10 +11,12 @@ import dataclasses
 import difflib
 import re
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from ml_collections import config_dict
 from ml_collections.config_flags import config_path
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 # Overrides as ml_collections finds them: -config.x, --config.x=1, --noconfig.flag.
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
@@ -23,6 +25,71 @@ _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
 def override_paths(args: Sequence[str]) -> list[str]:
     """The config paths the overrides in ``args`` name (``--config.lora.rank=4`` -> lora.rank)."""
     return [m.group(1) for m in map(_OVERRIDE.match, args) if m]
+
+
+def _optional_base(hint: Any) -> type | None:
+    """``int`` for ``int | None`` (a scalar a command-line literal can set), else None."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    scalar = args[0] if len(args) == 1 else None
+    return scalar if scalar in (int, float, str, bool) else None
+
+
+def _field_default(cls: type, name: str) -> Any:
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def fill_schema_defaults(config: Any, paths: Sequence[str], schema: type) -> None:
+    """Give ``config`` (an unlocked ConfigDict) the keys of ``paths`` that the typed config
+    ``schema`` has but the file does not set, at their defaults, so ``--config.<path>=v`` can
+    override them (``--config.checkpoint.every_steps=50`` on a file without a checkpoint
+    section). A key left at its default converts to the same typed config, so what the file
+    means does not change. Paths into lists, and leaves a literal cannot set (a None default
+    that is not ``int | None``-like, a whole section), are left for ``unknown_key_message``."""
+    for path in paths:
+        parts = config_path.split(path)
+        if any(isinstance(part, int) for part in parts):
+            continue
+        node, cls = config, schema
+        for depth, part in enumerate(parts):
+            if not (isinstance(node, config_dict.ConfigDict) and dataclasses.is_dataclass(cls)):
+                break
+            hints = typing.get_type_hints(cls)
+            if part not in hints:
+                break
+            hint, last = hints[part], depth == len(parts) - 1
+            if part not in node:
+                if not last and dataclasses.is_dataclass(hint):
+                    node[part] = config_dict.ConfigDict()
+                elif last:
+                    default = _field_default(cls, part)
+                    if default is None and _optional_base(hint) is not None:
+                        node[part] = config_dict.placeholder(_optional_base(hint))
+                    elif default is not None and not dataclasses.is_dataclass(default):
+                        node[part] = default
+                    break
+                else:
+                    break
+            node, cls = node[part], hint
+
+
+class ConfigFileWithDefaults(ConfigFileFlagParser):
+    """ml_collections' config-file parser that also gives the loaded config the keys of
+    ``schema()`` that the overrides ``paths`` name (``fill_schema_defaults``) before it is
+    locked. ``schema`` is called only when a file is parsed (``--help`` imports no jax)."""
+
+    def __init__(self, name: str, paths: Sequence[str], schema: Callable[[], type]):
+        super().__init__(name, lock_config=False)
+        self.paths, self.schema = list(paths), schema
+
+    def parse(self, path):
+        config = super().parse(path)
+        if isinstance(config, config_dict.ConfigDict):
+            fill_schema_defaults(config, self.paths, self.schema())
+            config.lock()
+        return config
 
 
 def _keys(node: Any) -> list[str] | None:

@@ -19,7 +19,12 @@ from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 from mslora_jax.cli.command import Command
-from mslora_jax.cli.config_keys import bad_value_message, override_paths, unknown_key_message
+from mslora_jax.cli.config_keys import (
+    ConfigFileWithDefaults,
+    bad_value_message,
+    override_paths,
+    unknown_key_message,
+)
 from mslora_jax.cli.help import PROGRAM, command_help, overview
 from mslora_jax.errors import CommandLineError, ConfigError
 
@@ -74,6 +79,12 @@ def _config_argument(args: Sequence[str]) -> str | None:
     return None
 
 
+def _schema() -> type:
+    from mslora_jax.config import ExperimentConfig
+
+    return ExperimentConfig
+
+
 def _new_flag_values(command: Command, argv: list[str]) -> flags.FlagValues:
     flag_values = flags.FlagValues()
     if command.config_help is not None:
@@ -81,6 +92,9 @@ def _new_flag_values(command: Command, argv: list[str]) -> flags.FlagValues:
         config_flags.DEFINE_config_file(
             "config", None, command.config_help, flag_values=flag_values, sys_argv=argv
         )
+        # Overrides may set keys the file leaves at their defaults.
+        paths = override_paths(argv)
+        flag_values["config"].parser = ConfigFileWithDefaults("config", paths, _schema)
     command.define_flags(flag_values)
     return flag_values
 
