@@ -136,3 +136,15 @@ def clip_vision_hidden_states(
         hidden.append(x)
         i += 1
     return hidden
+
+
+def assert_same_batches(batches, reference) -> None:
+    """``batches`` (an iterator) equals the list ``reference``: same keys, dtypes, shapes and
+    values, batch by batch."""
+    batches = list(batches)
+    assert len(batches) == len(reference)
+    for batch, expected in zip(batches, reference):
+        assert sorted(batch) == sorted(expected)  # worker output comes back with sorted keys
+        for key, value in expected.items():
+            assert batch[key].dtype == value.dtype and batch[key].shape == value.shape
+            np.testing.assert_array_equal(batch[key], value)

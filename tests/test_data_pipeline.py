@@ -6,6 +6,7 @@ import pytest
 from mslora_jax.data.loader import iterate
 from mslora_jax.data.pipeline import eval_batches, step_indices, train_batches
 from mslora_jax.errors import ConfigError, DataError
+from tests.helpers import assert_same_batches
 
 
 def _data(n, size=4):
@@ -96,16 +97,6 @@ def _reference_batches(images, labels, batch, steps, seed, rows, start_step):
     return [{"image": images[i], "label": labels[i].astype(np.int32)} for i in ids]
 
 
-def _assert_same_batches(batches, reference):
-    batches = list(batches)
-    assert len(batches) == len(reference)
-    for batch, expected in zip(batches, reference):
-        assert sorted(batch) == sorted(expected)  # worker output comes back with sorted keys
-        for key, value in expected.items():
-            assert batch[key].dtype == value.dtype and batch[key].shape == value.shape
-            np.testing.assert_array_equal(batch[key], value)
-
-
 @pytest.mark.parametrize("prefetch", [0, 1, 3])
 @pytest.mark.parametrize(
     "seed, start_step, rows", [(0, 0, (0, 8)), (4, 5, (2, 6)), (11, 9, (7, 8)), (2**31, 13, (0, 3))]
@@ -115,7 +106,7 @@ def test_batches_equal_the_old_formula_however_they_are_read(prefetch, seed, sta
     rng = np.random.default_rng(seed % 97)
     images, labels = rng.normal(size=(29, 3, 2)).astype(np.float32), rng.integers(0, 5, 29)
     options = dict(batch_size=8, num_steps=14, seed=seed, rows=rows, start_step=start_step)
-    _assert_same_batches(
+    assert_same_batches(
         train_batches(images, labels, prefetch=prefetch, **options),
         _reference_batches(images, labels, 8, 14, seed, rows, start_step),
     )
@@ -126,7 +117,7 @@ def test_worker_processes_give_the_same_batches():
     # workers import jax (through grain).
     images, labels = _data(45)
     options = dict(batch_size=8, num_steps=12, seed=3, rows=(2, 7), start_step=5)
-    _assert_same_batches(
+    assert_same_batches(
         train_batches(images, labels, num_workers=2, prefetch=1, **options),
         _reference_batches(images, labels, 8, 12, 3, (2, 7), 5),
     )

@@ -34,6 +34,7 @@ from mslora_jax.data.vqa_pipeline import (
     vqa_train_batches,
 )
 from mslora_jax.errors import ConfigError, DataError
+from tests.helpers import assert_same_batches
 
 MAX_LEN = 192
 TRAIN = [
@@ -466,16 +467,6 @@ def _reference_train(examples, tokenizer, *, batch_size, num_steps, seed, rows, 
     return out
 
 
-def _assert_same(batches, reference):
-    batches = list(batches)
-    assert len(batches) == len(reference)
-    for batch, expected in zip(batches, reference):
-        assert sorted(batch) == sorted(expected)  # worker output comes back with sorted keys
-        for key, value in expected.items():
-            assert batch[key].dtype == value.dtype and batch[key].shape == value.shape
-            np.testing.assert_array_equal(batch[key], value)
-
-
 @pytest.mark.parametrize(
     "seed, start_step, rows, cache_mb, prefetch",
     [(3, 0, (0, 3), 1024, 2), (5, 4, (1, 3), 0, 0), (8, 7, (2, 3), 1, 3)],
@@ -485,7 +476,7 @@ def test_pipeline_equals_the_old_formula(
 ):
     examples = _examples(data) * 3  # 9 examples, 3 images: shared images come from the cache
     options = dict(batch_size=3, num_steps=10, seed=seed, rows=rows, start_step=start_step)
-    _assert_same(
+    assert_same_batches(
         _batches(examples, tokenizer, image_cache_mb=cache_mb, prefetch=prefetch, **options),
         _reference_train(examples, tokenizer, **options),
     )
@@ -496,7 +487,7 @@ def test_pipeline_decodes_in_a_worker_process(data, tokenizer):
     # it imports jax through grain. The ordering of several workers: test_data_pipeline.py.
     examples = _examples(data) * 2
     options = dict(batch_size=2, num_steps=6, seed=1, rows=(0, 2), start_step=1)
-    _assert_same(
+    assert_same_batches(
         _batches(examples, tokenizer, num_workers=1, **options),
         _reference_train(examples, tokenizer, **options),
     )
@@ -573,7 +564,7 @@ def test_eval_batches_equal_the_old_loop(data, tokenizer, batch_size, rows, pref
         paths, prompts, batch_size=batch_size, image_size=8, pad_id=0, rows=rows,
         pad_to_square=True, prefetch=prefetch,
     )  # fmt: skip
-    _assert_same(batches, _reference_eval(paths, prompts, batch_size, rows))
+    assert_same_batches(batches, _reference_eval(paths, prompts, batch_size, rows))
 
 
 def test_pipeline_option_errors(data, tokenizer):
