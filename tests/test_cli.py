@@ -149,11 +149,10 @@ def test_overrides_set_keys_the_file_leaves_at_their_defaults():
     assert config.checkpoint.every_steps == 50 and config.checkpoint.keep is None
     assert config.lora.dropout == 0.1 and config.train.input_workers == 2
     # Only the overridden keys are added, so the file's own config converts as before.
-    plain_dict = parse_command_line(["run", "--config", SMOKE, "--workdir", "o"], COMMANDS)
-    plain_dict = plain_dict.args.config
-    plain = experiment_config(plain_dict)
+    file_config = parse_command_line(["run", "--config", SMOKE, "--workdir", "o"], COMMANDS)
+    plain = experiment_config(file_config.args.config)
     assert config.lora.rank == plain.lora.rank and config.stream == plain.stream
-    assert "checkpoint" not in plain_dict
+    assert "checkpoint" not in file_config.args.config
 
 
 def test_documented_invocations_parse_as_before():
