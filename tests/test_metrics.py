@@ -92,3 +92,36 @@ def test_accuracy_errors():
         metrics.accuracy(np.zeros(3), np.zeros(3), mask=np.ones(2, bool))
     with pytest.raises(ValueError, match="zero examples"):
         metrics.accuracy(np.zeros(3), np.zeros(3), mask=np.zeros(3, bool))
+
+
+# Three stages with the superdiagonal evaluated (task j + 1 after stage j), as runs write it.
+A3 = [[0.9, 0.3, None], [0.7, 0.8, 0.4], [0.5, 0.6, 0.7]]
+
+
+def test_forgetting_hand_computed():
+    # column 0: best 0.9 before the last stage, 0.5 at the end; column 1: 0.8 -> 0.6
+    assert metrics.forgetting(A3) == pytest.approx((0.4 + 0.2) / 2)
+    # the best earlier row counts, not the diagonal: 0.6 then 0.95, ends at 0.5 -> 0.45
+    rising = [[0.6, None, None], [0.95, 0.8, None], [0.5, 0.9, 0.7]]
+    assert metrics.forgetting(rising) == pytest.approx((0.45 + (-0.1)) / 2)
+    assert metrics.forgetting([[0.5, 0.7]]) == 0.0
+
+
+def test_forward_transfer_hand_computed():
+    assert metrics.forward_transfer(A3, [0.2, 0.25, 0.3]) == pytest.approx(
+        ((0.3 - 0.25) + (0.4 - 0.3)) / 2
+    )
+    without_superdiagonal = [[0.9, None, None], [0.7, 0.8, None], [0.5, 0.6, 0.7]]
+    assert metrics.forward_transfer(without_superdiagonal, [0.2, 0.25, 0.3]) is None
+    assert metrics.forward_transfer([[0.5, 0.7]], [0.1, 0.1]) is None  # joint: one row
+    with pytest.raises(ValueError, match="one per task"):
+        metrics.forward_transfer(A3, [0.2, 0.25])
+
+
+def test_mft_mfn_maa_hand_computed():
+    assert metrics.mean_finetuned_accuracy(A3) == pytest.approx((0.9 + 0.8 + 0.7) / 3)
+    # stage means over seen tasks only: 0.9, (0.7 + 0.8) / 2, (0.5 + 0.6 + 0.7) / 3
+    assert metrics.mean_average_accuracy(A3) == pytest.approx((0.9 + 0.75 + 0.6) / 3)
+    assert metrics.average_accuracy(A3) == pytest.approx(0.6)  # MFN
+    joint = [[0.5, 0.7]]
+    assert metrics.mean_finetuned_accuracy(joint) == metrics.mean_average_accuracy(joint) == 0.6

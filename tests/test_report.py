@@ -45,11 +45,44 @@ def test_markdown_table():
     table = R.format_markdown_table(make_results())
     lines = table.splitlines()
     assert lines[0] == (
-        "| method | avg acc (%) | BWT (pp) | unified avg acc (%) | steps/s | chest | derma | oct |"
+        "| method | avg acc (%) | BWT (pp) | forgetting (pp) | MFT (%) | MAA (%) "
+        "| unified avg acc (%) | steps/s | chest | derma | oct |"
     )
-    assert lines[2] == "| seq_ft | 60.0 | -30.0 | 50.0 | 12.50 | 50.0 | 60.0 | 70.0 |"
-    assert lines[3] == "| joint | 85.0 | 0.0 | 85.0 | 10.00 | 95.0 | 85.0 | 75.0 |"
+    assert lines[2] == (
+        "| seq_ft | 60.0 | -30.0 | 30.0 | 80.0 | 75.0 | 50.0 | 12.50 | 50.0 | 60.0 | 70.0 |"
+    )
+    assert lines[3] == (
+        "| joint | 85.0 | 0.0 | 0.0 | 85.0 | 85.0 | 85.0 | 10.00 | 95.0 | 85.0 | 75.0 |"
+    )
     assert len(lines) == 4
+
+
+def test_forward_transfer_from_zero_shot_and_older_results():
+    results = make_results()
+    results["backbone"] = {"zero_shot_acc": [0.1, 0.2, 0.3]}
+    seq = [[0.9, 0.3, None], [0.7, 0.8, 0.5], [0.5, 0.6, 0.7]]
+    results["methods"]["seq_ft"] = R.method_summary(seq, [0.4, 0.5, 0.6], 12.5, [0.1, 0.2, 0.3])
+    results["methods"]["joint"] = R.method_summary(
+        [[0.95, 0.85, 0.75]], [0.95, 0.85, 0.75], 10.0, [0.1, 0.2, 0.3]
+    )
+    assert results["methods"]["seq_ft"]["fwt"] == pytest.approx((0.1 + 0.2) / 2)
+    assert results["methods"]["joint"]["fwt"] is None
+    R.validate_results(results)
+    assert "| FWT (pp) |" in R.format_markdown_table(results)
+    assert "| 15.0 |" in R.format_markdown_table(results) and "| – |" in R.format_markdown_table(
+        results
+    )
+    bad = copy.deepcopy(results)
+    bad["methods"]["seq_ft"]["fwt"] = 0.5
+    with pytest.raises(DataError, match=r"\['seq_ft'\]\['fwt'\]"):
+        R.validate_results(bad)
+    # results.json of runs before these metrics existed still load
+    older = copy.deepcopy(results)
+    for entry in older["methods"].values():
+        for key in R.OPTIONAL_METHOD_KEYS:
+            del entry[key]
+    R.validate_results(older)
+    assert "forgetting" not in R.format_markdown_table(older)
 
 
 def test_write_results_files(tmp_path):

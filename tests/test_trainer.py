@@ -141,9 +141,10 @@ def test_earlier_cells_of_per_task_methods_equal_their_diagonal():
     """The invariant behind not recomputing ``a[i][j]`` (j < i) for per-task methods: evaluated
     afresh with the final adapters, every earlier task's metrics equal those of its own stage."""
     exp = random_backbone_experiment(**{"train.steps_per_task": 4, "train.learning_rate": 3e-3})
+    outcomes = {}
     for name in ("each", "mslora_cr"):
         method = get_method(name)
-        outcome = run_method(exp, method, None, {})
+        outcome = outcomes[name] = run_method(exp, method, None, {})
         last = exp.num_tasks - 1
         fresh = evaluate_row(exp, method, last, outcome.adapters)  # no previous row: all anew
         assert fresh == outcome.task_metrics[last]
@@ -153,7 +154,13 @@ def test_earlier_cells_of_per_task_methods_equal_their_diagonal():
     # adapter keeps training, recomputes them.
     sentinel = [{"accuracy": -1.0}] * exp.num_tasks
     reused = evaluate_row(exp, get_method("each"), 1, outcome.adapters, sentinel)
-    assert reused[0] == sentinel[0] and reused[1] != sentinel[1] and reused[2] is None
+    assert reused[0] == sentinel[0] and reused[1] != sentinel[1] and reused[2] != sentinel[2]
+    # "each" meets task 1 before its adapter exists: the frozen backbone, so no forward transfer.
+    assert outcomes["each"].task_metrics[0][1] == exp.task_metrics({}, [], 1)
+    # mslora_cr meets it with task 0's adapter already summed in.
+    assert outcomes["mslora_cr"].task_metrics[0][1] == exp.task_metrics(outcome.adapters, [0], 1)
+    # Stage 0 evaluates its task and the next one (the superdiagonal), nothing further.
+    assert evaluate_row(exp, get_method("each"), 0, outcome.adapters)[2] is None
     seq_row = evaluate_row(exp, get_method("seq"), 1, {0: outcome.adapters[0]}, sentinel)
     assert seq_row[0] != sentinel[0] and seq_row[1] != sentinel[1]
 

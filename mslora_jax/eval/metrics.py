@@ -87,6 +87,54 @@ def backward_transfer(acc_matrix: AccMatrix) -> float:
     return float(np.mean([a[t][j] - a[j][j] for j in range(t)]))
 
 
+def forgetting(acc_matrix: AccMatrix) -> float:
+    """Mean over j < T of ``max_{j <= i < T} a[i][j] - a[T][j]`` (Chaudhry et al., 2018).
+
+    How far each earlier task fell from its best accuracy before the last stage; >= 0 except
+    where the last stage improved a task beyond every earlier row. 0.0 for a single row.
+    """
+    a = check_acc_matrix(acc_matrix)
+    t = len(a) - 1
+    if t == 0:
+        return 0.0
+    return float(np.mean([max(a[i][j] for i in range(j, t)) - a[t][j] for j in range(t)]))
+
+
+def forward_transfer(acc_matrix: AccMatrix, zero_shot: Sequence[float]) -> float | None:
+    """FWT = mean over j >= 1 of ``a[j-1][j] - zero_shot[j]`` (Lopez-Paz & Ranzato, 2017).
+
+    How much learning tasks < j helped task j before it was trained on, against the frozen
+    backbone. ``None`` where undefined: a single row, or a superdiagonal entry not evaluated.
+    """
+    a = check_acc_matrix(acc_matrix)
+    if len(zero_shot) != len(a[0]):
+        raise ValueError(
+            f"zero-shot accuracies: {len(zero_shot)} entries, expected one per task ({len(a[0])})"
+        )
+    if len(a) == 1 or any(a[j - 1][j] is None for j in range(1, len(a))):
+        return None
+    return float(np.mean([a[j - 1][j] - zero_shot[j] for j in range(1, len(a))]))
+
+
+def mean_finetuned_accuracy(acc_matrix: AccMatrix) -> float:
+    """MFT: mean over j of ``a[j][j]``, each task right after it was learned (for one row,
+    the row's mean)."""
+    a = check_acc_matrix(acc_matrix)
+    if len(a) == 1:
+        return average_accuracy(a)
+    return float(np.mean([a[j][j] for j in range(len(a))]))
+
+
+def mean_average_accuracy(acc_matrix: AccMatrix) -> float:
+    """MAA: mean over stages k of the mean over seen tasks ``j <= k`` of ``a[k][j]``.
+
+    The mean final accuracy (MFN) is ``average_accuracy``."""
+    a = check_acc_matrix(acc_matrix)
+    if len(a) == 1:
+        return average_accuracy(a)
+    return float(np.mean([np.mean(a[k][: k + 1]) for k in range(len(a))]))
+
+
 def accuracy(predictions: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Fraction of examples where the prediction equals the label.
 

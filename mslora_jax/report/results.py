@@ -8,7 +8,10 @@ Schema (accuracies are fractions in [0, 1]; ``None``/``null`` marks a task not y
          "avg_acc": float, "bwt": float,             # derived from acc_matrix
          "unified_acc": [float, ...],                # one per task
          "unified_avg_acc": float,                   # mean of unified_acc
-         "train_steps_per_s": float}},
+         "train_steps_per_s": float,
+         # derived too; optional so results of older runs still load:
+         "forgetting": float, "fwt": float | null,   # null: no superdiagonal (e.g. joint)
+         "mft": float, "mfn": float, "maa": float}},
      "backbone": {...}}                              # optional, free-form (zero-shot acc, ...)
 
 Unknown keys are rejected, so a typo cannot silently drop a field. The ``joint`` baseline has a
@@ -43,6 +46,8 @@ METHOD_KEYS = (
     "unified_avg_acc",
     "train_steps_per_s",
 )
+# Keys newer runs add; checked when present (see ``_derived``).
+OPTIONAL_METHOD_KEYS = ("forgetting", "fwt", "mft", "mfn", "maa")
 # Free-form extras: "backbone" describes the frozen backbone (source, zero-shot accuracy, ...).
 OPTIONAL_TOP_KEYS = ("backbone",)
 # Tolerance when checking that the stored derived numbers match the ones recomputed from the matrix.
@@ -50,18 +55,39 @@ _DERIVED_ATOL = 1e-6
 
 
 def method_summary(
-    acc_matrix: metrics.AccMatrix, unified_acc: Sequence[float], train_steps_per_s: float
+    acc_matrix: metrics.AccMatrix,
+    unified_acc: Sequence[float],
+    train_steps_per_s: float,
+    zero_shot: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """One method's entry of ``results["methods"]``, with the derived metrics computed."""
+    """One method's entry of ``results["methods"]``, with the derived metrics computed.
+
+    ``zero_shot``: the frozen backbone's accuracy per task, for forward transfer (``fwt`` is
+    left out without it)."""
     unified = _check_fractions(unified_acc, "unified_acc")
+    matrix = metrics.check_acc_matrix(acc_matrix)
     return {
-        "acc_matrix": metrics.check_acc_matrix(acc_matrix),
-        "avg_acc": metrics.average_accuracy(acc_matrix),
-        "bwt": metrics.backward_transfer(acc_matrix),
+        "acc_matrix": matrix,
+        **_derived(matrix, zero_shot),
         "unified_acc": unified,
         "unified_avg_acc": float(np.mean(unified)),
         "train_steps_per_s": float(train_steps_per_s),
     }
+
+
+def _derived(matrix: metrics.AccMatrix, zero_shot: Sequence[float] | None) -> dict[str, Any]:
+    """Every metric computed from the accuracy matrix (``fwt`` only with ``zero_shot``)."""
+    derived = {
+        "avg_acc": metrics.average_accuracy(matrix),
+        "bwt": metrics.backward_transfer(matrix),
+        "forgetting": metrics.forgetting(matrix),
+        "mft": metrics.mean_finetuned_accuracy(matrix),
+        "mfn": metrics.average_accuracy(matrix),
+        "maa": metrics.mean_average_accuracy(matrix),
+    }
+    if zero_shot is not None:
+        derived["fwt"] = metrics.forward_transfer(matrix, zero_shot)
+    return derived
 
 
 def validate_results(obj: Any) -> None:
@@ -96,7 +122,8 @@ def validate_results(obj: Any) -> None:
         where = f"results['methods'][{name!r}]"
         if not isinstance(entry, dict):
             raise DataError(f"{where}: expected an object, got {type(entry).__name__}")
-        missing, unknown = set(METHOD_KEYS) - set(entry), set(entry) - set(METHOD_KEYS)
+        known = set(METHOD_KEYS) | set(OPTIONAL_METHOD_KEYS)
+        missing, unknown = set(METHOD_KEYS) - set(entry), set(entry) - known
         if missing or unknown:
             raise DataError(
                 f"{where}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}"
@@ -115,15 +142,26 @@ def validate_results(obj: Any) -> None:
             raise DataError(
                 f"{where}['unified_acc']: has {len(unified)} entries, expected {len(tasks)}"
             )
-        expected = {
-            "avg_acc": metrics.average_accuracy(matrix),
-            "bwt": metrics.backward_transfer(matrix),
-            "unified_avg_acc": float(np.mean(unified)),
-        }
+        zero_shot = obj.get("backbone", {}).get("zero_shot_acc")
+        if zero_shot is not None:
+            zero_shot = _check_fractions(zero_shot, "results['backbone']['zero_shot_acc']")
+            if len(zero_shot) != len(tasks):
+                raise DataError(
+                    f"results['backbone']['zero_shot_acc']: has {len(zero_shot)} entries, "
+                    f"expected {len(tasks)}"
+                )
+        expected = {**_derived(matrix, zero_shot), "unified_avg_acc": float(np.mean(unified))}
         for key, value in expected.items():
+            if key not in entry:  # an optional key older runs did not write
+                continue
             got = entry[key]
-            if not _is_number(got) or abs(got - value) > _DERIVED_ATOL:
+            if value is None:
+                if got is not None:
+                    raise DataError(f"{where}['{key}']: is {got!r}, but the data leave it null")
+            elif not _is_number(got) or abs(got - value) > _DERIVED_ATOL:
                 raise DataError(f"{where}['{key}']: is {got!r}, but the data give {value:.6f}")
+        if "fwt" in entry and zero_shot is None:
+            raise DataError(f"{where}['fwt']: needs results['backbone']['zero_shot_acc']")
         speed = entry["train_steps_per_s"]
         if not _is_number(speed) or speed < 0:
             raise DataError(
@@ -160,37 +198,57 @@ def write_results(workdir: str | os.PathLike, results: dict[str, Any]) -> dict[s
     return paths
 
 
+# Summary columns of the tables: key, Markdown header, whether it is a fraction shown in percent.
+_TABLE_COLUMNS = (
+    ("avg_acc", "avg acc (%)", True),
+    ("bwt", "BWT (pp)", True),
+    ("forgetting", "forgetting (pp)", True),
+    ("fwt", "FWT (pp)", True),
+    ("mft", "MFT (%)", True),
+    ("maa", "MAA (%)", True),
+    ("unified_avg_acc", "unified avg acc (%)", True),
+    ("train_steps_per_s", "steps/s", False),
+)
+
+
+def _columns(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """The summary columns some method of ``results`` has (older runs lack the newer ones)."""
+    entries = results["methods"].values()
+    return [c for c in _TABLE_COLUMNS if any(c[0] in m for m in entries)]
+
+
 def format_markdown_table(results: dict[str, Any]) -> str:
     """One row per method: summary metrics, then each task's accuracy after the last stage.
 
-    Accuracies are percentages with one decimal; BWT is in percentage points.
+    Accuracies are percentages with one decimal; BWT, forgetting and FWT are in percentage
+    points (MFN is avg acc). A metric a method leaves undefined is a dash.
     """
     names = [md_escape(t["name"]) for t in results["tasks"]]
-    header = ["method", "avg acc (%)", "BWT (pp)", "unified avg acc (%)", "steps/s", *names]
+    columns = _columns(results)
+    header = ["method", *(c[1] for c in columns), *names]
     align = ["---"] + ["---:"] * (len(header) - 1)  # numbers right-aligned
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for method, m in results["methods"].items():
-        row = [
-            md_escape(method),
-            format_percent(m["avg_acc"]),
-            format_percent(m["bwt"]),
-            format_percent(m["unified_avg_acc"]),
-            f"{m['train_steps_per_s']:.2f}",
-            *(format_percent(x) for x in m["acc_matrix"][-1]),
-        ]
+        cells = []
+        for key, _, percent in columns:
+            value = m.get(key)
+            cells.append(format_percent(value) if percent or value is None else f"{value:.2f}")
+        row = [md_escape(method), *cells, *(format_percent(x) for x in m["acc_matrix"][-1])]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def format_csv(results: dict[str, Any]) -> str:
-    """The Markdown table's columns as CSV, with raw fractions; an unseen task is an empty cell."""
+    """The Markdown table's columns as CSV, with raw fractions; an undefined metric or an
+    unseen task is an empty cell."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    fixed = ["method", "avg_acc", "bwt", "unified_avg_acc", "train_steps_per_s"]
-    writer.writerow(fixed + [t["name"] for t in results["tasks"]])
+    keys = [c[0] for c in _columns(results)]
+    writer.writerow(["method", *keys, *(t["name"] for t in results["tasks"])])
+    cell = lambda x: "" if x is None else repr(float(x))
     for method, m in results["methods"].items():
-        final = ["" if x is None else repr(float(x)) for x in m["acc_matrix"][-1]]
-        writer.writerow([method] + [repr(float(m[k])) for k in fixed[1:]] + final)
+        final = [cell(x) for x in m["acc_matrix"][-1]]
+        writer.writerow([method, *(cell(m.get(k)) for k in keys), *final])
     return buf.getvalue()
 
 

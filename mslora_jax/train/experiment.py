@@ -170,6 +170,7 @@ def _run_experiment(
                 fingerprint(config),
                 training_log,
                 steps_dir=workdir / "steps" / name,
+                zero_shot=zero_shot,
             )
             for name in config.methods
         }

@@ -460,7 +460,9 @@ def evaluate_row(
     slots: dict,
     previous: list[TaskMetrics | None] | None = None,
 ) -> list[TaskMetrics | None]:
-    """Every metric of every task seen after ``stage`` (all tasks for ``joint``).
+    """Every metric of every task seen after ``stage`` (all tasks for ``joint``), and of the
+    next task (``stage + 1``, not trained on yet: the superdiagonal that forward transfer reads;
+    it is evaluated with the adapters learned so far).
 
     With per-task adapters, a task seen before ``stage`` keeps its metrics from ``previous``
     (the row of stage - 1): the adapters it is evaluated with (slots <= task) never change after
@@ -469,7 +471,7 @@ def evaluate_row(
     row: list[TaskMetrics | None] = []
     for task in range(exp.num_tasks):
         stop_if_preempted(f"{method.name} stage {stage + 1}: evaluation")
-        if not (method.joint or task <= stage):
+        if not (method.joint or task <= stage + 1):
             row.append(None)
         elif previous is not None and method.per_task_adapters and task < stage:
             row.append(previous[task])
@@ -504,10 +506,12 @@ def run_method(
     fingerprint: dict,
     training_log: TrainingLog | None = None,
     steps_dir: Path | None = None,
+    zero_shot: list[float] | None = None,
 ) -> MethodRun:
     """Learn the stream with ``method``, resuming after its last checkpointed stage (and inside
     the next one from its newest in-stage checkpoint under ``steps_dir/<stage>``); training
-    scalars and each stage's row go to ``training_log``."""
+    scalars and each stage's row go to ``training_log``. ``zero_shot`` (the backbone's primary
+    metric per task) gives the summary its forward transfer."""
     slots: dict[int, dict] = {}
     rows, timings, metric_rows = [], [], []
     finished = set(checkpoints.finished_stages()) if checkpoints else set()
@@ -583,7 +587,7 @@ def run_method(
     unified = [exp.accuracy(slots, unified_slots, task) for task in range(exp.num_tasks)]
     timed = sum(t["timed_steps"] for t in timings)
     seconds = sum(t["seconds"] for t in timings)
-    summary = method_summary(rows, unified, timed / seconds if seconds > 0 else 0.0)
+    summary = method_summary(rows, unified, timed / seconds if seconds > 0 else 0.0, zero_shot)
     return MethodRun(summary, slots, metric_rows)
 
 
