@@ -17,6 +17,7 @@ from typing import Any
 from mslora_jax.data.chat_template import ChatTemplate
 from mslora_jax.errors import ConfigError
 from mslora_jax.eval.answer_metrics import METRIC_NAMES
+from mslora_jax.losses.regularizers import CR_DISTANCES
 from mslora_jax.models.clip import ModelConfig
 from mslora_jax.models.decoder import ATTENTION_KERNELS, DecoderConfig
 from mslora_jax.models.llava import LlavaConfig
@@ -64,6 +65,17 @@ class RegularizerConfig:
     # Learn each weight as exp(w), w initialised at init_log_weight (as released with the paper).
     learn_weights: bool = False
     init_log_weight: float = -4.6
+    # The CR distance between adapters (mslora_jax.losses.regularizers): "released" (each A and
+    # B matrix's Frobenius distance, as released), "normalized" (each divided by sqrt(numel)) or
+    # "delta_w" (per layer, ||s B_c A_c - s B_t A_t||_F with s = alpha / rank).
+    cr_distance: str = "released"
+
+    def __post_init__(self):
+        if self.cr_distance not in CR_DISTANCES:
+            raise ConfigError(
+                f"regularizer.cr_distance={self.cr_distance!r} is unknown; expected one of "
+                f"{CR_DISTANCES}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

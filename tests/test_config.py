@@ -3,7 +3,7 @@
 import pytest
 
 from mslora_jax.config import ExperimentConfig, experiment_config
-from mslora_jax.errors import ConfigError
+from mslora_jax.errors import CheckpointError, ConfigError
 from mslora_jax.train.methods import get_method
 from tests.helpers import load_config_file, random_backbone_experiment, smoke_dict
 
@@ -54,6 +54,28 @@ def test_bad_values_and_types():
     cfg.stream[1]["name"] = cfg.stream[0]["name"]
     with pytest.raises(ConfigError, match="unique"):
         experiment_config(cfg)
+
+
+def test_cr_distance_is_checked_and_defines_results():
+    """regularizer.cr_distance: released by default, a bad value named; a non-default one is part
+    of the fingerprint, while a workdir written before the key (no such key) still matches."""
+    from mslora_jax.train.checkpoints import check_same_config
+    from mslora_jax.train.experiment import fingerprint
+
+    cfg = load_config_file("demo.py")
+    assert experiment_config(cfg).regularizer.cr_distance == "released"
+    cfg.regularizer.cr_distance = "frobenius"
+    with pytest.raises(ConfigError, match=r"regularizer\.cr_distance='frobenius' is unknown"):
+        experiment_config(cfg)
+    cfg.regularizer.cr_distance = "delta_w"
+    assert experiment_config(cfg).regularizer.cr_distance == "delta_w"
+    released = experiment_config(load_config_file("demo.py"))
+    old = fingerprint(released)
+    assert "cr_distance" not in old["regularizer"]  # what a workdir written before the key holds
+    check_same_config(old, fingerprint(released), "workdir")
+    assert fingerprint(experiment_config(cfg))["regularizer"]["cr_distance"] == "delta_w"
+    with pytest.raises(CheckpointError, match=r"regularizer\.cr_distance: None -> 'delta_w'"):
+        check_same_config(old, fingerprint(experiment_config(cfg)), "workdir")
 
 
 def test_unknown_primary_metric_is_named():

@@ -112,6 +112,37 @@ def test_folded_stage_equals_the_stacked_forward():
     assert merged == summed
 
 
+def test_cr_distance_reaches_the_train_loss():
+    """``regularizer.cr_distance`` picks the CR the experiment's loss computes (with s = alpha /
+    rank for ``delta_w``); the default stays the released one."""
+    from mslora_jax.losses.regularizers import contrastive_regularizer
+
+    method = get_method("mslora_cr")
+    values = {}
+    for distance in ("released", "delta_w"):
+        exp = random_backbone_experiment(
+            **{"train.learn_temperature": False, "regularizer.cr_distance": distance}
+        )
+        slots = {0: _random_earlier_adapter(exp, 1)}
+        context = stage_context(exp, method, 1, slots, [1])
+        trainable = {"lora": jax.tree.map(lambda x: x * 0.5, _random_earlier_adapter(exp, 3))}
+        images, labels = union_train_split(exp.tasks, exp.table, [1])
+        batch = next(train_batches(images, labels, batch_size=32, num_steps=1, seed=3))
+        _, metrics = exp.loss_fn(trainable, context, batch, jax.random.PRNGKey(0))
+        expected = contrastive_regularizer(
+            trainable["lora"],
+            context.lora_stack,
+            context.earlier_mask,
+            context.same_modality,
+            distance,
+            exp.scaling,
+        )
+        assert bool(context.earlier_mask[0])
+        np.testing.assert_allclose(metrics["cr"], expected, rtol=1e-6)
+        values[distance] = float(metrics["cr"])
+    assert values["released"] != values["delta_w"]
+
+
 def test_learned_weights_and_temperature_join_the_trainable_partition():
     exp = random_backbone_experiment(
         **{"train.learn_temperature": True, "regularizer.learn_weights": True}

@@ -67,15 +67,29 @@ RESUMABLE_KEYS = (
 )
 
 
+# Keys that define results but were added after workdirs were written: left out of the
+# fingerprint while at these defaults (what those workdirs ran), so such a workdir still resumes;
+# any other value is recorded and must match.
+LATER_KEYS = {"regularizer.cr_distance": "released"}
+
+
+def _pop(cfg: dict, key: str, only_if=None) -> None:
+    """Remove the dotted ``key`` from the nested ``cfg`` (when its value is ``only_if``, if set)."""
+    *parents, leaf = key.split(".")
+    node = cfg
+    for parent in parents:
+        node = node.get(parent, {})
+    if only_if is None or node.get(leaf) == only_if:
+        node.pop(leaf, None)
+
+
 def fingerprint(config: ExperimentConfig) -> dict:
     """The part of the config that determines results (what a resume must match)."""
     cfg = to_json_dict(config)
     for key in RESUMABLE_KEYS:
-        *parents, leaf = key.split(".")
-        node = cfg
-        for parent in parents:
-            node = node.get(parent, {})
-        node.pop(leaf, None)
+        _pop(cfg, key)
+    for key, default in LATER_KEYS.items():
+        _pop(cfg, key, only_if=default)
     return cfg
 
 

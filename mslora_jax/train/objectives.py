@@ -13,7 +13,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from mslora_jax.losses.regularizers import contrastive_regularizer, orthogonality_with_active
+from mslora_jax.losses.regularizers import (
+    CR_DISTANCES,
+    contrastive_regularizer,
+    orthogonality_with_active,
+)
 from mslora_jax.models.clip import DualEncoder
 from mslora_jax.models.lora_dense import LORA_A, LORA_ACTIVE, LORA_COLLECTION, LORA_WEIGHT
 from mslora_jax.train.optim import Schedule
@@ -91,7 +95,12 @@ def with_layer_weight(adapter: dict, weight: jax.Array) -> dict:
 TaskLossFn = Callable[[dict, dict, "AdapterContext", dict, jax.Array], jax.Array]
 
 
-def regularized_adapter_loss(task_loss: TaskLossFn, folded: bool = False):
+def regularized_adapter_loss(
+    task_loss: TaskLossFn,
+    folded: bool = False,
+    cr_distance: str = "released",
+    scaling: float = 1.0,
+):
     """Loss of the active task's adapter: ``task + w_cr * CR + w_ortho * ortho``.
 
     ``trainable`` is ``{"lora": params}`` plus, when learned, ``logit_scale``, ``log_alpha_cr``
@@ -101,7 +110,13 @@ def regularized_adapter_loss(task_loss: TaskLossFn, folded: bool = False):
     ``folded``: ``context.base_params`` already holds the frozen slots' weighted deltas (see
     ``StreamExperiment.inference_params``), so the forward is the backbone plus one low-rank
     product per layer, whatever the number of tasks; otherwise it sums the ``[T, ...]`` stack.
+
+    ``cr_distance`` (``regularizer.cr_distance``) and ``scaling`` (alpha / rank, read by
+    ``delta_w``) choose the CR distance; Python values, not context fields, because the
+    distance picks the program (see ``losses.regularizers.adapter_similarities``).
     """
+    if cr_distance not in CR_DISTANCES:
+        raise ValueError(f"unknown CR distance {cr_distance!r}; expected one of {CR_DISTANCES}")
 
     def loss_fn(trainable, context: AdapterContext, batch, rng):
         active = trainable["lora"]
@@ -122,7 +137,12 @@ def regularized_adapter_loss(task_loss: TaskLossFn, folded: bool = False):
         )
         task = task_loss(variables, trainable, forward, batch, rng)
         cr = contrastive_regularizer(
-            active, context.lora_stack, context.earlier_mask, context.same_modality
+            active,
+            context.lora_stack,
+            context.earlier_mask,
+            context.same_modality,
+            cr_distance,
+            scaling,
         )
         ortho = orthogonality_with_active(
             context.frozen_ortho, active, context.ortho_mask, context.active_slot
@@ -168,6 +188,13 @@ def clip_task_loss(model: DualEncoder, clip_loss_fn: ClipLossFn) -> TaskLossFn:
     return task_loss
 
 
-def adapter_loss(model: DualEncoder, clip_loss_fn: ClipLossFn, folded: bool = False):
+def adapter_loss(
+    model: DualEncoder,
+    clip_loss_fn: ClipLossFn,
+    folded: bool = False,
+    cr_distance: str = "released",
+    scaling: float = 1.0,
+):
     """The dual encoder's adapter objective (CLIP task loss + MSLoRA-CR regularizers)."""
-    return regularized_adapter_loss(clip_task_loss(model, clip_loss_fn), folded)
+    task_loss = clip_task_loss(model, clip_loss_fn)
+    return regularized_adapter_loss(task_loss, folded, cr_distance, scaling)

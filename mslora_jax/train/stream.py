@@ -76,9 +76,16 @@ class StreamExperiment:
         self.base_params, self.targets = self.rules.place(base_params), targets
         self.optimizer = make_optimizer(config.train.weight_decay, config.train.grad_clip_norm)
         self.fold_frozen = resolve_fold(config.lora.fold_frozen, self.base_params, targets)
-        loss_fn = regularized_adapter_loss(self.task_loss(), folded=self.fold_frozen)
+        # The train step's loss, kept for checks and tools (``loss_fn(trainable, context,
+        # batch, rng) -> (loss, metrics)``).
+        self.loss_fn = regularized_adapter_loss(
+            self.task_loss(),
+            folded=self.fold_frozen,
+            cr_distance=config.regularizer.cr_distance,
+            scaling=self.scaling,
+        )
         step = make_train_step(
-            loss_fn, self.optimizer, train.grad_accum_steps, train.micro_batch_size
+            self.loss_fn, self.optimizer, train.grad_accum_steps, train.micro_batch_size
         )
         self.train_step = ShardedStep(step, self.rules)
         self._sharded_builders()
