@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 from mslora_jax.config import ExperimentConfig, from_mapping
 from mslora_jax.errors import CheckpointError
 from mslora_jax.io_utils import read_json
+from mslora_jax.losses.regularizers import adapter_similarities
 from mslora_jax.train.checkpoints import read_tree_on_one_device
 from mslora_jax.train.methods import get_method
 
@@ -34,11 +35,17 @@ def load_stage_adapters(workdir: str | Path, method: str) -> list[tuple[dict, di
     return out
 
 
-def _similarity(a: dict, b: dict) -> float:
-    """The CR similarity s = mean over matrices of exp(-||P_a - P_b||_F) (a scanned layer's
-    ``[layers, m, n]`` factor counts as its ``layers`` matrices, as in the CR loss)."""
-    diffs = jax.tree.map(lambda x, y: np.exp(-np.linalg.norm(x - y, axis=(-2, -1))).ravel(), a, b)
-    return float(np.mean(np.concatenate(jax.tree.leaves(diffs))))
+def _similarity(a: dict, b: dict, distance: str = "released", scaling: float = 1.0) -> float:
+    """The CR similarity s of the run's ``regularizer.cr_distance`` (released: the mean over
+    matrices of exp(-||P_a - P_b||_F), a scanned layer's ``[layers, m, n]`` factor counting as
+    its ``layers`` matrices, as in the CR loss)."""
+    if distance == "released":
+        diffs = jax.tree.map(
+            lambda x, y: np.exp(-np.linalg.norm(x - y, axis=(-2, -1))).ravel(), a, b
+        )
+        return float(np.mean(np.concatenate(jax.tree.leaves(diffs))))
+    stacked = jax.tree.map(lambda x: x[None], b)
+    return float(adapter_similarities(a, stacked, distance, scaling)[0])
 
 
 def _norm(leaves, name: str) -> float:
@@ -63,11 +70,13 @@ def inspect_adapters(workdir: str | Path, method: str, task: str | None = None) 
             f"{count} | {_norm(leaves, 'lora_a'):.3f} | {_norm(leaves, 'lora_b'):.3f} |"
         )
     if len(stages) > 1:
-        lines.append("\nCR similarity s between adapters (1 = identical):")
+        distance = config.regularizer.cr_distance
+        scaling = stages[0][0]["alpha"] / stages[0][0]["rank"]  # one lora config per run
+        lines.append(f"\nCR similarity s between adapters ({distance} distance; 1 = identical):")
         names = [m["task"] for m, _ in stages]
         lines.append("| | " + " | ".join(names) + " |")
         lines.append("|---" * (len(names) + 1) + "|")
         for name, (_, a) in zip(names, stages):
-            sims = [f"{_similarity(a, b):.3f}" for _, b in stages]
+            sims = [f"{_similarity(a, b, distance, scaling):.3f}" for _, b in stages]
             lines.append(f"| {name} | " + " | ".join(sims) + " |")
     return "\n".join(lines)
