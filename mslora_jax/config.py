@@ -32,6 +32,7 @@ BACKBONE_SOURCES = ("pretrain", "random", "load")
 # up to half its bf16 spacing (2^-9 of |W|), the order of a small trained delta's entries, and the
 # merged copy of the adapted kernels would cost a second backbone's memory where it is tightest.
 FOLD_MODES = ("auto", "merge", "stack")
+GRANULARITIES = ("task", "modality")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +47,19 @@ class LoraConfig:
     # number of tasks), "stack" (the [T, ...] stack summed in every layer, exact in any dtype)
     # or "auto": merge float32 kernels, stack lower-precision ones (see ``FOLD_MODES``).
     fold_frozen: str = "auto"
+    # "task": one adapter per task (the paper). "modality": one per modality; a later task of a
+    # seen modality continues that adapter (fresh optimizer state), the others stay frozen.
+    granularity: str = "task"
 
     def __post_init__(self):
         if self.rank < 1:
             raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(
+                f"lora.granularity={self.granularity!r} is unknown; expected one of {GRANULARITIES}"
+            )
         if self.fold_frozen not in FOLD_MODES:
             raise ConfigError(
                 f"lora.fold_frozen={self.fold_frozen!r} is unknown; expected one of {FOLD_MODES}"
@@ -435,6 +443,15 @@ class ExperimentConfig:
         for task in self.stream:
             if task.batch_size:
                 self.train.accum_steps(task.batch_size, f"task {task.name!r}: batch_size")
+        rates = {t.name: t.learning_rate or self.train.learning_rate for t in self.stream}
+        if "joint" in self.methods and len(set(rates.values())) > 1:
+            # One stage, one optimizer: per-task rates cannot be honoured, so refuse rather
+            # than silently train at train.learning_rate (per-task epochs are honoured).
+            raise ConfigError(
+                "method 'joint' trains every task in one stage at one learning rate, but the "
+                f"stream's tasks set different learning_rate values {rates}; drop 'joint' from "
+                "methods or give the tasks one learning rate"
+            )
         if self.backbone.source == "pretrain" and not self.base_tasks:
             raise ConfigError('backbone.source="pretrain" needs config.base_tasks')
         if self.model_kind == "llava":

@@ -1,5 +1,6 @@
 """Configs: conversion from ConfigDict, unknown keys, bad values, the shipped configs load."""
 
+import numpy as np
 import pytest
 
 from mslora_jax.config import ExperimentConfig, experiment_config
@@ -145,6 +146,15 @@ def test_per_task_batch_size_sets_steps_batches_and_mesh_check():
     assert exp.num_steps([0, 1, 2]) == 8 + 8 + 16  # joint: train.batch_size for every task
     assert next(exp.train_batches([1], 1, seed=0))["image"].shape[0] == 16
     assert next(exp.train_batches([0], 1, seed=0))["image"].shape[0] == 32
+    # joint: each task contributes what its own stage reads (epochs x its examples), however
+    # the tasks' sizes differ, so task 2's two epochs are honoured.
+    assert exp.stage_mixture([0, 1, 2]) == {"draws": [256, 256, 512], "sizes": [256] * 3}
+    assert exp.stage_mixture([1]) == {}
+    labels = np.concatenate(
+        [b["label"] for b in exp.train_batches([0, 1, 2], exp.num_steps([0, 1, 2]), seed=0)]
+    )
+    per_task = np.searchsorted(np.cumsum(exp.table.sizes), labels, side="right")
+    np.testing.assert_array_equal(np.bincount(per_task, minlength=3), [256, 256, 512])
     stream[1]["batch_size"] = 12  # 12 rows over the 8 batch shards of 8 devices
     with pytest.raises(ConfigError, match=r"task 'rad_a': batch_size=12: rows per micro-batch"):
         random_backbone_experiment(num_devices=8, **overrides, stream=stream)
@@ -170,3 +180,16 @@ def test_paper_config_matches_the_released_scripts():
     assert llava.decoder.max_len >= llava.max_len + num_patches - 1 + llava.max_new_tokens
     assert cfg.train.grad_clip_norm == 1.0 and cfg.train.weight_decay == 0.0
     assert cfg.lora.dropout == 0.0 and llava.dtype == "bfloat16" and llava.remat
+
+
+def test_joint_refuses_per_task_learning_rates_by_name():
+    cfg = load_config_file("demo.py")
+    cfg.stream[1]["learning_rate"] = 1e-4
+    with pytest.raises(ConfigError, match=r"method 'joint' .* different learning_rate"):
+        experiment_config(cfg)
+    cfg.methods = ("each", "mslora_cr")  # without joint every task keeps its own rate
+    assert experiment_config(cfg).stream[1].learning_rate == 1e-4
+    cfg.methods = ("joint",)
+    for task in cfg.stream:  # one common per-task rate is honoured
+        task["learning_rate"] = 1e-4
+    assert experiment_config(cfg).stream[0].learning_rate == 1e-4

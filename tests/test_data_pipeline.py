@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mslora_jax.data.loader import iterate
-from mslora_jax.data.pipeline import eval_batches, step_indices, train_batches
+from mslora_jax.data.pipeline import eval_batches, mixture_order, step_indices, train_batches
 from mslora_jax.errors import ConfigError, DataError
 from tests.helpers import assert_same_batches
 
@@ -238,3 +238,29 @@ def test_eval_batches_exact_multiple_and_empty():
         eval_batches(*_data(8), batch_size=0)
     with pytest.raises(ConfigError, match="eval_batches: prefetch"):
         eval_batches(*_data(8), batch_size=4, prefetch=-2)
+
+
+def test_a_mixture_reads_each_source_exactly_its_draws():
+    sizes, draws = [10, 30, 4], [25, 30, 1]  # 2.5 epochs, 1 epoch, a quarter epoch
+    order = mixture_order(sizes, draws, seed=5)
+    source = np.searchsorted(np.cumsum(sizes), order, side="right")
+    np.testing.assert_array_equal(np.bincount(source, minlength=3), draws)
+    first = order[source == 0]
+    # Whole epochs first: every example of source 0 twice, then five of them a third time.
+    np.testing.assert_array_equal(np.bincount(first, minlength=10) >= 2, True)
+    assert set(order[source == 1]) == set(range(10, 40))
+    assert not np.array_equal(order, np.sort(order))  # sources shuffled together
+    np.testing.assert_array_equal(order, mixture_order(sizes, draws, seed=5))
+    assert not np.array_equal(order, mixture_order(sizes, draws, seed=6))
+    data = _data(44)
+    kwargs = dict(batch_size=8, num_steps=7, seed=5, draws=draws, sizes=sizes)
+    ids = _ids(train_batches(*data, **kwargs))
+    np.testing.assert_array_equal(ids, order[:56].reshape(7, 8))
+    resumed = _ids(train_batches(*data, **kwargs, start_step=4, rows=(2, 6)))
+    np.testing.assert_array_equal(resumed, ids[4:, 2:6])
+    with pytest.raises(ConfigError, match="fewer than 8 steps of 8"):
+        train_batches(*data, **{**kwargs, "num_steps": 8})
+    with pytest.raises(ConfigError, match="sum to 44, not the 40"):
+        train_batches(*_data(40), **kwargs)
+    with pytest.raises(ConfigError, match="both draws and sizes"):
+        train_batches(*data, batch_size=8, num_steps=1, seed=0, draws=draws)

@@ -61,12 +61,16 @@ def inspect_adapters(workdir: str | Path, method: str, task: str | None = None) 
         stages = [s for s in stages if s[0]["task"] == config.stream[index].name]
         if not stages:
             raise CheckpointError(f"method {method!r} has no finished stage for task {task!r}")
-    lines = ["| stage task | modality | rank | alpha | params | ||A|| | ||B|| |", "|---" * 7 + "|"]
+    lines = [
+        "| stage task | modality | slot | rank | alpha | params | ||A|| | ||B|| |",
+        "|---" * 8 + "|",
+    ]
     for meta, params in stages:
         leaves = jax.tree_util.tree_leaves_with_path(params)
         count = sum(x.size for _, x in leaves)
         lines.append(
-            f"| {meta['task']} | {meta['modality']} | {meta['rank']} | {meta['alpha']} | "
+            f"| {meta['task']} | {meta['modality']} | {meta.get('slot', '')} | {meta['rank']} | "
+            f"{meta['alpha']} | "
             f"{count} | {_norm(leaves, 'lora_a'):.3f} | {_norm(leaves, 'lora_b'):.3f} |"
         )
     if len(stages) > 1:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import grain
 import numpy as np
@@ -42,6 +42,8 @@ def train_batches(
     start_step: int = 0,
     prefetch: int = DEFAULT_PREFETCH,
     num_workers: int = 0,
+    draws: Sequence[int] | None = None,
+    sizes: Sequence[int] | None = None,
 ) -> Iterator[Batch]:
     """Yields ``{"image": [b, ...], "label": int32 [b]}`` for steps ``start_step..num_steps-1``.
 
@@ -50,8 +52,10 @@ def train_batches(
     ``b = stop - start`` and only those examples are gathered. Each epoch is a fresh seeded
     permutation of all examples with the remainder dropped. ``prefetch`` batches are built
     ahead in a background thread (0: on demand), in ``num_workers`` processes if > 0 (see
-    ``loader``; each gets a copy of the arrays). Arguments are checked here, not on the first
-    ``next``.
+    ``loader``; each gets a copy of the arrays). With ``draws`` and ``sizes`` the examples are
+    consecutive sources (e.g. the tasks of a joint stage) and source ``i`` contributes exactly
+    ``draws[i]`` of the run's examples (see ``mixture_order``). Arguments are checked here, not
+    on the first ``next``.
     """
     labels = np.asarray(labels, np.int32)
     _check_pair(images, labels)
@@ -63,6 +67,8 @@ def train_batches(
         seed=seed,
         rows=rows,
         start_step=start_step,
+        draws=draws,
+        sizes=sizes,
     )
     gather = functools.partial(_gather, images=images, labels=labels)
     return iterate(steps.map(gather), prefetch=prefetch, num_workers=num_workers)
@@ -77,11 +83,14 @@ def step_indices(
     rows: tuple[int, int] | None = None,
     start_step: int = 0,
     where: str = "train_batches",
+    draws: Sequence[int] | None = None,
+    sizes: Sequence[int] | None = None,
 ) -> grain.MapDataset:
     """A ``MapDataset`` over steps ``start_step..num_steps-1``: element ``i`` holds the indices
     (into the ``num_examples`` examples) of this process's ``rows`` of step ``start_step + i``'s
-    global batch, as ``train_batches`` gathers them. Bad arguments raise ConfigError naming
-    ``where``."""
+    global batch, as ``train_batches`` gathers them. With ``draws``/``sizes``, the steps read
+    ``mixture_order(sizes, draws, seed)`` in order instead of per-epoch permutations. Bad
+    arguments raise ConfigError naming ``where``."""
     if batch_size < 1:
         raise ConfigError(f"{where}: batch_size must be >= 1, got {batch_size}")
     start, stop = check_rows(rows, batch_size, where)
@@ -95,8 +104,50 @@ def step_indices(
         raise ConfigError(
             f"{where}: need 0 <= start_step <= num_steps, got {start_step} and {num_steps}"
         )
-    indices = _StepIndices(num_examples, batch_size, slice(start, stop), seed)
+    if (draws is None) != (sizes is None):
+        raise ConfigError(f"{where}: give both draws and sizes, or neither")
+    if draws is None:
+        indices = _StepIndices(num_examples, batch_size, slice(start, stop), seed)
+    else:
+        if sum(sizes) != num_examples:
+            raise ConfigError(
+                f"{where}: source sizes {list(sizes)} sum to {sum(sizes)}, not the "
+                f"{num_examples} examples"
+            )
+        if sum(draws) < num_steps * batch_size:
+            raise ConfigError(
+                f"{where}: draws {list(draws)} hold {sum(draws)} examples, fewer than "
+                f"{num_steps} steps of {batch_size}"
+            )
+        indices = _OrderIndices(mixture_order(sizes, draws, seed), batch_size, slice(start, stop))
     return grain.MapDataset.range(start_step, num_steps).map(indices)
+
+
+def mixture_order(sizes: Sequence[int], draws: Sequence[int], seed: int) -> np.ndarray:
+    """The order in which a run reads ``sum(draws)`` examples of consecutive sources.
+
+    Source ``i`` (global indices ``offset_i .. offset_i + sizes[i] - 1``) contributes exactly
+    ``draws[i]`` of them: whole seeded permutations of its examples (its epochs), then a seeded
+    subset for the fraction of an epoch left; all draws are then shuffled together. So a joint
+    stage sees each task as often as that task's own stage would (its epochs or steps), however
+    the tasks' sizes differ, where a uniform permutation of the union would see every task the
+    same number of epochs. Seeded, so a resumed run reads the same order.
+    """
+    if len(sizes) != len(draws) or any(n < 1 for n in sizes) or any(d < 0 for d in draws):
+        raise ConfigError(
+            f"mixture_order: need one draw count >= 0 per source of >= 1 examples, got sizes "
+            f"{list(sizes)} and draws {list(draws)}"
+        )
+    parts, offset = [], 0
+    for source, (size, count) in enumerate(zip(sizes, draws, strict=True)):
+        epochs = -(-count // size)
+        rngs = [np.random.default_rng([seed, 2, source, e]) for e in range(epochs)]
+        order = np.concatenate([r.permutation(size) for r in rngs] or [np.zeros(0, np.int64)])
+        parts.append(offset + order[:count])
+        offset += size
+    mixed = np.random.default_rng([seed, 3]).permutation(np.concatenate(parts))
+    mixed.flags.writeable = False
+    return mixed
 
 
 def eval_batches(
@@ -176,6 +227,18 @@ class _StepIndices:
         epoch, position = divmod(step, self.num_examples // self.batch)
         order = _epoch_order(self.num_examples, self.seed, epoch)
         return order[position * self.batch : (position + 1) * self.batch][self.rows]
+
+
+@dataclasses.dataclass(frozen=True)
+class _OrderIndices:
+    """``step ->`` this process's ``rows`` of the ``step``-th batch of a fixed ``order``."""
+
+    order: np.ndarray
+    batch: int
+    rows: slice
+
+    def __call__(self, step: int) -> np.ndarray:
+        return self.order[step * self.batch : (step + 1) * self.batch][self.rows]
 
 
 @functools.lru_cache(maxsize=4)

@@ -67,6 +67,8 @@ def vqa_train_batches(
     template: ChatTemplate = DEFAULT_TEMPLATE,
     image_token_id: int | None = None,
     pad_to_square: bool = False,
+    draws: Sequence[int] | None = None,
+    sizes: Sequence[int] | None = None,
 ) -> Iterator[Batch]:
     """Yields this process's ``rows`` of each global batch, steps ``start_step..num_steps-1``:
 
@@ -74,7 +76,8 @@ def vqa_train_batches(
     [b, max_len], "attention_mask": bool [b, max_len]}`` (see ``conversation`` for the template
     and mask convention); ``pad_to_square`` as in
     ``vqa.load_image``. ``rows = (start, stop)`` (``process_row_range(mesh, batch_size)``,
-    default all) as in ``pipeline.train_batches``, so ``b = stop - start``. Images, cache and
+    default all) and ``draws``/``sizes`` (a mixture of consecutive sources) as in
+    ``pipeline.train_batches``, so ``b = stop - start``. Images, cache and
     reading options as in the module docstring. Arguments and every conversation are checked
     here, not on the first ``next``.
     """
@@ -100,6 +103,8 @@ def vqa_train_batches(
         rows=rows,
         start_step=start_step,
         where=where,
+        draws=draws,
+        sizes=sizes,
     )
     batch = functools.partial(_train_batch, images=images, text=text)
     return iterate(steps.map(batch), prefetch=prefetch, num_workers=num_workers, where=where)

@@ -27,7 +27,6 @@ from mslora_jax.parallel.aot import per_device_bytes
 from mslora_jax.parallel.mesh import batch_sharding, replicated
 from mslora_jax.parallel.sharded_jit import sharding_context
 from mslora_jax.train.generative import GenerativeExperiment, VqaTask, cast_floating, pixels
-from mslora_jax.train.methods import get_method
 from mslora_jax.train.step import init_train_state
 from mslora_jax.train.stream import initial_trainable, stage_context
 
@@ -97,10 +96,10 @@ def abstract_stage(exp: GenerativeExperiment, method_name: str, stage: int | Non
     """``(state, context)`` of ``stage`` (default: the last) of ``method_name``, abstract.
 
     Every earlier slot holds an adapter, as when the stream reaches that stage."""
-    method = get_method(method_name)
+    method = exp.method(method_name)
     stage = exp.num_tasks - 1 if stage is None else stage
     adapter = jax.eval_shape(exp.fresh_adapter, stage)
-    slots = dict.fromkeys(range(stage), adapter)
+    slots = dict.fromkeys(method.slots_before(stage), adapter)
     base_params = exp.base_params
 
     def context_for(base, slots):
@@ -173,7 +172,7 @@ def lower_generation(exp: GenerativeExperiment, prompt_len: int | None = None) -
     # Evaluation merges the adapters into the kernels (``exp.inference_params``): the
     # backbone's shapes and shardings, no adapter stack.
     variables = {"params": exp.base_params}
-    weights = jax.ShapeDtypeStruct((exp.num_tasks,), jnp.float32, sharding=replicated(exp.mesh))
+    weights = jax.ShapeDtypeStruct((exp.num_slots,), jnp.float32, sharding=replicated(exp.mesh))
     args = (variables, images, ids, mask, weights)
 
     def generate(variables, images, ids, mask, weights):

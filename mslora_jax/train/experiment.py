@@ -70,7 +70,7 @@ RESUMABLE_KEYS = (
 # Keys that define results but were added after workdirs were written: left out of the
 # fingerprint while at these defaults (what those workdirs ran), so such a workdir still resumes;
 # any other value is recorded and must match.
-LATER_KEYS = {"regularizer.cr_distance": "released"}
+LATER_KEYS = {"regularizer.cr_distance": "released", "lora.granularity": "task"}
 
 
 def _pop(cfg: dict, key: str, only_if=None) -> None:
@@ -179,7 +179,7 @@ def _run_experiment(
         outcomes = {
             name: run_method(
                 exp,
-                get_method(name),
+                exp.method(name),
                 StageCheckpoints(workdir / "checkpoints" / name),
                 fingerprint(config),
                 training_log,
@@ -222,7 +222,7 @@ def _run_experiment(
         exp,
         workdir / "answers",
         {ZERO_SHOT_DIR: ({}, None)}
-        | {name: (outcome.adapters, get_method(name)) for name, outcome in outcomes.items()},
+        | {name: (outcome.adapters, exp.method(name)) for name, outcome in outcomes.items()},
     )
     return results
 

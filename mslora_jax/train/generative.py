@@ -197,6 +197,7 @@ class GenerativeExperiment(StreamExperiment):
             template=self.template,
             image_token_id=self.config.llava.image_token_id,
             pad_to_square=self.config.llava.pad_to_square,
+            **self.stage_mixture(task_indices),
             **train_input_options(self.config),
         )
 

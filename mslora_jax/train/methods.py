@@ -1,8 +1,9 @@
 """The continual-learning methods, each a small declarative spec read by the one trainer.
 
-Adapters live in slots of a stack (one slot per task, or slot 0 only when a single adapter is
-shared). A method says which slot a stage trains, which slots the forward sums during training
-and evaluation, and which regularizers apply.
+Adapters live in slots of a stack (one slot per task or, with ``lora.granularity = "modality"``,
+per modality; slot 0 only when a single adapter is shared). A method says which slot a stage
+trains, which slots the forward sums during training and evaluation, and which regularizers
+apply.
 """
 
 from __future__ import annotations
@@ -21,35 +22,61 @@ class Method:
     use_cr: bool = False
     use_ortho: bool = False
     joint: bool = False  # one stage on the union of all tasks
+    # Which slot each task's adapter lives in (``lora.granularity``): None, one slot per task;
+    # with one slot per modality, the tasks of a modality share (and keep training) one slot.
+    task_slots: tuple[int, ...] | None = None
+
+    def with_slots(self, task_slots: tuple[int, ...] | None) -> Method:
+        """This method with the task -> slot layout ``task_slots`` (None: a slot per task)."""
+        return dataclasses.replace(self, task_slots=task_slots)
 
     def num_stages(self, num_tasks: int) -> int:
         return 1 if self.joint else num_tasks
 
+    def _task_slot(self, task: int) -> int:
+        return task if self.task_slots is None else self.task_slots[task]
+
     def slot(self, stage: int) -> int:
-        return stage if self.per_task_adapters else 0
+        return self._task_slot(stage) if self.per_task_adapters else 0
+
+    def _slots_up_to(self, task: int) -> list[int]:
+        """Slots of tasks 0..task (with a slot per task: 0..task)."""
+        return sorted({self._task_slot(t) for t in range(task + 1)})
 
     def continues_previous(self) -> bool:
-        """The shared adapter carries over between stages (sequential fine-tuning)."""
-        return not self.per_task_adapters
+        """A stage whose slot was trained before continues it (sequential fine-tuning, or a
+        later task of a modality under ``lora.granularity = "modality"``)."""
+        return not self.per_task_adapters or self.task_slots is not None
 
     def train_slots(self, stage: int) -> list[int]:
-        return list(range(stage + 1)) if self.cumulative else [self.slot(stage)]
+        return self._slots_up_to(stage) if self.cumulative else [self.slot(stage)]
 
     def eval_slots(self, task: int) -> list[int]:
         """Slots active when evaluating ``task`` (the paper's protocol: tasks <= task)."""
         if not self.per_task_adapters:
             return [0]
-        return list(range(task + 1)) if self.cumulative else [task]
+        return self._slots_up_to(task) if self.cumulative else [self._task_slot(task)]
 
     def unified_slots(self, num_tasks: int) -> list[int]:
         """Every learned adapter active at once."""
-        return list(range(num_tasks)) if self.per_task_adapters else [0]
+        return self._slots_up_to(num_tasks - 1) if self.per_task_adapters else [0]
+
+    def slots_before(self, stage: int) -> list[int]:
+        """The per-task slots trained before ``stage`` (with a slot per modality, possibly
+        including the stage's own)."""
+        return self._slots_up_to(stage - 1) if stage > 0 else []
 
     def cr_slots(self, stage: int) -> list[int]:
-        return list(range(stage)) if self.use_cr else []
+        """Slots trained before ``stage``: with a slot per modality this includes the stage's
+        own slot as it was when the stage began (CR pulls the adapter toward that value)."""
+        return self.slots_before(stage) if self.use_cr else []
 
     def ortho_slots(self, stage: int) -> list[int]:
         return self.train_slots(stage) if self.use_ortho else []
+
+    def changes_eval_of(self, stage: int, task: int) -> bool:
+        """Whether training ``stage`` changes the adapters ``task`` is evaluated with."""
+        return self.slot(stage) in self.eval_slots(task)
 
 
 _METHODS = {
@@ -65,7 +92,8 @@ _METHODS = {
 assert tuple(_METHODS) == METHODS
 
 
-def get_method(name: str) -> Method:
+def get_method(name: str, task_slots: tuple[int, ...] | None = None) -> Method:
+    """The method ``name``, with the task -> slot layout ``task_slots`` (see ``Method``)."""
     if name not in _METHODS:
         raise ConfigError(f"unknown method {name!r}; expected one of {METHODS}")
-    return _METHODS[name]
+    return _METHODS[name].with_slots(task_slots)

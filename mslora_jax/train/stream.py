@@ -21,6 +21,7 @@ from mslora_jax.config import ExperimentConfig
 from mslora_jax.data.pipeline import train_batches
 from mslora_jax.data.registry import ClassTable, class_table, union_train_split
 from mslora_jax.data.task import TaskData
+from mslora_jax.errors import ConfigError
 from mslora_jax.eval.evaluate import evaluate_accuracy, make_predict_fn
 from mslora_jax.lora.adapter import init_adapter_params, stack_params
 from mslora_jax.lora.merge import merge_stack, with_kernels
@@ -37,7 +38,7 @@ from mslora_jax.report.training_log import TrainingLog
 from mslora_jax.train import faults
 from mslora_jax.train.checkpoints import StageCheckpoints, StepCheckpoints, remove_tree
 from mslora_jax.train.loop import LoopStats, run_steps
-from mslora_jax.train.methods import Method
+from mslora_jax.train.methods import Method, get_method
 from mslora_jax.train.objectives import AdapterContext, clip_task_loss, regularized_adapter_loss
 from mslora_jax.train.optim import Schedule, make_optimizer
 from mslora_jax.train.preemption import stop_if_preempted
@@ -146,6 +147,32 @@ class StreamExperiment:
         return len(self.tasks)
 
     @property
+    def task_slots(self) -> tuple[int, ...] | None:
+        """Each task's adapter slot under ``lora.granularity``: None for one slot per task; for
+        one per modality, the modality's rank in order of first appearance in the stream."""
+        if self.config.lora.granularity == "task":
+            return None
+        order = list(dict.fromkeys(task.modality for task in self.tasks))
+        return tuple(order.index(task.modality) for task in self.tasks)
+
+    @property
+    def num_slots(self) -> int:
+        """Adapter slots of the stack: tasks, or modalities (memory grows with these)."""
+        slots = self.task_slots
+        return self.num_tasks if slots is None else max(slots) + 1
+
+    @property
+    def slot_modalities(self) -> list[str]:
+        """The modality of each slot (with a slot per task: each task's)."""
+        slots = self.task_slots or range(self.num_tasks)
+        by_slot = dict(zip(slots, (task.modality for task in self.tasks), strict=True))
+        return [by_slot[i] for i in range(self.num_slots)]
+
+    def method(self, name: str) -> Method:
+        """The method ``name`` with this run's task -> slot layout."""
+        return get_method(name, self.task_slots)
+
+    @property
     def scaling(self) -> float:
         return self.config.lora.alpha / self.config.lora.rank
 
@@ -160,7 +187,7 @@ class StreamExperiment:
         """A ``[T, ...]`` stack holding the given slots' adapters and zeros elsewhere (sharded)."""
         # A list with None for empty slots: its structure (and so the compiled builder) says
         # both the number of tasks and which slots are filled.
-        return self._build_stack([slots.get(i) for i in range(self.num_tasks)])
+        return self._build_stack([slots.get(i) for i in range(self.num_slots)])
 
     def init_state(self, method: Method, adapter: dict, rng) -> TrainState:
         """The train state of ``method`` starting from ``adapter``, born sharded by the rules
@@ -207,29 +234,46 @@ class StreamExperiment:
     def weights(self, slots: list[int]) -> jax.Array:
         """Forward weights: task mask times alpha / rank."""
         return jnp.asarray(
-            [self.scaling if i in slots else 0.0 for i in range(self.num_tasks)], jnp.float32
+            [self.scaling if i in slots else 0.0 for i in range(self.num_slots)], jnp.float32
         )
 
     def mask(self, slots: list[int]) -> jax.Array:
-        return jnp.asarray([i in slots for i in range(self.num_tasks)])
+        return jnp.asarray([i in slots for i in range(self.num_slots)])
 
-    def num_steps(self, task_indices: list[int]) -> int:
+    def task_steps(self, task: int, batch_size: int) -> int:
+        """Steps of ``batch_size`` that ``task``'s epochs (or ``train.steps_per_task``) take."""
         cfg = self.config.train
         if cfg.steps_per_task:
-            return cfg.steps_per_task * len(task_indices)
+            return cfg.steps_per_task
+        epochs = self.config.stream[task].epochs or cfg.epochs
+        return math.ceil(epochs * self.tasks[task].num_train / batch_size)
+
+    def num_steps(self, task_indices: list[int]) -> int:
         batch_size = self.config.stage_batch_size(task_indices)
-        total = 0
-        for i in task_indices:
-            epochs = self.config.stream[i].epochs or cfg.epochs
-            total += math.ceil(epochs * self.tasks[i].num_train / batch_size)
-        return total
+        return sum(self.task_steps(i, batch_size) for i in task_indices)
+
+    def stage_mixture(self, task_indices: list[int]) -> dict:
+        """``train_batches``' ``draws``/``sizes`` for a stage over several tasks (``joint``): each
+        task contributes the examples its own stage would read (its steps times the batch), so
+        per-task epochs are honoured; ``{}`` for a one-task stage."""
+        if len(task_indices) == 1:
+            return {}
+        batch_size = self.config.stage_batch_size(task_indices)
+        return {
+            "draws": [self.task_steps(i, batch_size) * batch_size for i in task_indices],
+            "sizes": [self.tasks[i].num_train for i in task_indices],
+        }
 
     def learning_rate(self, task_indices: list[int]) -> float:
+        """The stage's learning rate: its tasks' common rate (``ExperimentConfig`` refuses a
+        ``joint`` over tasks whose rates differ)."""
         rates = {
             self.config.stream[i].learning_rate or self.config.train.learning_rate
             for i in task_indices
         }
-        return rates.pop() if len(rates) == 1 else self.config.train.learning_rate
+        if len(rates) != 1:
+            raise ConfigError(f"tasks {task_indices} of one stage set different learning rates")
+        return rates.pop()
 
 
 class Experiment(StreamExperiment):
@@ -270,6 +314,7 @@ class Experiment(StreamExperiment):
             seed=seed,
             rows=process_row_range(self.mesh, batch_size),
             start_step=start_step,
+            **self.stage_mixture(task_indices),
             **self.config.train.input_options(),
         )
 
@@ -319,7 +364,7 @@ def stage_context(
 ) -> AdapterContext:
     reg = exp.config.regularizer
     modality = exp.tasks[stage].modality
-    same = [task.modality == modality for task in exp.tasks]
+    same = [slot_modality == modality for slot_modality in exp.slot_modalities]
 
     def weight(enabled: bool, value: float) -> float:
         # With learned weights the context carries an on/off switch and exp(w) is the weight.
@@ -471,16 +516,18 @@ def evaluate_row(
     next task (``stage + 1``, not trained on yet: the superdiagonal that forward transfer reads;
     it is evaluated with the adapters learned so far).
 
-    With per-task adapters, a task seen before ``stage`` keeps its metrics from ``previous``
-    (the row of stage - 1): the adapters it is evaluated with (slots <= task) never change after
-    its own stage, so ``a[stage][task] == a[task][task]`` and recomputing it is wasted work.
+    A task seen before ``stage`` whose evaluation slots the stage does not train keeps its
+    metrics from ``previous`` (the row of stage - 1): with a slot per task, the adapters it is
+    evaluated with (slots <= task) never change after its own stage, so
+    ``a[stage][task] == a[task][task]`` and recomputing it is wasted work. A shared adapter, or a
+    modality slot trained again, is evaluated afresh.
     """
     row: list[TaskMetrics | None] = []
     for task in range(exp.num_tasks):
         stop_if_preempted(f"{method.name} stage {stage + 1}: evaluation")
         if not (method.joint or task <= stage + 1):
             row.append(None)
-        elif previous is not None and method.per_task_adapters and task < stage:
+        elif previous is not None and task < stage and not method.changes_eval_of(stage, task):
             row.append(previous[task])
         else:
             row.append(exp.task_metrics(slots, method.eval_slots(task), task))
