@@ -68,7 +68,7 @@ def _run(args: SimpleNamespace) -> None:
 
     from mslora_jax.config import experiment_config
     from mslora_jax.parallel.distributed import is_primary
-    from mslora_jax.report.results import format_markdown_table
+    from mslora_jax.report.results import format_report
     from mslora_jax.train.experiment import run_experiment
 
     config = experiment_config(args.config)
@@ -80,7 +80,7 @@ def _run(args: SimpleNamespace) -> None:
     results = run_experiment(config, args.workdir)
     if not is_primary():
         return  # process 0 wrote the files and reports them
-    print(format_markdown_table(results))
+    print(format_report(results))
     print(f"\nwrote {args.workdir}/results.json, results.md, results.csv, acc_matrices.png")
 
 

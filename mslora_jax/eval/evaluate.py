@@ -33,6 +33,66 @@ def make_predict_fn(model: DualEncoder):
     return jax.jit(predict)
 
 
+def make_embed_fn(model: DualEncoder):
+    """``embed(variables, weights, images) -> [N, D]`` unit image embeddings."""
+
+    def embed(variables, weights, images):
+        return model.apply(
+            variables, normalize_images(images), weights, method=DualEncoder.encode_image
+        )
+
+    return jax.jit(embed)
+
+
+def map_batches(mesh: Mesh, images: np.ndarray, batch_size: int, fn) -> np.ndarray:
+    """``fn(global_images)`` over ``images`` in padded batches of ``batch_size``; the outputs'
+    real rows, in order, gathered on every host."""
+    outputs = []
+    labels = np.zeros((len(images),), np.int32)
+    for batch in eval_batches(images, labels, batch_size=batch_size):
+        rows = to_global_batch(mesh, process_rows(mesh, {"image": batch["image"]}))["image"]
+        # Gather the sharded outputs on every host (a no-op copy on a single process).
+        out = np.asarray(multihost_utils.process_allgather(fn(rows), tiled=True))
+        outputs.append(out[batch["mask"]])
+    return np.concatenate(outputs) if outputs else np.zeros((0,))
+
+
+def _variables(base_params, lora_stack) -> dict:
+    variables = {"params": base_params}
+    if lora_stack is not None:
+        variables[LORA_COLLECTION] = lora_stack
+    return variables
+
+
+def predict_classes(
+    predict_fn,
+    mesh: Mesh,
+    base_params,
+    lora_stack,
+    weights,
+    images: np.ndarray,
+    class_tokens: np.ndarray,
+    class_valid: np.ndarray,
+    batch_size: int,
+) -> np.ndarray:
+    """The predicted class of each image (backbone + weighted adapters)."""
+    variables = _variables(base_params, lora_stack)
+    return map_batches(
+        mesh,
+        images,
+        batch_size,
+        lambda x: predict_fn(variables, weights, x, class_tokens, class_valid),
+    )
+
+
+def image_features(
+    embed_fn, mesh: Mesh, base_params, weights, images: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """Unit image embeddings ``[N, D]`` of the backbone ``base_params`` (no adapters)."""
+    variables = _variables(base_params, None)
+    return map_batches(mesh, images, batch_size, lambda x: embed_fn(variables, weights, x))
+
+
 def evaluate_accuracy(
     predict_fn,
     mesh: Mesh,
@@ -46,16 +106,15 @@ def evaluate_accuracy(
     batch_size: int,
 ) -> float:
     """Accuracy of the model (backbone + weighted adapters) on one task's images."""
-    variables = {"params": base_params}
-    if lora_stack is not None:
-        variables[LORA_COLLECTION] = lora_stack
-    correct = total = 0
-    for batch in eval_batches(images, labels, batch_size=batch_size):
-        images = to_global_batch(mesh, process_rows(mesh, {"image": batch["image"]}))["image"]
-        preds = predict_fn(variables, weights, images, class_tokens, class_valid)
-        # Gather the sharded predictions on every host (a no-op copy on a single process).
-        preds = np.asarray(multihost_utils.process_allgather(preds, tiled=True))
-        mask = batch["mask"]
-        correct += int(np.sum((preds == batch["label"]) & mask))
-        total += int(mask.sum())
-    return correct / max(total, 1)
+    preds = predict_classes(
+        predict_fn,
+        mesh,
+        base_params,
+        lora_stack,
+        weights,
+        images,
+        class_tokens,
+        class_valid,
+        batch_size,
+    )
+    return float(np.mean(preds == np.asarray(labels))) if len(preds) else 0.0

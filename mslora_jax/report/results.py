@@ -47,7 +47,7 @@ METHOD_KEYS = (
     "train_steps_per_s",
 )
 # Keys newer runs add; checked when present (see ``_derived``).
-OPTIONAL_METHOD_KEYS = ("forgetting", "fwt", "mft", "mfn", "maa")
+OPTIONAL_METHOD_KEYS = ("forgetting", "fwt", "mft", "mfn", "maa", "routed_acc", "routed_avg_acc")
 # Free-form extras: "backbone" describes the frozen backbone (source, zero-shot accuracy, ...).
 OPTIONAL_TOP_KEYS = ("backbone",)
 # Tolerance when checking that the stored derived numbers match the ones recomputed from the matrix.
@@ -59,20 +59,26 @@ def method_summary(
     unified_acc: Sequence[float],
     train_steps_per_s: float,
     zero_shot: Sequence[float] | None = None,
+    routed_acc: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """One method's entry of ``results["methods"]``, with the derived metrics computed.
 
     ``zero_shot``: the frozen backbone's accuracy per task, for forward transfer (``fwt`` is
-    left out without it)."""
+    left out without it). ``routed_acc``: accuracy per task under task-agnostic routing
+    (``routed_*`` left out without it)."""
     unified = _check_fractions(unified_acc, "unified_acc")
     matrix = metrics.check_acc_matrix(acc_matrix)
-    return {
+    summary = {
         "acc_matrix": matrix,
         **_derived(matrix, zero_shot),
         "unified_acc": unified,
         "unified_avg_acc": float(np.mean(unified)),
         "train_steps_per_s": float(train_steps_per_s),
     }
+    if routed_acc is not None:
+        routed = _check_fractions(routed_acc, "routed_acc")
+        summary |= {"routed_acc": routed, "routed_avg_acc": float(np.mean(routed))}
+    return summary
 
 
 def _derived(matrix: metrics.AccMatrix, zero_shot: Sequence[float] | None) -> dict[str, Any]:
@@ -151,6 +157,15 @@ def validate_results(obj: Any) -> None:
                     f"expected {len(tasks)}"
                 )
         expected = {**_derived(matrix, zero_shot), "unified_avg_acc": float(np.mean(unified))}
+        if "routed_acc" in entry or "routed_avg_acc" in entry:
+            routed = _check_fractions(entry.get("routed_acc"), f"{where}['routed_acc']")
+            if len(routed) != len(tasks):
+                raise DataError(
+                    f"{where}['routed_acc']: has {len(routed)} entries, expected {len(tasks)}"
+                )
+            expected["routed_avg_acc"] = float(np.mean(routed))
+            if "routed_avg_acc" not in entry:
+                raise DataError(f"{where}: has 'routed_acc' but no 'routed_avg_acc'")
         for key, value in expected.items():
             if key not in entry:  # an optional key older runs did not write
                 continue
@@ -192,7 +207,7 @@ def write_results(workdir: str | os.PathLike, results: dict[str, Any]) -> dict[s
         n: workdir / n for n in ("results.json", "results.md", "results.csv", "acc_matrices.png")
     }
     atomic_write_json(paths["results.json"], results)
-    atomic_write_text(paths["results.md"], format_markdown_table(results) + "\n")
+    atomic_write_text(paths["results.md"], format_report(results) + "\n")
     atomic_write_text(paths["results.csv"], format_csv(results))
     atomic_savefig(plot_acc_matrices(results), paths["acc_matrices.png"], dpi=150)
     return paths
@@ -207,6 +222,7 @@ _TABLE_COLUMNS = (
     ("mft", "MFT (%)", True),
     ("maa", "MAA (%)", True),
     ("unified_avg_acc", "unified avg acc (%)", True),
+    ("routed_avg_acc", "routed avg acc (%)", True),
     ("train_steps_per_s", "steps/s", False),
 )
 
@@ -236,6 +252,24 @@ def format_markdown_table(results: dict[str, Any]) -> str:
         row = [md_escape(method), *cells, *(format_percent(x) for x in m["acc_matrix"][-1])]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def format_report(results: dict[str, Any]) -> str:
+    """``results.md``: the table, then the router's accuracy when there is one."""
+    return "\n\n".join(filter(None, [format_markdown_table(results), format_router(results)]))
+
+
+def format_router(results: dict[str, Any]) -> str:
+    """A line with the share of each task's test inputs the router sends to that task ("" for
+    results without a router)."""
+    accuracy = results.get("backbone", {}).get("router_acc")
+    if not accuracy:
+        return ""
+    cells = ", ".join(
+        f"{md_escape(t['name'])} {format_percent(x)}"
+        for t, x in zip(results["tasks"], accuracy, strict=True)
+    )
+    return f"Router accuracy (test inputs routed to their own task, %): {cells}."
 
 
 def format_csv(results: dict[str, Any]) -> str:

@@ -199,6 +199,7 @@ def _run_experiment(
             **{k: v for k, v in backbone_info.items() if k != "base_task_acc"},
             "base_task_acc": backbone_info.get("base_task_acc", {}),
             "zero_shot_acc": zero_shot,
+            **_router_info(exp),
             "num_devices": mesh.size,
             "platform": jax.devices()[0].platform,
         },
@@ -225,6 +226,18 @@ def _run_experiment(
         | {name: (outcome.adapters, exp.method(name)) for name, outcome in outcomes.items()},
     )
     return results
+
+
+def _router_info(exp) -> dict:
+    """The task-agnostic router's accuracy per task and mean (nothing for a model without)."""
+    accuracy = exp.router_accuracy()
+    if accuracy is None:
+        return {}
+    return {
+        "router": "nearest class prototype of frozen image features",
+        "router_acc": accuracy,
+        "router_avg_acc": sum(accuracy) / len(accuracy),
+    }
 
 
 def write_answers(exp, directory: Path, runs: dict) -> None:

@@ -8,12 +8,14 @@ regularizers are on) is passed as data in the ``AdapterContext``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
@@ -22,7 +24,14 @@ from mslora_jax.data.pipeline import train_batches
 from mslora_jax.data.registry import ClassTable, class_table, union_train_split
 from mslora_jax.data.task import TaskData
 from mslora_jax.errors import ConfigError
-from mslora_jax.eval.evaluate import evaluate_accuracy, make_predict_fn
+from mslora_jax.eval.evaluate import (
+    evaluate_accuracy,
+    image_features,
+    make_embed_fn,
+    make_predict_fn,
+    predict_classes,
+)
+from mslora_jax.eval.router import PrototypeRouter, fit_router, router_accuracy
 from mslora_jax.lora.adapter import init_adapter_params, stack_params
 from mslora_jax.lora.merge import merge_stack, with_kernels
 from mslora_jax.lora.targets import get_by_path, select_targets
@@ -126,6 +135,17 @@ class StreamExperiment:
     def context_inputs(self) -> dict:
         """Extra AdapterContext fields the task loss reads."""
         return {}
+
+    def router_accuracy(self) -> list[float] | None:
+        """Per task, the fraction of its test inputs the task-agnostic router sends to it
+        (None: this model has no router)."""
+        return None
+
+    def routed_accuracy(self, slots: dict[int, dict], method: Method) -> list[float] | None:
+        """Per task, the primary metric under task-agnostic inference: each test input is
+        evaluated as its routed task (that task's evaluation adapters and label set); an input
+        routed to another task counts as wrong. None: this model has no router."""
+        return None
 
     # --- shared -----------------------------------------------------------------------------
     def accuracy(self, slots: dict[int, dict], active: list[int], task: int) -> float:
@@ -317,6 +337,46 @@ class Experiment(StreamExperiment):
             **self.stage_mixture(task_indices),
             **self.config.train.input_options(),
         )
+
+    @functools.cached_property
+    def routes(self) -> list[np.ndarray]:
+        """The router's task for each test image of each task (see ``eval.router``)."""
+        embed, weights = make_embed_fn(self.model), self.weights([])
+        params = self.inference_params({}, [])
+
+        def features(images):
+            return image_features(embed, self.mesh, params, weights, images, self.eval_batch_size)
+
+        router: PrototypeRouter = fit_router(
+            [features(t.train_images) for t in self.tasks], [t.train_labels for t in self.tasks]
+        )
+        return [router.route(features(t.test_images)) for t in self.tasks]
+
+    def router_accuracy(self) -> list[float]:
+        return [router_accuracy(routes, task) for task, routes in enumerate(self.routes)]
+
+    def routed_accuracy(self, slots: dict[int, dict], method: Method) -> list[float]:
+        accuracies = []
+        for task, routes in enumerate(self.routes):
+            data, kept = self.tasks[task], routes == task
+            if not kept.any():
+                accuracies.append(0.0)
+                continue
+            active = method.eval_slots(task)
+            tokens, valid = self.table.task_tokens(task, self.max_classes)
+            preds = predict_classes(
+                self.predict_fn,
+                self.mesh,
+                self.inference_params(slots, active),
+                None,
+                self.weights(active),
+                data.test_images[kept],
+                tokens,
+                valid,
+                self.eval_batch_size,
+            )
+            accuracies.append(float(np.sum(preds == data.test_labels[kept]) / len(routes)))
+        return accuracies
 
     def task_metrics(self, slots: dict[int, dict], active: list[int], task: int) -> TaskMetrics:
         tokens, valid = self.table.task_tokens(task, self.max_classes)
@@ -641,7 +701,13 @@ def run_method(
     unified = [exp.accuracy(slots, unified_slots, task) for task in range(exp.num_tasks)]
     timed = sum(t["timed_steps"] for t in timings)
     seconds = sum(t["seconds"] for t in timings)
-    summary = method_summary(rows, unified, timed / seconds if seconds > 0 else 0.0, zero_shot)
+    summary = method_summary(
+        rows,
+        unified,
+        timed / seconds if seconds > 0 else 0.0,
+        zero_shot,
+        routed_acc=exp.routed_accuracy(slots, method),
+    )
     return MethodRun(summary, slots, metric_rows)
 
 
