@@ -190,6 +190,12 @@ def test_summary_of_one_seed_and_without_mslora():
     assert "No paired comparison: no seed ran mslora." in format_summary_markdown(summary)
 
 
+def test_a_method_missing_from_a_seed_shows_its_count():
+    runs = [{**RUNS[0], "methods": {"mslora": RUNS[0]["methods"]["mslora"]}}, *RUNS[1:]]
+    md = format_summary_markdown(summarize(runs))
+    assert "| joint | 90.0 ± 0.0 (n=2) |" in md and "| mslora | 82.0 ± 5.0 |" in md
+
+
 def test_seeds_must_share_their_tasks():
     other = {**RUNS[1], "tasks": [TASKS[1], TASKS[0]]}
     with pytest.raises(DataError, match="seed 1: its tasks"):
