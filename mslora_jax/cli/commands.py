@@ -29,6 +29,10 @@ def _run_flags(fv: flags.FlagValues) -> None:
         "Size the model abstractly and check the data layout; train nothing, write nothing.",
         flag_values=fv,
     )
+    _distributed_flags(fv)
+
+
+def _distributed_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum(
         "distributed",
         None,
@@ -57,14 +61,18 @@ def _run_flags(fv: flags.FlagValues) -> None:
     )
 
 
-def _run(args: SimpleNamespace) -> None:
+def _start_processes(args: SimpleNamespace) -> None:
+    """Join the multi-process run the flags describe (if any); before anything touches jax."""
     from mslora_jax.parallel.distributed import initialize_distributed, label_logs_with_process
 
-    # First: some imports below already run jax code.
     initialize_distributed(
         args.coordinator_address, args.num_processes, args.process_id, mode=args.distributed
     )
     label_logs_with_process()
+
+
+def _run(args: SimpleNamespace) -> None:
+    _start_processes(args)  # first: some imports below already run jax code
 
     from mslora_jax.config import experiment_config
     from mslora_jax.parallel.distributed import is_primary
@@ -93,6 +101,51 @@ RUN = Command(
     define_flags=_run_flags,
     config_help=_CONFIG_HELP,
     required=("config", "workdir"),
+)
+
+
+def _sweep_flags(fv: flags.FlagValues) -> None:
+    _workdir(
+        fv,
+        "Output folder: one run folder per seed (seed_<s>/, resumed as run resumes) "
+        "and summary.json/.md/.csv/.png.",
+    )
+    flags.DEFINE_string(
+        "seeds",
+        None,
+        "Comma-separated non-negative seeds, at least two, e.g. 0,1,2; each run sets config.seed.",
+        flag_values=fv,
+    )
+    _distributed_flags(fv)
+
+
+def _sweep(args: SimpleNamespace) -> None:
+    from mslora_jax.train.sweep import parse_seeds
+
+    seeds = parse_seeds(args.seeds)  # bad seeds fail before anything starts
+    _start_processes(args)
+
+    from mslora_jax.config import experiment_config
+    from mslora_jax.parallel.distributed import is_primary
+    from mslora_jax.report.sweep import SUMMARY_FILES, format_summary_markdown
+    from mslora_jax.train.sweep import run_sweep
+
+    summary = run_sweep(experiment_config(args.config), seeds, args.workdir)
+    if not is_primary():
+        return
+    print(format_summary_markdown(summary))
+    print(f"\nwrote {args.workdir}/{', '.join(SUMMARY_FILES)} (runs in seed_<s>/)")
+
+
+SWEEP = Command(
+    name="sweep",
+    summary="Run a config once per seed, then summarize: means, 95% intervals, paired tests.",
+    usage="--config FILE[:ARG] --seeds SEEDS --workdir DIR [--config.KEY=VALUE ...] "
+    "[multi-process flags]",
+    run=_sweep,
+    define_flags=_sweep_flags,
+    config_help=_CONFIG_HELP,
+    required=("config", "seeds", "workdir"),
 )
 
 
@@ -171,4 +224,4 @@ CONVERT_LLAVA_MED = Command(
 )
 
 # In the order `mslora-jax --help` lists them.
-COMMANDS: tuple[Command, ...] = (RUN, INSPECT, CONVERT_LLAVA_MED)
+COMMANDS: tuple[Command, ...] = (RUN, SWEEP, INSPECT, CONVERT_LLAVA_MED)

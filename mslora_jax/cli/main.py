@@ -3,6 +3,7 @@
 mslora-jax run --config configs/demo.py --workdir OUT [--config.lora.rank=4 ...] [--dry-run]
 mslora-jax run ... --coordinator_address HOST:PORT --num_processes N --process_id I
     (once per process; or --distributed=auto on TPU pods / SLURM)
+mslora-jax sweep --config configs/demo.py --seeds 0,1,2 --workdir OUT [--config.KEY=VALUE ...]
 mslora-jax inspect --workdir OUT --method mslora_cr [--task NAME_OR_ID]
 mslora-jax convert-llava-med --config configs/paper_8task.py:DATA --hf-dir DIR \\
     [--vision-hf-dir DIR] [--out DIR]

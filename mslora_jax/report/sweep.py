@@ -1,0 +1,412 @@
+"""Multi-seed summaries: mean, sample std and 95% Student-t intervals over seeds, per method and
+metric, and paired differences against a baseline method (``mslora``).
+
+Input: one ``results.json`` dict per seed (``mslora_jax.report.results``). Every numeric scalar
+of a method's entry is a metric (``avg_acc``, ``bwt``, ..., ``train_steps_per_s`` and any later
+one such as ``routed_avg_acc``); lists (``acc_matrix``, ``unified_acc``) are not, except that
+each task's final accuracy (the matrix's last row) is summarized too. A metric that is ``None``
+(``fwt`` of ``joint``) or absent in a seed is left out of that seed: its ``n`` is smaller.
+
+The interval of ``n`` values with mean ``m`` and sample std ``s`` (``ddof=1``) is
+``m ± t_{0.975, n-1} · s / sqrt(n)``; it needs ``n >= 2``. The paired comparison of method X
+with the baseline takes, seed by seed, ``X − baseline`` and gives the same interval of those
+differences; where it excludes 0 the difference is significant at the 5% level (two-sided
+paired t-test), seed-to-seed noise that both methods share cancelling out.
+
+Pure: no jax, no training; ``mslora_jax.train.sweep`` runs the seeds and calls the writers.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import numbers
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from mslora_jax.errors import DataError
+from mslora_jax.io_utils import atomic_savefig, atomic_write_json, atomic_write_text
+from mslora_jax.report.results import format_percent, md_escape
+
+BASELINE = "mslora"
+CONFIDENCE = 0.95
+SUMMARY_FILES = ("summary.json", "summary.md", "summary.csv", "summary.png")
+
+# t_{0.975, df}, the two-sided 95% quantile of Student's t, for df = 1..30 (scipy.stats.t.ppf,
+# rounded to 6 decimals; tests/test_sweep.py checks them against scipy and textbook values).
+_T975 = (
+    12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157,
+    2.228139, 2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922,
+    2.093024, 2.085963, 2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831,
+    2.048407, 2.045230, 2.042272,
+)  # fmt: skip
+_Z975 = 1.959963984540054  # the standard normal's 0.975 quantile
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (``df >= 1``).
+
+    Dependency-free: a table for df 1..30, and beyond it the Cornish-Fisher expansion of t in
+    the normal quantile z to order df^-4 (Abramowitz & Stegun 26.7.5), whose error there is
+    below 1e-7 (3e-8 at df = 31, shrinking as df grows).
+    """
+    if isinstance(df, bool) or not isinstance(df, numbers.Integral) or df < 1:
+        raise ValueError(f"t quantile: degrees of freedom must be an integer >= 1, got {df!r}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = _Z975
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
+    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """Mean, sample std (``ddof=1``), count and 95% t half-width of some values over seeds;
+    ``std`` and ``half_width`` are None for fewer than two values."""
+
+    mean: float
+    std: float | None
+    n: int
+    half_width: float | None
+
+    @property
+    def low(self) -> float | None:
+        return None if self.half_width is None else self.mean - self.half_width
+
+    @property
+    def high(self) -> float | None:
+        return None if self.half_width is None else self.mean + self.half_width
+
+    @property
+    def excludes_zero(self) -> bool:
+        """Whether the interval lies wholly on one side of 0 (False without an interval)."""
+        return self.half_width is not None and (self.low > 0 or self.high < 0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mean": self.mean,
+            "std": self.std,
+            "n": self.n,
+            "ci95_half_width": self.half_width,
+            "ci95_low": self.low,
+            "ci95_high": self.high,
+        }
+
+
+def interval(values: Sequence[float]) -> Interval:
+    """The ``Interval`` of ``values`` (at least one)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or len(x) == 0:
+        raise ValueError(f"interval: expected a non-empty list of numbers, got {values!r}")
+    mean = float(np.mean(x))
+    if len(x) < 2:
+        return Interval(mean, None, 1, None)
+    std = float(np.std(x, ddof=1))
+    return Interval(mean, std, len(x), t_quantile_975(len(x) - 1) * std / math.sqrt(len(x)))
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def scalar_metrics(entry: dict[str, Any]) -> dict[str, float]:
+    """A method entry's numeric scalars, in its own order (lists and None left out)."""
+    return {k: float(v) for k, v in entry.items() if _is_number(v)}
+
+
+def _methods(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """Every method of any seed, in the order they first appear."""
+    return list(dict.fromkeys(name for r in runs for name in r["methods"]))
+
+
+def _task_names(runs: Sequence[dict[str, Any]], seeds: Sequence[int]) -> list[str]:
+    names = [t["name"] for t in runs[0]["tasks"]]
+    for seed, r in zip(seeds[1:], runs[1:]):
+        other = [t["name"] for t in r["tasks"]]
+        if other != names:
+            raise DataError(
+                f"seed {seed}: its tasks {other} differ from seed {seeds[0]}'s {names}; a sweep "
+                "varies only the seed"
+            )
+    return names
+
+
+def _check_seeds(runs: Sequence[dict[str, Any]], seeds: Sequence[int] | None) -> list[int]:
+    if not runs:
+        raise ValueError("a sweep summary needs the results of at least one seed")
+    seeds = list(range(len(runs))) if seeds is None else list(seeds)
+    if len(seeds) != len(runs):
+        raise ValueError(f"{len(seeds)} seeds for {len(runs)} results")
+    return seeds
+
+
+def _collect(runs: Sequence[dict[str, Any]], method: str) -> dict[str, list[float]]:
+    """Each metric's values over the seeds that have the method and a number for the metric."""
+    values: dict[str, list[float]] = {}
+    for r in runs:
+        for key, value in scalar_metrics(r["methods"].get(method, {})).items():
+            values.setdefault(key, []).append(value)
+    return values
+
+
+def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Interval]]:
+    """``{method: {metric: Interval}}`` over the seeds' results."""
+    return {m: {k: interval(v) for k, v in _collect(runs, m).items()} for m in _methods(runs)}
+
+
+def aggregate_final_acc(
+    runs: Sequence[dict[str, Any]], seeds: Sequence[int] | None = None
+) -> dict[str, dict[str, Interval]]:
+    """``{method: {task: Interval}}`` of each task's accuracy after the last stage."""
+    seeds = _check_seeds(runs, seeds)
+    names = _task_names(runs, seeds)
+    out = {}
+    for m in _methods(runs):
+        rows = [r["methods"][m]["acc_matrix"][-1] for r in runs if m in r["methods"]]
+        out[m] = {
+            name: interval(col)
+            for j, name in enumerate(names)
+            if (col := [row[j] for row in rows if _is_number(row[j])])
+        }
+    return out
+
+
+def paired_differences(
+    runs: Sequence[dict[str, Any]], baseline: str = BASELINE
+) -> dict[str, dict[str, Interval]]:
+    """``{method: {metric: Interval of (method − baseline) seed by seed}}`` for every method
+    other than ``baseline``, over the seeds where both have a number; empty without it."""
+    out: dict[str, dict[str, Interval]] = {}
+    for m in _methods(runs):
+        if m == baseline:
+            continue
+        diffs: dict[str, list[float]] = {}
+        for r in runs:
+            if m not in r["methods"] or baseline not in r["methods"]:
+                continue
+            base = scalar_metrics(r["methods"][baseline])
+            for key, value in scalar_metrics(r["methods"][m]).items():
+                if key in base:
+                    diffs.setdefault(key, []).append(value - base[key])
+        if diffs:
+            out[m] = {k: interval(v) for k, v in diffs.items()}
+    return out
+
+
+def _values(runs: Sequence[dict[str, Any]], method: str) -> dict[str, list[float | None]]:
+    """Each metric's value per seed (None where a seed lacks it), for summary.json."""
+    keys = dict.fromkeys(k for r in runs for k in scalar_metrics(r["methods"].get(method, {})))
+    return {k: [scalar_metrics(r["methods"].get(method, {})).get(k) for r in runs] for k in keys}
+
+
+def summarize(
+    runs: Sequence[dict[str, Any]], seeds: Sequence[int] | None = None, baseline: str = BASELINE
+) -> dict[str, Any]:
+    """The JSON summary (``summary.json``) of one results dict per seed (``seeds``: their
+    seeds, default 0..n-1): every interval, its per-seed values, and the paired differences."""
+    seeds = _check_seeds(runs, seeds)
+    tasks = runs[0]["tasks"]
+    _task_names(runs, seeds)
+    stats = aggregate(runs)
+    methods = {}
+    for m, metrics in stats.items():
+        values = _values(runs, m)
+        methods[m] = {k: {**iv.to_json(), "values": values[k]} for k, iv in metrics.items()}
+    vs = {
+        m: {k: {**iv.to_json(), "excludes_zero": iv.excludes_zero} for k, iv in metrics.items()}
+        for m, metrics in paired_differences(runs, baseline).items()
+    }
+    final = {
+        m: {t: iv.to_json() for t, iv in per_task.items()}
+        for m, per_task in aggregate_final_acc(runs, seeds).items()
+    }
+    return {
+        "seeds": seeds,
+        "confidence": CONFIDENCE,
+        "interval": "mean ± t_{0.975, n-1} · std / sqrt(n) over seeds (std with ddof=1)",
+        "tasks": tasks,
+        "baseline": baseline if any(baseline in r["methods"] for r in runs) else None,
+        "methods": methods,
+        "final_acc": final,
+        "vs_baseline": vs,
+    }
+
+
+# Metric groups of summary.md: title, whether the numbers are fractions shown x100, the keys.
+# Keys not listed go to accuracy if they end in "_acc" (routed_avg_acc, ...), else to "other".
+_GROUPS = (
+    ("accuracy (%)", True, ("avg_acc", "unified_avg_acc", "mft", "mfn", "maa")),
+    ("transfer (pp)", True, ("bwt", "forgetting", "fwt")),
+    ("speed (train steps/s)", False, ("train_steps_per_s",)),
+)
+# Column headers of the known metrics (units are in each table's title); others by their key.
+_LABELS = {
+    "avg_acc": "avg acc",
+    "unified_avg_acc": "unified avg acc",
+    "mft": "MFT",
+    "mfn": "MFN",
+    "maa": "MAA",
+    "bwt": "BWT",
+    "forgetting": "forgetting",
+    "fwt": "FWT",
+    "train_steps_per_s": "steps/s",
+}
+_label = lambda key: md_escape(_LABELS.get(key, key.replace("_", " ")))
+_PLOT_KEYS = ("avg_acc", "unified_avg_acc", "routed_avg_acc")
+
+
+def _groups(keys: Sequence[str]) -> list[tuple[str, bool, list[str]]]:
+    """The metric groups over ``keys``: listed keys first, then the unlisted ones."""
+    listed = {k for _, _, group in _GROUPS for k in group}
+    extra = [k for k in keys if k not in listed]
+    out = []
+    for i, (title, percent, group) in enumerate(_GROUPS):
+        members = [k for k in group if k in keys]
+        if i == 0:
+            members += [k for k in extra if k.endswith("_acc")]
+        out.append((title, percent, members))
+    out.append(("other", False, [k for k in extra if not k.endswith("_acc")]))
+    return [g for g in out if g[2]]
+
+
+def _cell(stat: dict[str, Any] | None, percent: bool, n_seeds: int) -> str:
+    """ "mean ± half-width", "(n=k)" if fewer seeds had it, "*" if a paired interval excludes 0."""
+    if stat is None:
+        return "–"
+    number = format_percent if percent else (lambda x: f"{x:.2f}")
+    text = number(stat["mean"])
+    if stat["ci95_half_width"] is not None:
+        text += f" ± {number(stat['ci95_half_width'])}"
+    if stat["n"] != n_seeds:
+        text += f" (n={stat['n']})"
+    return text + ("*" if stat.get("excludes_zero") else "")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _all_keys(per_method: dict[str, dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(k for metrics in per_method.values() for k in metrics))
+
+
+def format_summary_markdown(summary: dict[str, Any]) -> str:
+    """summary.md: per metric group a table of methods by "mean ± 95% half-width" (accuracies in
+    percent, transfer in percentage points), each task's final accuracy in the accuracy table,
+    then the paired differences against the baseline, "*" where the interval excludes 0."""
+    seeds, n = summary["seeds"], len(summary["seeds"])
+    over = f"mean ± 95% t-interval half-width over n = {n} seeds ({', '.join(map(str, seeds))})"
+    methods = summary["methods"]
+    tasks = [t["name"] for t in summary["tasks"]]
+    lines = [f"# Sweep summary: {over}"]
+    for i, (title, percent, keys) in enumerate(_groups(_all_keys(methods))):
+        header = ["method", *map(_label, keys), *map(md_escape, tasks if i == 0 else [])]
+        rows = []
+        for m, metrics in methods.items():
+            final = summary["final_acc"].get(m, {})
+            cells = [_cell(metrics.get(k), percent, n) for k in keys]
+            if i == 0:
+                cells += [_cell(final.get(t), True, n) for t in tasks]
+            rows.append([md_escape(m), *cells])
+        lines += ["", f"## {title.capitalize()}, n = {n} seeds", "", *_table(header, rows)]
+        if i == 0 and tasks:
+            lines += ["", f"Task columns ({', '.join(map(md_escape, tasks))}): final accuracy."]
+    vs = summary["vs_baseline"]
+    baseline = summary["baseline"]
+    if vs:
+        lines += [
+            "",
+            f"## Paired difference against {baseline} (method − {baseline}), n = {n} seeds",
+            "",
+            "Mean ± 95% t-interval half-width of the per-seed differences (pp for accuracies "
+            "and transfer); * marks an interval that excludes 0.",
+            "",
+        ]
+        groups = _groups(_all_keys(vs))
+        header = ["method", *(_label(k) for _, _, keys in groups for k in keys)]
+        rows = []
+        for m, diffs in vs.items():
+            cells = [_cell(diffs.get(k), percent, n) for _, percent, keys in groups for k in keys]
+            rows.append([md_escape(m), *cells])
+        lines += _table(header, rows)
+    elif baseline is None:
+        lines += ["", f"No paired comparison: no seed ran {BASELINE}."]
+    return "\n".join(lines)
+
+
+_CSV_HEADER = ("method", "metric", "mean", "std", "n", "ci95_low", "ci95_high")
+
+
+def format_summary_csv(summary: dict[str, Any]) -> str:
+    """summary.csv, long format: one row per (method, metric) with raw fractions; each task's
+    final accuracy is the metric ``final_acc[<task>]``; no interval is an empty cell."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(_CSV_HEADER)
+    cell = lambda x: "" if x is None else repr(float(x))
+
+    def row(method: str, metric: str, stat: dict[str, Any]) -> None:
+        writer.writerow(
+            [method, metric, cell(stat["mean"]), cell(stat["std"]), stat["n"]]
+            + [cell(stat["ci95_low"]), cell(stat["ci95_high"])]
+        )
+
+    for m, metrics in summary["methods"].items():
+        for k, stat in metrics.items():
+            row(m, k, stat)
+        for t, stat in summary["final_acc"].get(m, {}).items():
+            row(m, f"final_acc[{t}]", stat)
+    return buf.getvalue()
+
+
+def plot_summary(summary: dict[str, Any]) -> Figure:
+    """Bars of avg_acc (and unified_avg_acc, routed_avg_acc where present) per method, error
+    bars the 95% half-width (none for a single seed)."""
+    methods = list(summary["methods"])
+    keys = [k for k in _PLOT_KEYS if any(k in summary["methods"][m] for m in methods)]
+    fig = Figure(figsize=(max(5.0, 1.1 * len(methods) * max(1, len(keys)) + 1.5), 4.0))
+    FigureCanvasAgg(fig)  # Agg explicitly, without touching pyplot's global backend.
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(keys))
+    x = np.arange(len(methods))
+    for i, key in enumerate(keys):
+        stats = [summary["methods"][m].get(key) for m in methods]
+        means = [np.nan if s is None else 100 * s["mean"] for s in stats]
+        errors = [
+            0.0 if s is None or s["ci95_half_width"] is None else 100 * s["ci95_half_width"]
+            for s in stats
+        ]
+        offset = (i - (len(keys) - 1) / 2) * width
+        ax.bar(x + offset, means, width, yerr=errors, capsize=3, label=key)
+    ax.set_xticks(x, methods, rotation=30, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    n = len(summary["seeds"])
+    ax.set_title(f"mean ± 95% t-interval over {n} seeds")
+    if keys:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def write_summary(workdir: str | os.PathLike, summary: dict[str, Any]) -> dict[str, Path]:
+    """Write summary.json/.md/.csv/.png into ``workdir`` (each atomically); the paths by name."""
+    paths = {n: Path(workdir) / n for n in SUMMARY_FILES}
+    atomic_write_json(paths["summary.json"], summary)
+    atomic_write_text(paths["summary.md"], format_summary_markdown(summary) + "\n")
+    atomic_write_text(paths["summary.csv"], format_summary_csv(summary))
+    atomic_savefig(plot_summary(summary), paths["summary.png"], dpi=150)
+    return paths
