@@ -279,3 +279,21 @@ def test_sweep_command_bad_seeds_is_one_line(tmp_path, capsys, seeds, want):
         cli_main.main(["mslora-jax", "sweep", "--config", SMOKE, "--workdir", "unused"])
     code = exit_info.value.code
     assert code == 2 and "sweep needs --seeds" in capsys.readouterr().err
+
+
+def test_the_summary_has_the_routers_accuracy_over_seeds():
+    from mslora_jax.report.results import method_summary
+    from mslora_jax.report.sweep import format_summary_markdown, summarize
+
+    tasks = [{"name": "a", "modality": "m"}, {"name": "b", "modality": "m"}]
+    runs = []
+    for acc in ([0.8, 0.6], [0.9, 0.5], [1.0, 0.4]):
+        entry = method_summary([[0.5, None], [0.5, 0.7]], [0.4, 0.6], 1.0)
+        runs.append({"tasks": tasks, "methods": {"mslora": entry}, "backbone": {"router_acc": acc}})
+    summary = summarize(runs, [0, 1, 2])
+    assert summary["router"]["acc"]["a"]["mean"] == pytest.approx(0.9)
+    assert summary["router"]["avg_acc"]["mean"] == pytest.approx(0.7)
+    assert summary["router"]["avg_acc"]["ci95_half_width"] == pytest.approx(0.0, abs=1e-12)
+    assert "routed to their own task, %): mean 70.0 ± 0.0" in (format_summary_markdown(summary))
+    del runs[0]["backbone"]
+    assert "router" not in summarize(runs, [0, 1, 2])

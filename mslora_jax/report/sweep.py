@@ -232,6 +232,7 @@ def summarize(
         for m, per_task in aggregate_final_acc(runs, seeds).items()
     }
     return {
+        **_router_summary(runs, [t["name"] for t in tasks]),
         "seeds": seeds,
         "confidence": CONFIDENCE,
         "interval": "mean ± t_{0.975, n-1} · std / sqrt(n) over seeds (std with ddof=1)",
@@ -241,6 +242,30 @@ def summarize(
         "final_acc": final,
         "vs_baseline": vs,
     }
+
+
+def _router_summary(runs: Sequence[dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
+    """``{"router": ...}``: intervals of the router's accuracy, overall and per task, when
+    every seed recorded it (``backbone.router_acc``); else nothing."""
+    per_seed = [r.get("backbone", {}).get("router_acc") for r in runs]
+    if any(acc is None for acc in per_seed):
+        return {}
+    per_task = {t: interval([acc[i] for acc in per_seed]).to_json() for i, t in enumerate(tasks)}
+    overall = interval([sum(acc) / len(acc) for acc in per_seed]).to_json()
+    return {"router": {"avg_acc": overall, "acc": per_task}}
+
+
+def _router_line(summary: dict[str, Any]) -> list[str]:
+    router = summary.get("router")
+    if not router:
+        return []
+    n = len(summary["seeds"])
+    cells = ", ".join(f"{md_escape(t)} {_cell(iv, True, n)}" for t, iv in router["acc"].items())
+    return [
+        "",
+        "Router accuracy (share of test inputs routed to their own task, %): "
+        f"mean {_cell(router['avg_acc'], True, n)}; {cells}.",
+    ]
 
 
 # Metric groups of summary.md: title, whether the numbers are fractions shown x100, the keys.
@@ -324,6 +349,7 @@ def format_summary_markdown(summary: dict[str, Any]) -> str:
         lines += ["", f"## {title.capitalize()}, n = {n} seeds", "", *_table(header, rows)]
         if i == 0 and tasks:
             lines += ["", f"Task columns ({', '.join(map(md_escape, tasks))}): final accuracy."]
+            lines += _router_line(summary)
     vs = summary["vs_baseline"]
     baseline = summary["baseline"]
     if vs:
