@@ -152,3 +152,15 @@ def test_a_run_writes_its_pictures_and_a_workdir_redraws_them(tiny_run):
     assert set(written) == names
     for path in written.values():
         _assert_png(path)
+
+
+def test_inspect_plots_redraws_one_method(tiny_run, capsys):
+    from mslora_jax.cli import main as cli_main
+
+    path = tiny_run / "plots" / "loss_mslora_cr.png"
+    path.unlink()
+    cli_main.main(["mslora-jax", "inspect", "--workdir", str(tiny_run), "--method", "mslora_cr",
+                   "--plots"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "CR similarity" in out and f"wrote {path}" in out
+    _assert_png(path)
