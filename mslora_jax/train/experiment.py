@@ -220,7 +220,9 @@ def _run_experiment(
     if is_primary():
         write_results(workdir, results)
         write_task_metrics(workdir, task_metrics)
-        write_pictures(workdir, config.methods)  # plots/: adapter similarity, loss curves
+    # plots/: adapter similarity and loss curves; every process reads the checkpoints (orbax
+    # restores wait for all of them), process 0 draws.
+    write_pictures(workdir, config.methods)
     write_answers(
         exp,
         workdir / "answers",

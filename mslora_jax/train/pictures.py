@@ -7,7 +7,9 @@ and a notebook draw the same pictures::
     plots/adapter_similarity_<method>.png   methods with per-task adapters (not seq, joint)
     plots/loss_<method>.png                 every method with logged training steps
 
-The drawing is ``report.pictures``; the similarities are ``lora.compare``'s.
+The drawing is ``report.pictures``; the similarities are ``lora.compare``'s. In a
+multi-process run every process calls ``write_pictures`` (orbax's restore waits for all
+processes, as its save does), and process 0 alone draws and writes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from mslora_jax.config import METHODS, ExperimentConfig, from_mapping
 from mslora_jax.io_utils import atomic_savefig, read_json
 from mslora_jax.lora.compare import cr_similarity_matrix, delta_w_cosine_matrix
+from mslora_jax.parallel.distributed import is_primary
 from mslora_jax.report.pictures import plot_adapter_similarity, plot_loss_curves
 from mslora_jax.report.training_log import read_step_records
 from mslora_jax.train.checkpoints import load_stage_adapters
@@ -49,7 +52,8 @@ def write_pictures(
     ``workdir``) into ``workdir/plots``; returns the paths written, keyed by file name.
 
     A method with a shared adapter (seq, joint), or with fewer than two finished adapters, has
-    no similarity picture; a method without logged steps has no loss picture."""
+    no similarity picture; a method without logged steps has no loss picture. Every process of
+    a run calls it; off process 0 it only reads the checkpoints and returns nothing."""
     workdir = Path(workdir)
     config = from_mapping(ExperimentConfig, read_json(workdir / "config.json", "workdir"))
     if methods is None:
@@ -64,10 +68,10 @@ def write_pictures(
 
     for method in methods:
         if get_method(method).per_task_adapters:
-            slots = final_slot_adapters(workdir, method)
-            if len(slots) >= 2:
+            slots = final_slot_adapters(workdir, method)  # every process: orbax's barriers
+            if len(slots) >= 2 and is_primary():
                 save(_similarity_figure(config, method, slots), f"adapter_similarity_{method}.png")
-        if records.get(method):
+        if records.get(method) and is_primary():
             save(plot_loss_curves(records[method], title=method), f"loss_{method}.png")
     return written
 
