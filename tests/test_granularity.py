@@ -7,8 +7,11 @@ import pytest
 from mslora_jax.cli.inspect import load_stage_adapters
 from mslora_jax.config import experiment_config
 from mslora_jax.errors import ConfigError
+from mslora_jax.io_utils import atomic_write_json
 from mslora_jax.train.checkpoints import StageCheckpoints
+from mslora_jax.train.experiment import fingerprint
 from mslora_jax.train.methods import get_method
+from mslora_jax.train.pictures import final_slot_adapters, write_pictures
 from mslora_jax.train.stream import run_method, stage_context
 from tests.helpers import random_backbone_experiment, smoke_dict
 
@@ -66,6 +69,15 @@ def test_modality_adapter_continues_and_other_modality_stays_bit_for_bit(tmp_pat
     context = stage_context(exp, method, 2, {0: after[0], 1: after[1]}, [2])
     np.testing.assert_array_equal(context.earlier_mask, [True, True])
     np.testing.assert_array_equal(context.same_modality, [True, False])
+    # The similarity picture compares slots: each modality's final adapter.
+    slots = final_slot_adapters(tmp_path, "mslora_cr")
+    assert [s["tasks"] for s in slots] == [["path_a", "path_b"], ["rad_a"]]
+    for x, y in zip(jax.tree.leaves(slots[0]["params"]), jax.tree.leaves(after[2]), strict=True):
+        np.testing.assert_array_equal(x, y)
+    atomic_write_json(tmp_path / "config.json", fingerprint(exp.config))
+    written = write_pictures(tmp_path, ["mslora_cr"])  # no training log: no loss curves
+    assert list(written) == ["adapter_similarity_mslora_cr.png"]
+    assert written["adapter_similarity_mslora_cr.png"].read_bytes().startswith(b"\x89PNG")
 
 
 def test_granularity_is_validated():

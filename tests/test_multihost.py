@@ -120,6 +120,9 @@ def test_two_processes_train_what_one_process_trains(tmp_path):
     assert written == sorted(p.name for p in one.iterdir() if p.is_file())
     assert "results.json" in written and "config.json" in written
     assert not [name for name in written if name.startswith(".")]  # no stray temporaries
+    # The pictures too: every process read the checkpoints (orbax's barriers), process 0 drew.
+    plots = [sorted(p.name for p in (d / "plots").iterdir()) for d in (two, one)]
+    assert plots[0] == plots[1] == [f"adapter_similarity_{METHOD}.png", f"loss_{METHOD}.png"]
     results, reference = (json.loads((d / "results.json").read_text()) for d in (two, one))
     assert results["backbone"]["num_devices"] == reference["backbone"]["num_devices"] == 8
     # Accuracies agree to within one test example (an argmax may flip on rounding).

@@ -281,12 +281,13 @@ def test_unknown_distance_is_refused():
 
 
 def test_inspect_similarity_follows_the_run_s_distance():
-    """``mslora-jax inspect`` prints the similarity of the run's ``cr_distance``."""
-    from mslora_jax.cli.inspect import _similarity
+    """``mslora-jax inspect`` (and the adapter similarity plots) use the similarity of the run's
+    ``cr_distance``."""
+    from mslora_jax.lora.compare import cr_similarity
 
     active, stacked = _random_adapters(np.random.default_rng(6), lead=(2,), num_slots=1)
     other = jax.tree.map(lambda x: np.asarray(x[0]), stacked)
     active = jax.tree.map(np.asarray, active)
     for distance, scaling in (("released", 1.0), ("normalized", 1.0), ("delta_w", 0.1)):
         expected = adapter_similarities(active, stacked, distance, scaling)[0]
-        np.testing.assert_allclose(_similarity(active, other, distance, scaling), expected, 1e-6)
+        np.testing.assert_allclose(cr_similarity(active, other, distance, scaling), expected, 1e-6)

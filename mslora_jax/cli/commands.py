@@ -89,7 +89,7 @@ def _run(args: SimpleNamespace) -> None:
     if not is_primary():
         return  # process 0 wrote the files and reports them
     print(format_report(results))
-    print(f"\nwrote {args.workdir}/results.json, results.md, results.csv, acc_matrices.png")
+    print(f"\nwrote {args.workdir}/results.json, results.md, results.csv, acc_matrices.png, plots/")
 
 
 RUN = Command(
@@ -157,18 +157,30 @@ def _inspect_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string(
         "task", None, "Only this task's stage: a task name or id (default: all).", flag_values=fv
     )
+    flags.DEFINE_bool(
+        "plots",
+        False,
+        "Also (re)draw the method's pictures: WORKDIR/plots/adapter_similarity_METHOD.png and "
+        "loss_METHOD.png.",
+        flag_values=fv,
+    )
 
 
 def _inspect(args: SimpleNamespace) -> None:
     from mslora_jax.cli.inspect import inspect_adapters
 
     print(inspect_adapters(args.workdir, args.method, args.task))
+    if args.plots:
+        from mslora_jax.train.pictures import write_pictures
+
+        for path in write_pictures(args.workdir, [args.method]).values():
+            print(f"wrote {path}")
 
 
 INSPECT = Command(
     name="inspect",
     summary="Print a run's saved adapters: size, norms and the CR similarity between them.",
-    usage="--workdir DIR --method METHOD [--task NAME_OR_ID]",
+    usage="--workdir DIR --method METHOD [--task NAME_OR_ID] [--plots]",
     run=_inspect,
     define_flags=_inspect_flags,
     required=("workdir", "method"),

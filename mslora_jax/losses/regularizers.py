@@ -52,13 +52,13 @@ def _matrix_norms(x: jax.Array) -> jax.Array:
     return _safe_norm(x, (-2, -1)).reshape(x.shape[0], -1)
 
 
-def _layer_pairs(active: Mapping, stacked: Mapping) -> Iterator[tuple[Mapping, Mapping]]:
+def layer_pairs(active: Mapping, stacked: Mapping) -> Iterator[tuple[Mapping, Mapping]]:
     """The ``({lora_a, lora_b}, stacked {lora_a, lora_b})`` pair of every adapted layer."""
     if LORA_A in active:
         yield active, stacked
         return
     for key, child in active.items():
-        yield from _layer_pairs(child, stacked[key])
+        yield from layer_pairs(child, stacked[key])
 
 
 def _product_sq_norm(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -79,7 +79,7 @@ def _delta_w_distances(active: Mapping, stacked: Mapping, scaling: float) -> jax
     3e-4 ``||s B A||_F`` rather than 0.
     """
     out = []
-    for act, stk in _layer_pairs(active, stacked):
+    for act, stk in layer_pairs(active, stacked):
         a_c, b_c = act[LORA_A], act[LORA_B]  # [..., r, in], [..., out, r]
         a_t, b_t = stk[LORA_A], stk[LORA_B]  # [T, ..., r, in], [T, ..., out, r]
         own_c, own_t = _product_sq_norm(a_c, b_c), _product_sq_norm(a_t, b_t)

@@ -12,12 +12,15 @@ resumes appends; only process 0 writes.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
 from tensorboardX import SummaryWriter
 
 from mslora_jax.parallel.distributed import is_primary
+
+log = logging.getLogger(__name__)
 
 
 class TrainingLog:
@@ -68,3 +71,30 @@ class TrainingLog:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
+
+
+def read_step_records(directory: Path | str) -> dict[str, list[dict]]:
+    """The ``kind == "step"`` rows of ``directory/train.jsonl`` by method, each method's in
+    (stage, step) order; none if the file does not exist.
+
+    A resumed run appends the steps after its checkpoint again, so a (method, stage, step)
+    logged twice keeps its last row (the one the finished run's state came from). A line that
+    is not a row (a run killed while writing it leaves half of one) is skipped with a warning:
+    the curves are a view of the run, and the run's results do not depend on them."""
+    path = Path(directory) / "train.jsonl"
+    if not path.exists():
+        return {}
+    rows: dict[tuple[str, int, int], dict] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if record.get("kind") == "step":
+                rows[record["method"], int(record["stage"]), int(record["step"])] = record
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("%s:%d: skipped, not a training log row (%s)", path, number, e)
+    out: dict[str, list[dict]] = {}
+    for key in sorted(rows, key=lambda k: (k[1], k[2])):
+        out.setdefault(key[0], []).append(rows[key])
+    return out

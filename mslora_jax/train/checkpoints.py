@@ -34,6 +34,7 @@ from mslora_jax.errors import CheckpointError
 from mslora_jax.io_utils import atomic_write_json, read_json
 from mslora_jax.parallel.distributed import is_primary, sync_processes
 from mslora_jax.parallel.mesh import replicated
+from mslora_jax.train.methods import get_method
 
 
 def abstract_like(tree, mesh: Mesh):
@@ -233,3 +234,22 @@ def load_backbone(directory: os.PathLike | str, abstract_params, model_config: d
     except Exception as e:
         raise CheckpointError(f"backbone {directory}/params is unreadable: {e}") from e
     return params, meta
+
+
+def load_stage_adapters(workdir: str | Path, method: str) -> list[tuple[dict, dict]]:
+    """(meta, adapter params as numpy) of every finished stage of ``method``, in stage order."""
+    get_method(method)  # an unknown method's name is a ConfigError, not 'no checkpoints'
+    directory = Path(workdir).absolute() / "checkpoints" / method
+    if not directory.exists():
+        raise CheckpointError(f"no checkpoints for method {method!r} under {directory}")
+    manager = ocp.CheckpointManager(directory)
+    out = []
+    for stage in sorted(manager.all_steps()):
+        try:
+            meta = manager.restore(stage, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            # Onto one device: a workdir written by a multi-device or multi-process run works.
+            adapter = read_tree_on_one_device(directory / str(stage) / "adapter")
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {directory / str(stage)} is unreadable: {e}") from e
+        out.append((meta["meta"], adapter))
+    return out

@@ -28,6 +28,7 @@ from mslora_jax.report.task_metrics import validate_task_metrics, write_task_met
 from mslora_jax.report.training_log import TrainingLog
 from mslora_jax.train.checkpoints import StageCheckpoints, check_same_config
 from mslora_jax.train.methods import get_method
+from mslora_jax.train.pictures import write_pictures
 from mslora_jax.train.preemption import stop_on_sigterm
 from mslora_jax.train.pretrain import init_backbone_sharded, obtain_backbone
 from mslora_jax.train.stream import build_experiment, run_method
@@ -107,7 +108,8 @@ def claim_workdir(config: ExperimentConfig, workdir: Path) -> None:
 
 
 def run_experiment(config: ExperimentConfig, workdir: str | os.PathLike) -> dict:
-    """Run (or resume) every configured method; write results.json, tables and plots.
+    """Run (or resume) every configured method; write results.json, tables and plots (also
+    ``plots/``: adapter similarity and loss curves per method, ``train.pictures``).
 
     Beside them, task_metrics.json/.md/.csv hold every metric of every task (see
     ``mslora_jax.report.task_metrics``); results.json holds each task's primary metric. A
@@ -219,6 +221,9 @@ def _run_experiment(
     if is_primary():
         write_results(workdir, results)
         write_task_metrics(workdir, task_metrics)
+    # plots/: adapter similarity and loss curves; every process reads the checkpoints (orbax
+    # restores wait for all of them), process 0 draws.
+    write_pictures(workdir, config.methods)
     write_answers(
         exp,
         workdir / "answers",
