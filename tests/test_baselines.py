@@ -253,3 +253,30 @@ def test_baseline_config_keys():
         llava = smoke_dict(model_kind="llava", methods=(name,))
         with pytest.raises(ConfigError, match=rf"method {name!r} .*model_kind='llava'"):
             experiment_config(llava)
+
+
+def test_ewc_resume_recomputes_the_fisher(tmp_path):
+    """A run resumed before its second stage (the first stage's Fisher re-estimated from its
+    saved adapter) ends with the results of the uninterrupted run."""
+    import shutil
+
+    from mslora_jax.train.experiment import run_experiment
+
+    stream = smoke_dict()["stream"][:2]
+    overrides = {
+        "methods": ("ewc",),
+        "stream": stream,
+        "backbone.source": "random",
+        "base_tasks": [],
+        "num_devices": 1,
+        "train.steps_per_task": 3,
+        "regularizer.ewc_fisher_batches": 2,
+    }
+    config = experiment_config(smoke_dict(**overrides))
+    full = run_experiment(config, tmp_path / "full")
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "ewc" / "1")
+    (tmp_path / "cut" / "results.json").unlink()
+    resumed = run_experiment(config, tmp_path / "cut")
+    for key in ("acc_matrix", "unified_acc"):
+        assert resumed["methods"]["ewc"][key] == full["methods"]["ewc"][key]
