@@ -22,7 +22,13 @@ from mslora_jax.models.clip import ModelConfig
 from mslora_jax.models.decoder import ATTENTION_KERNELS, DecoderConfig
 from mslora_jax.models.llava import LlavaConfig
 
-METHODS = ("each", "seq", "mslora", "mslora_cr", "mslora_cr_ortho", "joint")
+# The paper's methods (run when a config names none) and the continual-learning baselines
+# (``train.methods``, README "The method in a paragraph"); ``methods`` may name any of them.
+PAPER_METHODS = ("each", "seq", "mslora", "mslora_cr", "mslora_cr_ortho", "joint")
+BASELINE_METHODS = ("olora", "ewc", "lwf", "modx")
+METHODS = PAPER_METHODS + BASELINE_METHODS
+# Baselines that distil the dual encoder's outputs; a llava stream refuses them by name.
+DUAL_ENCODER_ONLY = ("lwf", "modx")
 TASK_SOURCES = ("synthetic", "medmnist", "tfds", "vqa")
 MODEL_KINDS = ("dual_encoder", "llava")
 BACKBONE_SOURCES = ("pretrain", "random", "load")
@@ -77,12 +83,34 @@ class RegularizerConfig:
     # B matrix's Frobenius distance, as released), "normalized" (each divided by sqrt(numel)) or
     # "delta_w" (per layer, ||s B_c A_c - s B_t A_t||_F with s = alpha / rank).
     cr_distance: str = "released"
+    # The baselines' weights (mslora_jax.losses.continual; README, "The method in a paragraph").
+    # O-LoRA: lambda_1 of sum |A_c A_i^T| (0.5, O-LoRA's released lamda_1).
+    olora_lambda: float = 0.5
+    # EWC: lambda of (lambda / 2) sum F (theta - theta*)^2; F from this many batches per task.
+    ewc_lambda: float = 100.0
+    ewc_fisher_batches: int = 8
+    # LwF: lambda_o of the KL to the previous model's class logits at temperature T (LwF's 1, 2).
+    lwf_lambda: float = 1.0
+    lwf_temperature: float = 2.0
+    # Mod-X: alpha of the in-batch similarity distillation (20, as Mod-X's released scripts).
+    modx_lambda: float = 20.0
 
     def __post_init__(self):
         if self.cr_distance not in CR_DISTANCES:
             raise ConfigError(
                 f"regularizer.cr_distance={self.cr_distance!r} is unknown; expected one of "
                 f"{CR_DISTANCES}"
+            )
+        for key in ("olora_lambda", "ewc_lambda", "lwf_lambda", "modx_lambda"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"regularizer.{key} must be >= 0, got {getattr(self, key)}")
+        if self.ewc_fisher_batches < 1:
+            raise ConfigError(
+                f"regularizer.ewc_fisher_batches must be >= 1, got {self.ewc_fisher_batches}"
+            )
+        if self.lwf_temperature <= 0:
+            raise ConfigError(
+                f"regularizer.lwf_temperature must be > 0, got {self.lwf_temperature}"
             )
 
 
@@ -402,7 +430,7 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     seed: int = 0
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = PAPER_METHODS
     modalities: tuple[str, ...] = ()
     # {modality} and {label} are filled in; the text tower reads the result.
     prompt_template: str = "a {modality} image of {label}"
@@ -455,6 +483,12 @@ class ExperimentConfig:
         if self.backbone.source == "pretrain" and not self.base_tasks:
             raise ConfigError('backbone.source="pretrain" needs config.base_tasks')
         if self.model_kind == "llava":
+            for method in self.methods:
+                if method in DUAL_ENCODER_ONLY:
+                    raise ConfigError(
+                        f"method {method!r} distils the dual encoder's image-text logits and is "
+                        "not implemented for model_kind='llava'; drop it from methods"
+                    )
             for task in self.stream:
                 if task.source == "tfds":
                     raise ConfigError(

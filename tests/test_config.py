@@ -25,11 +25,11 @@ def test_unknown_key_is_named():
 
 def test_unknown_method_modality_and_task():
     cfg = load_config_file("demo.py")
-    cfg.methods = ("mslora", "ewc")
-    with pytest.raises(ConfigError, match="unknown method 'ewc'"):
+    cfg.methods = ("mslora", "icarl")
+    with pytest.raises(ConfigError, match="unknown method 'icarl'"):
         experiment_config(cfg)
-    with pytest.raises(ConfigError, match="unknown method 'ewc'"):
-        get_method("ewc")
+    with pytest.raises(ConfigError, match="unknown method 'icarl'"):
+        get_method("icarl")
     cfg = load_config_file("demo.py")
     cfg.stream[0]["modality"] = "ophthalmology"
     with pytest.raises(ConfigError, match="unknown modality 'ophthalmology'"):

@@ -148,11 +148,13 @@ class Program(NamedTuple):
 
 
 def lower_train_step(exp: GenerativeExperiment, method_name: str = "mslora_cr_ortho") -> Program:
-    """The run's train step (``exp.train_step``, state donated) lowered for the last stage."""
+    """The run's train step of ``method_name`` (``exp.train_step_for``: the shared step, or a
+    baseline's own), state donated, lowered for the last stage."""
     state, context = abstract_stage(exp, method_name)
     args = (state, context, train_batch_spec(exp.config))
-    lowered = exp.train_step.lower(*args)
-    return Program(lowered, per_device_bytes(args, exp.train_step.shardings(*args)))
+    train_step = exp.train_step_for(exp.method(method_name))
+    lowered = train_step.lower(*args)
+    return Program(lowered, per_device_bytes(args, train_step.shardings(*args)))
 
 
 def lower_generation(exp: GenerativeExperiment, prompt_len: int | None = None) -> Program:

@@ -71,7 +71,16 @@ RESUMABLE_KEYS = (
 # Keys that define results but were added after workdirs were written: left out of the
 # fingerprint while at these defaults (what those workdirs ran), so such a workdir still resumes;
 # any other value is recorded and must match.
-LATER_KEYS = {"regularizer.cr_distance": "released", "lora.granularity": "task"}
+LATER_KEYS = {
+    "regularizer.cr_distance": "released",
+    "lora.granularity": "task",
+    "regularizer.olora_lambda": 0.5,
+    "regularizer.ewc_lambda": 100.0,
+    "regularizer.ewc_fisher_batches": 8,
+    "regularizer.lwf_lambda": 1.0,
+    "regularizer.lwf_temperature": 2.0,
+    "regularizer.modx_lambda": 20.0,
+}
 
 
 def _pop(cfg: dict, key: str, only_if=None) -> None:

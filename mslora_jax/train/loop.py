@@ -48,6 +48,10 @@ _TERMS = {
     "task_loss": "the task loss",
     "cr": "the contrastive regularizer (CR)",
     "ortho": "the orthogonality regularizer",
+    "olora": "O-LoRA's orthogonality term",
+    "ewc": "EWC's penalty",
+    "lwf": "LwF's distillation term",
+    "modx": "Mod-X's distillation term",
     "grad_norm": "the gradient",
     "loss": "the total loss",
 }

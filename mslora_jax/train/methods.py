@@ -3,7 +3,8 @@
 Adapters live in slots of a stack (one slot per task or, with ``lora.granularity = "modality"``,
 per modality; slot 0 only when a single adapter is shared). A method says which slot a stage
 trains, which slots the forward sums during training and evaluation, and which regularizers
-apply.
+apply. A baseline adds one loss term (``term``, ``mslora_jax.losses.continual``) to the method
+it builds on: ``olora`` to ``mslora``, ``ewc``/``lwf``/``modx`` to ``seq``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ class Method:
     # Which slot each task's adapter lives in (``lora.granularity``): None, one slot per task;
     # with one slot per modality, the tasks of a modality share (and keep training) one slot.
     task_slots: tuple[int, ...] | None = None
+    # A baseline's extra loss term: "olora" (earlier slots' A factors), "ewc" (Fisher-weighted
+    # distance to the stage's starting adapter), "lwf" / "modx" (distillation of the model as
+    # the stage began); None for the paper's methods.
+    term: str | None = None
 
     def with_slots(self, task_slots: tuple[int, ...] | None) -> Method:
         """This method with the task -> slot layout ``task_slots`` (None: a slot per task)."""
@@ -71,6 +76,12 @@ class Method:
         own slot as it was when the stage began (CR pulls the adapter toward that value)."""
         return self.slots_before(stage) if self.use_cr else []
 
+    def olora_slots(self, stage: int) -> list[int]:
+        """O-LoRA's earlier slots: those trained before ``stage``, other than its own."""
+        if self.term != "olora":
+            return []
+        return [s for s in self.slots_before(stage) if s != self.slot(stage)]
+
     def ortho_slots(self, stage: int) -> list[int]:
         return self.train_slots(stage) if self.use_ortho else []
 
@@ -88,6 +99,10 @@ _METHODS = {
         "mslora_cr_ortho", per_task_adapters=True, cumulative=True, use_cr=True, use_ortho=True
     ),
     "joint": Method("joint", per_task_adapters=False, cumulative=False, joint=True),
+    "olora": Method("olora", per_task_adapters=True, cumulative=True, term="olora"),
+    "ewc": Method("ewc", per_task_adapters=False, cumulative=False, term="ewc"),
+    "lwf": Method("lwf", per_task_adapters=False, cumulative=False, term="lwf"),
+    "modx": Method("modx", per_task_adapters=False, cumulative=False, term="modx"),
 }
 assert tuple(_METHODS) == METHODS
 

@@ -13,6 +13,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from mslora_jax.losses.continual import ewc_penalty, lwf_loss, modx_loss, olora_penalty
+from mslora_jax.losses.contrastive import MAX_LOGIT_SCALE
 from mslora_jax.losses.regularizers import (
     CR_DISTANCES,
     contrastive_regularizer,
@@ -77,6 +79,16 @@ class AdapterContext:
     beta_ortho: jax.Array
     class_tokens: jax.Array | None  # [C, L] class prompts (dual encoder); None otherwise
     schedule: Schedule
+    # A baseline's term (``Method.term``; None for the paper's methods): its weight (0 where
+    # there is nothing to compare with yet), O-LoRA's [T] earlier slots, the adapter as the
+    # stage began (EWC's theta*, LwF's and Mod-X's previous model), EWC's diagonal Fisher (a
+    # tree like the adapter) and LwF's current-task class prompts ([C_max, L] and [C_max] valid).
+    term_weight: jax.Array | None = None
+    term_mask: jax.Array | None = None
+    anchor: dict | None = None
+    fisher: dict | None = None
+    task_tokens: jax.Array | None = None
+    task_valid: jax.Array | None = None
 
 
 def with_layer_weight(adapter: dict, weight: jax.Array) -> dict:
@@ -93,6 +105,10 @@ def with_layer_weight(adapter: dict, weight: jax.Array) -> dict:
 # backbone ("params"), the frozen adapter stack ("lora") and the trained adapter ("lora_active");
 # ``context.forward_weights`` there weighs the stack's slots (the trained slot's weight is 0).
 TaskLossFn = Callable[[dict, dict, "AdapterContext", dict, jax.Array], jax.Array]
+# distill(variables, teacher_variables, trainable, context, batch) -> scalar: LwF's or Mod-X's
+# term between the trained model (``variables``) and the stage's starting one (``teacher_...``).
+DistillFn = Callable[[dict, dict, dict, "AdapterContext", dict], jax.Array]
+TERMS = ("olora", "ewc", "lwf", "modx")
 
 
 def regularized_adapter_loss(
@@ -100,8 +116,11 @@ def regularized_adapter_loss(
     folded: bool = False,
     cr_distance: str = "released",
     scaling: float = 1.0,
+    term: str | None = None,
+    distill: DistillFn | None = None,
 ):
-    """Loss of the active task's adapter: ``task + w_cr * CR + w_ortho * ortho``.
+    """Loss of the active task's adapter: ``task + w_cr * CR + w_ortho * ortho`` (plus, for a
+    baseline, ``context.term_weight * term``).
 
     ``trainable`` is ``{"lora": params}`` plus, when learned, ``logit_scale``, ``log_alpha_cr``
     and ``log_beta_ortho``. Any model plugs in through ``task_loss``; the regularizers only see
@@ -114,9 +133,18 @@ def regularized_adapter_loss(
     ``cr_distance`` (``regularizer.cr_distance``) and ``scaling`` (alpha / rank, read by
     ``delta_w``) choose the CR distance; Python values, not context fields, because the
     distance picks the program (see ``losses.regularizers.adapter_similarities``).
+
+    ``term`` (``Method.term``): a baseline's extra term, in the program only when asked for, so
+    the paper's methods compile what they did before. ``lwf`` and ``modx`` read the model's
+    outputs through ``distill``; the teacher is the forward with ``context.anchor`` in place of
+    the trained adapter (under stop-gradient).
     """
     if cr_distance not in CR_DISTANCES:
         raise ValueError(f"unknown CR distance {cr_distance!r}; expected one of {CR_DISTANCES}")
+    if term is not None and term not in TERMS:
+        raise ValueError(f"unknown baseline term {term!r}; expected one of {TERMS}")
+    if term in ("lwf", "modx") and distill is None:
+        raise ValueError(f"the {term!r} term needs the model's distillation function")
 
     def loss_fn(trainable, context: AdapterContext, batch, rng):
         active = trainable["lora"]
@@ -150,7 +178,18 @@ def regularized_adapter_loss(
         w_cr = context.alpha_cr * jnp.exp(trainable.get("log_alpha_cr", 0.0))
         w_ortho = context.beta_ortho * jnp.exp(trainable.get("log_beta_ortho", 0.0))
         total = task + w_cr * cr + w_ortho * ortho
-        return total, {"task_loss": task, "cr": cr, "ortho": ortho}
+        metrics = {"task_loss": task, "cr": cr, "ortho": ortho}
+        if term is None:
+            return total, metrics
+        if term == "olora":
+            extra = olora_penalty(active, context.lora_stack, context.term_mask)
+        elif term == "ewc":
+            extra = ewc_penalty(active, context.anchor, context.fisher)
+        else:
+            teacher = jax.lax.stop_gradient(context.anchor)
+            teacher_vars = {**variables, LORA_ACTIVE: with_layer_weight(teacher, weight)}
+            extra = distill(variables, teacher_vars, trainable, forward, batch)
+        return total + context.term_weight * extra, {**metrics, term: extra}
 
     return loss_fn
 
@@ -186,6 +225,44 @@ def clip_task_loss(model: DualEncoder, clip_loss_fn: ClipLossFn) -> TaskLossFn:
         return clip_loss_fn(image_emb, text_emb, batch["label"], logit_scale)
 
     return task_loss
+
+
+def clip_distillation(model: DualEncoder, term: str, temperature: float = 2.0) -> DistillFn:
+    """The dual encoder's LwF or Mod-X term (``term``), both models run deterministic.
+
+    ``lwf``: each image's logits over the current task's class prompts (``context.task_tokens``,
+    padded columns masked by ``task_valid``), ``scale * cos``, the student at its own (possibly
+    learned) temperature and the teacher at the backbone's; KL at ``temperature``.
+    ``modx``: the in-batch image/prompt cosine similarities (``losses.continual.modx_loss``).
+    The student's embeddings are recomputed here (the task loss does not return its own).
+    """
+
+    def embed(variables, context, batch, tokens):
+        images = normalize_images(batch["image"])
+        weights = context.forward_weights
+        image_emb = model.apply(variables, images, weights, method=DualEncoder.encode_image)
+        text_emb = model.apply(variables, tokens, weights, method=DualEncoder.encode_text)
+        return image_emb, text_emb
+
+    def distill(variables, teacher_vars, trainable, context, batch):
+        if term == "modx":
+            s_img, s_cls = embed(variables, context, batch, context.class_tokens)
+            t_img, t_cls = embed(teacher_vars, context, batch, context.class_tokens)
+            labels = batch["label"]
+            return modx_loss(t_img, t_cls[labels], s_img, s_cls[labels], labels)
+        s_img, s_cls = embed(variables, context, batch, context.task_tokens)
+        t_img, t_cls = embed(teacher_vars, context, batch, context.task_tokens)
+        scale = lambda x: jnp.exp(jnp.minimum(x, MAX_LOGIT_SCALE))
+        student_scale = scale(trainable.get("logit_scale", context.base_params["logit_scale"]))
+        teacher_scale = scale(context.base_params["logit_scale"])
+        return lwf_loss(
+            jax.lax.stop_gradient(teacher_scale * t_img @ t_cls.T),
+            student_scale * s_img @ s_cls.T,
+            temperature,
+            context.task_valid,
+        )
+
+    return distill
 
 
 def adapter_loss(

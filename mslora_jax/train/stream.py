@@ -45,10 +45,16 @@ from mslora_jax.parallel.sharded_jit import ShardedOutputs, ShardedStep
 from mslora_jax.report.results import method_summary
 from mslora_jax.report.training_log import TrainingLog
 from mslora_jax.train import faults
+from mslora_jax.train.baselines import add_fisher, diagonal_fisher, term_fields
 from mslora_jax.train.checkpoints import StageCheckpoints, StepCheckpoints, remove_tree
 from mslora_jax.train.loop import LoopStats, run_steps
 from mslora_jax.train.methods import Method, get_method
-from mslora_jax.train.objectives import AdapterContext, clip_task_loss, regularized_adapter_loss
+from mslora_jax.train.objectives import (
+    AdapterContext,
+    clip_distillation,
+    clip_task_loss,
+    regularized_adapter_loss,
+)
 from mslora_jax.train.optim import Schedule, make_optimizer
 from mslora_jax.train.preemption import stop_if_preempted
 from mslora_jax.train.step import TrainState, init_train_state, make_train_step
@@ -98,6 +104,8 @@ class StreamExperiment:
             self.loss_fn, self.optimizer, train.grad_accum_steps, train.micro_batch_size
         )
         self.train_step = ShardedStep(step, self.rules)
+        self._term_steps: dict[str, ShardedStep] = {}
+        self._fisher_fn = None  # EWC's compiled Fisher step (``train.baselines``), when needed
         self._sharded_builders()
         shards = batch_shards(mesh)
         self.eval_batch_size = math.ceil(config.train.eval_batch_size / shards) * shards
@@ -146,6 +154,46 @@ class StreamExperiment:
         evaluated as its routed task (that task's evaluation adapters and label set); an input
         routed to another task counts as wrong. None: this model has no router."""
         return None
+
+    def distillation(self, term: str):
+        """The ``DistillFn`` of the output-distilling baselines (``lwf``, ``modx``)."""
+        raise ConfigError(f"method {term!r} is not implemented for {type(self).__name__}")
+
+    def distill_inputs(self, task: int) -> dict:
+        """AdapterContext fields the ``lwf`` term reads at ``task``'s stage."""
+        return {}
+
+    def loss_for(self, method: Method):
+        """The loss of ``method``: ``loss_fn`` for the paper's methods, ``loss_fn`` plus the
+        baseline's term (``Method.term``) for a baseline."""
+        term = method.term
+        if term is None:
+            return self.loss_fn
+        return regularized_adapter_loss(
+            self.task_loss(),
+            folded=self.fold_frozen,
+            cr_distance=self.config.regularizer.cr_distance,
+            scaling=self.scaling,
+            term=term,
+            distill=self.distillation(term) if term in ("lwf", "modx") else None,
+        )
+
+    def train_step_for(self, method: Method) -> ShardedStep:
+        """The compiled step of ``method``: the shared ``train_step`` for the paper's methods,
+        one with the baseline's term for each baseline (compiled once each)."""
+        term = method.term
+        if term is None:
+            return self.train_step
+        if term not in self._term_steps:
+            train = self.config.train
+            step = make_train_step(
+                self.loss_for(method),
+                self.optimizer,
+                train.grad_accum_steps,
+                train.micro_batch_size,
+            )
+            self._term_steps[term] = ShardedStep(step, self.rules)
+        return self._term_steps[term]
 
     # --- shared -----------------------------------------------------------------------------
     def accuracy(self, slots: dict[int, dict], active: list[int], task: int) -> float:
@@ -321,6 +369,13 @@ class Experiment(StreamExperiment):
     def context_inputs(self) -> dict:
         return {"class_tokens": jnp.asarray(self.table.tokens)}
 
+    def distillation(self, term: str):
+        return clip_distillation(self.model, term, self.config.regularizer.lwf_temperature)
+
+    def distill_inputs(self, task: int) -> dict:
+        tokens, valid = self.table.task_tokens(task, self.max_classes)
+        return {"task_tokens": jnp.asarray(tokens), "task_valid": jnp.asarray(valid)}
+
     def train_batches(
         self, task_indices: list[int], num_steps: int, seed: int, start_step: int = 0
     ):
@@ -419,9 +474,24 @@ def initial_trainable(exp: StreamExperiment, method: Method, adapter: dict) -> d
 _orthogonality_per_slot = jax.jit(orthogonality_per_slot)
 
 
+def stage_start(exp: StreamExperiment, method: Method, stage: int, slots: dict) -> dict:
+    """The adapter ``stage`` starts from: its slot's, if trained before and continued, else the
+    stage's fresh adapter."""
+    slot = method.slot(stage)
+    if method.continues_previous() and slot in slots:
+        return slots[slot]
+    return exp.fresh_adapter(stage)
+
+
 def stage_context(
-    exp: StreamExperiment, method: Method, stage: int, slots: dict, task_indices
+    exp: StreamExperiment,
+    method: Method,
+    stage: int,
+    slots: dict,
+    task_indices,
+    fisher: dict | None = None,
 ) -> AdapterContext:
+    """What the loss of ``stage`` reads; ``fisher``: EWC's Fisher of the earlier tasks."""
     reg = exp.config.regularizer
     modality = exp.tasks[stage].modality
     same = [slot_modality == modality for slot_modality in exp.slot_modalities]
@@ -453,7 +523,25 @@ def stage_context(
             exp.learning_rate(task_indices), steps, exp.config.train.warmup_ratio
         ),
         **{"class_tokens": None, **exp.context_inputs()},
+        **baseline_fields(exp, method, stage, slots, fisher),
     )
+
+
+def baseline_fields(exp: StreamExperiment, method: Method, stage: int, slots, fisher) -> dict:
+    """A baseline's AdapterContext fields (``train.baselines.term_fields``); ``{}`` otherwise."""
+    if method.term is None:
+        return {}
+    return term_fields(exp, method, stage, slots, stage_start(exp, method, stage, slots), fisher)
+
+
+def stage_fisher(exp: StreamExperiment, method: Method, stage: int, slots: dict) -> dict:
+    """EWC's diagonal Fisher of ``stage``'s task at the adapter it ended with (``slots``),
+    from ``regularizer.ewc_fisher_batches`` batches drawn with their own seed."""
+    adapter = slots[method.slot(stage)]
+    context = stage_context(exp, method, stage, slots, [stage])
+    count = exp.config.regularizer.ewc_fisher_batches
+    batches = exp.train_batches([stage], count, seed=exp.config.seed * 7919 + 104729 + stage)
+    return diagonal_fisher(exp, initial_trainable(exp, method, adapter), context, batches)
 
 
 def stage_task_name(exp: StreamExperiment, method: Method, stage: int) -> str:
@@ -479,6 +567,7 @@ def train_stage(
     method_step: int = 0,
     step_checkpoints: StepCheckpoints | None = None,
     fingerprint: dict | None = None,
+    fisher: dict | None = None,
 ) -> tuple[TrainState, dict]:
     """Train the adapter of ``stage``; returns the final train state and timing.
 
@@ -486,10 +575,9 @@ def train_stage(
     method's steps before this stage) plus the step. With ``step_checkpoints`` the stage starts
     from its newest in-stage checkpoint, if any (the batches continue at its step, so the result
     is the one an uninterrupted run gets), and saves every ``checkpoint.every_steps`` steps, at
-    the end (before any evaluation) and on SIGTERM.
+    the end (before any evaluation) and on SIGTERM. ``fisher``: EWC's (``stage_context``).
     """
     task_indices = list(range(exp.num_tasks)) if method.joint else [stage]
-    slot = method.slot(stage)
     steps = exp.num_steps(task_indices)
     name = stage_task_name(exp, method, stage)
     desc = f"{method.name} {stage + 1}/{method.num_stages(exp.num_tasks)} {name}"
@@ -499,11 +587,7 @@ def train_stage(
         abstract_state = abstract_train_state(exp, method, stage)[1]
         restored = step_checkpoints.restore_latest(abstract_state, fingerprint)
     if restored is None:
-        start = (
-            slots[slot]
-            if (method.continues_previous() and slot in slots)
-            else exp.fresh_adapter(stage)
-        )
+        start = stage_start(exp, method, stage, slots)
         key = jax.random.fold_in(jax.random.PRNGKey(exp.config.seed + 1), stage)
         state, start_step, before, final = exp.init_state(method, start, key), 0, _no_timing(), {}
     else:
@@ -511,7 +595,8 @@ def train_stage(
         before, final = meta["timing"], meta["final"]
         log.info("%s: resuming at step %d of %d", desc, start_step, steps)
     if start_step < steps:
-        context = exp.rules.place(stage_context(exp, method, stage, slots, task_indices))
+        context = stage_context(exp, method, stage, slots, task_indices, fisher)
+        context = exp.rules.place(context)
         batches = exp.train_batches(
             task_indices, steps, seed=exp.config.seed * 7919 + stage, start_step=start_step
         )
@@ -526,7 +611,7 @@ def train_stage(
 
         try:
             state, stats = run_steps(
-                exp.train_step,
+                exp.train_step_for(method),
                 state,
                 context,
                 batches,
@@ -627,6 +712,7 @@ def run_method(
     scalars and each stage's row go to ``training_log``. ``zero_shot`` (the backbone's primary
     metric per task) gives the summary its forward transfer."""
     slots: dict[int, dict] = {}
+    fisher = None  # EWC's Fisher of the stages so far, recomputed for restored stages
     rows, timings, metric_rows = [], [], []
     finished = set(checkpoints.finished_stages()) if checkpoints else set()
     num_stages = method.num_stages(exp.num_tasks)
@@ -652,15 +738,19 @@ def run_method(
             log.info("%s: restored stage %d from %s", method.name, stage, checkpoints.directory)
             if steps_dir is not None and (steps_dir / str(stage)).exists():
                 remove_tree(steps_dir / str(stage))  # left by a kill after the stage's save
+            if method.term == "ewc" and stage + 1 < num_stages:
+                fisher = add_fisher(fisher, stage_fisher(exp, method, stage, slots))
             continue
         method_step = sum(t["steps"] for t in timings)
         in_stage = None
         if steps_dir is not None:
             in_stage = StepCheckpoints(steps_dir / str(stage), exp.config.checkpoint.max_to_keep)
         state, info = train_stage(
-            exp, method, stage, slots, training_log, method_step, in_stage, fingerprint
+            exp, method, stage, slots, training_log, method_step, in_stage, fingerprint, fisher
         )
         slots[slot] = state.trainable["lora"]
+        if method.term == "ewc" and stage + 1 < num_stages:
+            fisher = add_fisher(fisher, stage_fisher(exp, method, stage, slots))
         faults.reached("eval")
         previous = metric_rows[-1] if metric_rows else None
         metric_row = evaluate_row(exp, method, stage, slots, previous)
