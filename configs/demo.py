@@ -15,7 +15,11 @@ from mslora_jax.config import synthetic_base_tasks, synthetic_task
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.methods = ("each", "seq", "mslora", "mslora_cr", "mslora_cr_ortho", "joint")
+    # The paper's six methods, then the continual-learning baselines (README, "The method").
+    c.methods = (
+        *("each", "seq", "mslora", "mslora_cr", "mslora_cr_ortho", "joint"),
+        *("olora", "ewc", "lwf", "modx"),
+    )
     c.modalities = ("pathology", "radiology", "dermatology")
     c.prompt_template = "a {modality} image of {label}"
     # The stream: modalities interleaved, so a method must keep old modalities while learning new.

@@ -53,7 +53,11 @@ def get_config(data_dir: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.data_dir = data_dir
-    c.methods = ("each", "seq", "mslora", "mslora_cr", "mslora_cr_ortho", "joint")
+    # The paper's six methods, then the continual-learning baselines (README, "The method").
+    c.methods = (
+        *("each", "seq", "mslora", "mslora_cr", "mslora_cr_ortho", "joint"),
+        *("olora", "ewc", "lwf", "modx"),
+    )
     # pathology and dermatology are only used by the synthetic base tasks (pretraining).
     c.modalities = ("radiology", "microscopy", "ophthalmology", "pathology", "dermatology")
     c.prompt_template = "a {modality} image of {label}"

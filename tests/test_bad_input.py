@@ -337,8 +337,8 @@ CASES = [
     ),
     case(
         "config-unknown-method",
-        _flags("--config.methods=('seq','ewc')"),
-        r"unknown method 'ewc'; expected one of \('each'",
+        _flags("--config.methods=('seq','icarl')"),
+        r"unknown method 'icarl'; expected one of \('each'",
     ),
     case(
         "config-unknown-task-source",
@@ -571,8 +571,8 @@ CASES = [
     # some 20 s, so it is checked through inspect only.)
     case(
         "inspect-unknown-method",
-        _inspect("--method", "ewc"),
-        r"unknown method 'ewc'",
+        _inspect("--method", "icarl"),
+        r"unknown method 'icarl'",
         existing=True,
     ),
     case(

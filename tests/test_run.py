@@ -169,7 +169,7 @@ def test_inspect_lists_adapters_and_rejects_bad_task(full_run):
     with pytest.raises(ConfigError, match="unknown task name"):
         inspect_adapters(workdir, "mslora_cr", "derm_z")
     with pytest.raises(ConfigError, match="unknown method"):
-        inspect_adapters(workdir, "ewc")
+        inspect_adapters(workdir, "icarl")
 
 
 def test_missing_and_corrupt_npz_are_named(tmp_path):
@@ -209,9 +209,9 @@ def test_cli_bad_input_exits_nonzero_with_a_clear_message(full_run, tmp_path):
         "configs/smoke.py",
         "--workdir",
         str(tmp_path),
-        "--config.methods=('mslora','ewc')",
+        "--config.methods=('mslora','icarl')",
     )
-    assert proc.returncode == 2 and "unknown method 'ewc'" in proc.stderr
+    assert proc.returncode == 2 and "unknown method 'icarl'" in proc.stderr
     results_before = _digest(workdir / "results.json")
     proc = _cli(
         "run",
