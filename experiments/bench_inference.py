@@ -39,7 +39,7 @@ from mslora_jax.models.generate import llava_generate
 from mslora_jax.parallel.mesh import process_rows, replicate, to_global_batch
 from mslora_jax.parallel.sharded_jit import ShardedOutputs, sharding_context
 from mslora_jax.train.experiment import random_backbone_experiment
-from mslora_jax.train.stream import StreamExperiment
+from mslora_jax.train.stream_experiment import StreamExperiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Experiment config.")
 _TASKS = flags.DEFINE_integer("tasks", 8, "Adapters (tasks of the stream), all active.")

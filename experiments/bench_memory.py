@@ -39,7 +39,8 @@ from mslora_jax.train.generative import GenerativeExperiment, VqaTask, cast_floa
 from mslora_jax.train.methods import get_method
 from mslora_jax.train.objectives import regularized_adapter_loss
 from mslora_jax.train.step import init_train_state
-from mslora_jax.train.stream import initial_trainable, stage_context
+from mslora_jax.train.stream import stage_context
+from mslora_jax.train.stream_experiment import initial_trainable
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/paper_8task.py", "Config.")
 _REMAT = flags.DEFINE_enum("remat", "both", ["both", "on", "off"], "Decoder rematerialization.")

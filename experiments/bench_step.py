@@ -50,7 +50,8 @@ from mslora_jax.config import MeshConfig, experiment_config
 from mslora_jax.parallel.mesh import to_global_batch
 from mslora_jax.train.experiment import random_backbone_experiment
 from mslora_jax.train.methods import get_method
-from mslora_jax.train.stream import StreamExperiment, stage_context
+from mslora_jax.train.stream import stage_context
+from mslora_jax.train.stream_experiment import StreamExperiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Experiment config.")
 _METHOD = flags.DEFINE_string("method", "mslora_cr_ortho", "Method whose last stage is timed.")

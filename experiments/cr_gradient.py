@@ -43,7 +43,8 @@ from mslora_jax.losses.regularizers import (
 from mslora_jax.models.lora_dense import LORA_A, LORA_B
 from mslora_jax.train.experiment import random_backbone_experiment
 from mslora_jax.train.methods import get_method
-from mslora_jax.train.stream import StreamExperiment, stage_context
+from mslora_jax.train.stream import stage_context
+from mslora_jax.train.stream_experiment import StreamExperiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smoke.py", "Experiment config.")
 _RANKS = flags.DEFINE_list("ranks", ["4", "16", "64"], "LoRA ranks.")

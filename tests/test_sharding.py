@@ -18,9 +18,10 @@ from mslora_jax.models.llava import init_llava
 from mslora_jax.parallel.mesh import make_mesh, resolve_mesh_shape, to_global_batch
 from mslora_jax.parallel.rules import ShardingRules
 from mslora_jax.train.checkpoints import StageCheckpoints, load_backbone, save_backbone
+from mslora_jax.train.dual_encoder import build_experiment
 from mslora_jax.train.generative import GenerativeExperiment, VqaTask
 from mslora_jax.train.methods import get_method
-from mslora_jax.train.stream import build_experiment, stage_context
+from mslora_jax.train.stream import stage_context
 from tests.helpers import random_backbone_experiment, smoke_config
 from tests.test_generative import _tiny_llava_config
 

@@ -12,13 +12,8 @@ from mslora_jax.data.registry import union_train_split
 from mslora_jax.lora.adapter import LoraAdapter
 from mslora_jax.lora.merge import merge
 from mslora_jax.train.methods import get_method
-from mslora_jax.train.stream import (
-    evaluate_row,
-    initial_trainable,
-    run_method,
-    stage_context,
-    train_stage,
-)
+from mslora_jax.train.stream import evaluate_row, run_method, stage_context, train_stage
+from mslora_jax.train.stream_experiment import initial_trainable
 from tests.helpers import random_backbone_experiment
 
 

@@ -28,7 +28,8 @@ from mslora_jax.parallel.mesh import batch_sharding, replicated
 from mslora_jax.parallel.sharded_jit import sharding_context
 from mslora_jax.train.generative import GenerativeExperiment, VqaTask, cast_floating, pixels
 from mslora_jax.train.step import init_train_state
-from mslora_jax.train.stream import initial_trainable, stage_context
+from mslora_jax.train.stream import stage_context
+from mslora_jax.train.stream_experiment import initial_trainable
 
 
 def sized_config(

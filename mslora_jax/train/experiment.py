@@ -27,11 +27,12 @@ from mslora_jax.report.results import validate_results, write_results
 from mslora_jax.report.task_metrics import validate_task_metrics, write_task_metrics
 from mslora_jax.report.training_log import TrainingLog
 from mslora_jax.train.checkpoints import StageCheckpoints, check_same_config
+from mslora_jax.train.dual_encoder import build_experiment
 from mslora_jax.train.methods import get_method
 from mslora_jax.train.pictures import write_pictures
 from mslora_jax.train.preemption import stop_on_sigterm
 from mslora_jax.train.pretrain import init_backbone_sharded, obtain_backbone
-from mslora_jax.train.stream import build_experiment, run_method
+from mslora_jax.train.stream import run_method
 
 if TYPE_CHECKING:
     from mslora_jax.data.task import TaskData

@@ -38,7 +38,7 @@ from mslora_jax.parallel.rules import ShardingRules
 from mslora_jax.parallel.sharded_jit import born_sharded, sharding_context
 from mslora_jax.train.objectives import normalize_images
 from mslora_jax.train.pretrain import train_all_params
-from mslora_jax.train.stream import StreamExperiment, TaskMetrics
+from mslora_jax.train.stream_experiment import StreamExperiment, TaskMetrics
 
 
 @dataclasses.dataclass(frozen=True)

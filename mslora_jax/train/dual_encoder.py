@@ -1,0 +1,152 @@
+"""The dual-encoder experiment: image classification tasks, predicted as the nearest class prompt,
+with a prototype router for task-agnostic inference.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from mslora_jax.config import ExperimentConfig
+from mslora_jax.data.pipeline import train_batches
+from mslora_jax.data.registry import ClassTable, class_table, union_train_split
+from mslora_jax.data.task import TaskData
+from mslora_jax.eval.evaluate import (
+    evaluate_accuracy,
+    image_features,
+    make_embed_fn,
+    make_predict_fn,
+    predict_classes,
+)
+from mslora_jax.eval.router import PrototypeRouter, fit_router, router_accuracy
+from mslora_jax.lora.targets import select_targets
+from mslora_jax.losses.contrastive import sharded_clip_loss
+from mslora_jax.models.clip import DualEncoder
+from mslora_jax.parallel.mesh import process_row_range
+from mslora_jax.train.methods import Method
+from mslora_jax.train.objectives import clip_distillation, clip_task_loss
+from mslora_jax.train.stream_experiment import StreamExperiment, TaskMetrics
+
+
+class Experiment(StreamExperiment):
+    """The dual encoder on image classification tasks (prediction = nearest class prompt)."""
+
+    model_family = "dual_encoder"
+
+    def __init__(
+        self, config, tasks: list[TaskData], table: ClassTable, mesh, base_params, targets
+    ):
+        self.table = table
+        self.model = DualEncoder(config.model, lora_dropout=config.lora.dropout)
+        self.predict_fn = make_predict_fn(self.model)
+        self.max_classes = max(table.sizes)
+        super().__init__(config, tasks, mesh, base_params, targets)
+
+    def task_loss(self):
+        return clip_task_loss(self.model, sharded_clip_loss(self.mesh))
+
+    def extra_trainables(self) -> dict:
+        if self.config.train.learn_temperature:
+            return {"logit_scale": self.base_params["logit_scale"]}
+        return {}
+
+    def context_inputs(self) -> dict:
+        return {"class_tokens": jnp.asarray(self.table.tokens)}
+
+    def distillation(self, term: str):
+        return clip_distillation(self.model, term, self.config.regularizer.lwf_temperature)
+
+    def distill_inputs(self, task: int) -> dict:
+        tokens, valid = self.table.task_tokens(task, self.max_classes)
+        return {"task_tokens": jnp.asarray(tokens), "task_valid": jnp.asarray(valid)}
+
+    def train_batches(
+        self, task_indices: list[int], num_steps: int, seed: int, start_step: int = 0
+    ):
+        images, labels = union_train_split(self.tasks, self.table, task_indices)
+        batch_size = self.config.stage_batch_size(task_indices)
+        return train_batches(
+            images,
+            labels,
+            batch_size=batch_size,
+            num_steps=num_steps,
+            seed=seed,
+            rows=process_row_range(self.mesh, batch_size),
+            start_step=start_step,
+            **self.stage_mixture(task_indices),
+            **self.config.train.input_options(),
+        )
+
+    @functools.cached_property
+    def routes(self) -> list[np.ndarray]:
+        """The router's task for each test image of each task (see ``eval.router``)."""
+        embed, weights = make_embed_fn(self.model), self.weights([])
+        params = self.inference_params({}, [])
+
+        def features(images):
+            return image_features(embed, self.mesh, params, weights, images, self.eval_batch_size)
+
+        router: PrototypeRouter = fit_router(
+            [features(t.train_images) for t in self.tasks], [t.train_labels for t in self.tasks]
+        )
+        return [router.route(features(t.test_images)) for t in self.tasks]
+
+    def router_accuracy(self) -> list[float]:
+        return [router_accuracy(routes, task) for task, routes in enumerate(self.routes)]
+
+    def routed_accuracy(self, slots: dict[int, dict], method: Method) -> list[float]:
+        accuracies = []
+        for task, routes in enumerate(self.routes):
+            data, kept = self.tasks[task], routes == task
+            if not kept.any():
+                accuracies.append(0.0)
+                continue
+            active = method.eval_slots(task)
+            tokens, valid = self.table.task_tokens(task, self.max_classes)
+            preds = predict_classes(
+                self.predict_fn,
+                self.mesh,
+                self.inference_params(slots, active),
+                None,
+                self.weights(active),
+                data.test_images[kept],
+                tokens,
+                valid,
+                self.eval_batch_size,
+            )
+            accuracies.append(float(np.sum(preds == data.test_labels[kept]) / len(routes)))
+        return accuracies
+
+    def task_metrics(self, slots: dict[int, dict], active: list[int], task: int) -> TaskMetrics:
+        tokens, valid = self.table.task_tokens(task, self.max_classes)
+        data = self.tasks[task]
+        accuracy = evaluate_accuracy(
+            self.predict_fn,
+            self.mesh,
+            self.inference_params(slots, active),
+            None,
+            self.weights(active),
+            data.test_images,
+            data.test_labels,
+            tokens,
+            valid,
+            self.eval_batch_size,
+        )
+        return {"accuracy": accuracy}
+
+
+def build_experiment(
+    config: ExperimentConfig, tasks: list[TaskData], mesh: Mesh, base_params: dict
+) -> Experiment:
+    """Bundle a stream's tasks with the frozen backbone; checks the LoRA target patterns."""
+    table = class_table(
+        tasks,
+        config.prompt_template,
+        max_len=config.model.max_text_len,
+        vocab_size=config.model.vocab_size,
+    )
+    targets = select_targets(base_params, config.lora.targets)
+    return Experiment(config, tasks, table, mesh, base_params, targets)
