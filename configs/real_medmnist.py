@@ -23,7 +23,8 @@ synthetic base tasks (pathology/radiology/dermatology, at 28 px): a generic stan
 biomedical foundation model; expect a frozen-backbone zero-shot accuracy near chance.
 
 Budget: 28 px images with 7 px patches (16 image tokens), train sets capped at 3000 and test sets
-at 1500 (seeded subsets), 150 steps per task. All six methods: 3 min 7 s measured on 2 CPU cores.
+at 1500 (seeded subsets), 150 steps per task. The six paper methods: 3 min 7 s on 2 CPU cores;
+three seeds of all ten methods, about 20 min on a shared 2-core CPU (README, "Real data").
 """
 
 import ml_collections
