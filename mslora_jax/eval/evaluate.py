@@ -117,4 +117,9 @@ def evaluate_accuracy(
         class_valid,
         batch_size,
     )
+    return accuracy(preds, labels)
+
+
+def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
+    """The share of ``preds`` equal to ``labels`` (0 for no examples)."""
     return float(np.mean(preds == np.asarray(labels))) if len(preds) else 0.0

@@ -15,7 +15,7 @@ from mslora_jax.data.pipeline import train_batches
 from mslora_jax.data.registry import ClassTable, class_table, union_train_split
 from mslora_jax.data.task import TaskData
 from mslora_jax.eval.evaluate import (
-    evaluate_accuracy,
+    accuracy,
     image_features,
     make_embed_fn,
     make_predict_fn,
@@ -104,38 +104,32 @@ class Experiment(StreamExperiment):
             if not kept.any():
                 accuracies.append(0.0)
                 continue
-            active = method.eval_slots(task)
-            tokens, valid = self.table.task_tokens(task, self.max_classes)
-            preds = predict_classes(
-                self.predict_fn,
-                self.mesh,
-                self.inference_params(slots, active),
-                None,
-                self.weights(active),
-                data.test_images[kept],
-                tokens,
-                valid,
-                self.eval_batch_size,
-            )
+            preds = self._predictions(slots, method.eval_slots(task), task, data.test_images[kept])
             accuracies.append(float(np.sum(preds == data.test_labels[kept]) / len(routes)))
         return accuracies
 
     def task_metrics(self, slots: dict[int, dict], active: list[int], task: int) -> TaskMetrics:
-        tokens, valid = self.table.task_tokens(task, self.max_classes)
         data = self.tasks[task]
-        accuracy = evaluate_accuracy(
+        preds = self._predictions(slots, active, task, data.test_images)
+        return {"accuracy": accuracy(preds, data.test_labels)}
+
+    def _predictions(
+        self, slots: dict[int, dict], active: list[int], task: int, images: np.ndarray
+    ) -> np.ndarray:
+        """The class ``images`` are predicted as among ``task``'s prompts, with the adapters
+        ``active`` (of ``slots``) summed."""
+        tokens, valid = self.table.task_tokens(task, self.max_classes)
+        return predict_classes(
             self.predict_fn,
             self.mesh,
             self.inference_params(slots, active),
             None,
             self.weights(active),
-            data.test_images,
-            data.test_labels,
+            images,
             tokens,
             valid,
             self.eval_batch_size,
         )
-        return {"accuracy": accuracy}
 
 
 def build_experiment(
