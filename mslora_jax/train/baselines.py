@@ -56,7 +56,7 @@ def _fisher_step(loss_fn):
 def diagonal_fisher(exp, trainable: dict, context, batches) -> dict:
     """EWC's diagonal Fisher at ``trainable``: the mean over ``batches`` of the squared
     gradient of the batch's task loss (``exp.loss_fn``'s ``task_loss``) per adapter entry."""
-    if getattr(exp, "_fisher_fn", None) is None:
+    if exp._fisher_fn is None:
         exp._fisher_fn = _fisher_step(exp.loss_fn)
     context = exp.rules.place(context)
     total = jax.tree.map(jnp.zeros_like, trainable["lora"])

@@ -59,16 +59,8 @@ class StreamExperiment:
         self.fold_frozen = resolve_fold(config.lora.fold_frozen, self.base_params, targets)
         # The train step's loss, kept for checks and tools (``loss_fn(trainable, context,
         # batch, rng) -> (loss, metrics)``).
-        self.loss_fn = regularized_adapter_loss(
-            self.task_loss(),
-            folded=self.fold_frozen,
-            cr_distance=config.regularizer.cr_distance,
-            scaling=self.scaling,
-        )
-        step = make_train_step(
-            self.loss_fn, self.optimizer, train.grad_accum_steps, train.micro_batch_size
-        )
-        self.train_step = ShardedStep(step, self.rules)
+        self.loss_fn = self._loss(None)
+        self.train_step = self._step(self.loss_fn)
         self._term_steps: dict[str, ShardedStep] = {}
         self._fisher_fn = None  # EWC's compiled Fisher step (``train.baselines``), when needed
         self._sharded_builders()
@@ -128,12 +120,8 @@ class StreamExperiment:
         """AdapterContext fields the ``lwf`` term reads at ``task``'s stage."""
         return {}
 
-    def loss_for(self, method: Method):
-        """The loss of ``method``: ``loss_fn`` for the paper's methods, ``loss_fn`` plus the
-        baseline's term (``Method.term``) for a baseline."""
-        term = method.term
-        if term is None:
-            return self.loss_fn
+    def _loss(self, term: str | None):
+        """The regularized adapter loss, plus the baseline term ``term`` (None: none)."""
         return regularized_adapter_loss(
             self.task_loss(),
             folded=self.fold_frozen,
@@ -143,6 +131,18 @@ class StreamExperiment:
             distill=self.distillation(term) if term in ("lwf", "modx") else None,
         )
 
+    def _step(self, loss_fn) -> ShardedStep:
+        train = self.config.train
+        step = make_train_step(
+            loss_fn, self.optimizer, train.grad_accum_steps, train.micro_batch_size
+        )
+        return ShardedStep(step, self.rules)
+
+    def loss_for(self, method: Method):
+        """The loss of ``method``: ``loss_fn`` for the paper's methods, ``loss_fn`` plus the
+        baseline's term (``Method.term``) for a baseline."""
+        return self.loss_fn if method.term is None else self._loss(method.term)
+
     def train_step_for(self, method: Method) -> ShardedStep:
         """The compiled step of ``method``: the shared ``train_step`` for the paper's methods,
         one with the baseline's term for each baseline (compiled once each)."""
@@ -150,14 +150,7 @@ class StreamExperiment:
         if term is None:
             return self.train_step
         if term not in self._term_steps:
-            train = self.config.train
-            step = make_train_step(
-                self.loss_for(method),
-                self.optimizer,
-                train.grad_accum_steps,
-                train.micro_batch_size,
-            )
-            self._term_steps[term] = ShardedStep(step, self.rules)
+            self._term_steps[term] = self._step(self.loss_for(method))
         return self._term_steps[term]
 
     # --- shared -----------------------------------------------------------------------------
