@@ -173,12 +173,12 @@ def validate_results(obj: Any) -> None:
             if value is None:
                 if got is not None:
                     raise DataError(f"{where}['{key}']: is {got!r}, but the data leave it null")
-            elif not _is_number(got) or abs(got - value) > _DERIVED_ATOL:
+            elif not is_number(got) or abs(got - value) > _DERIVED_ATOL:
                 raise DataError(f"{where}['{key}']: is {got!r}, but the data give {value:.6f}")
         if "fwt" in entry and zero_shot is None:
             raise DataError(f"{where}['fwt']: needs results['backbone']['zero_shot_acc']")
         speed = entry["train_steps_per_s"]
-        if not _is_number(speed) or speed < 0:
+        if not is_number(speed) or speed < 0:
             raise DataError(
                 f"{where}['train_steps_per_s']: expected a finite number >= 0, got {speed!r}"
             )
@@ -330,12 +330,13 @@ def _check_fractions(values: Any, where: str) -> list[float]:
     if not out:
         raise DataError(f"{where}: expected at least one accuracy")
     for i, x in enumerate(out):
-        if not _is_number(x) or not 0.0 <= x <= 1.0:
+        if not is_number(x) or not 0.0 <= x <= 1.0:
             raise DataError(f"{where}[{i}]: is {x!r}; expected a fraction in [0, 1]")
     return [float(x) for x in out]
 
 
-def _is_number(x: Any) -> bool:
+def is_number(x: Any) -> bool:
+    """A finite real number (not a bool)."""
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 

@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 
 from mslora_jax.errors import DataError
 from mslora_jax.io_utils import atomic_savefig, atomic_write_json, atomic_write_text
-from mslora_jax.report.results import format_percent, md_escape
+from mslora_jax.report.results import format_percent, is_number, md_escape
 
 BASELINE = "mslora"
 CONFIDENCE = 0.95
@@ -116,13 +116,9 @@ def interval(values: Sequence[float]) -> Interval:
     return Interval(mean, std, len(x), t_quantile_975(len(x) - 1) * std / math.sqrt(len(x)))
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def scalar_metrics(entry: dict[str, Any]) -> dict[str, float]:
     """A method entry's numeric scalars, in its own order (lists and None left out)."""
-    return {k: float(v) for k, v in entry.items() if _is_number(v)}
+    return {k: float(v) for k, v in entry.items() if is_number(v)}
 
 
 def _methods(runs: Sequence[dict[str, Any]]) -> list[str]:
@@ -177,7 +173,7 @@ def aggregate_final_acc(
         out[m] = {
             name: interval(col)
             for j, name in enumerate(names)
-            if (col := [row[j] for row in rows if _is_number(row[j])])
+            if (col := [row[j] for row in rows if is_number(row[j])])
         }
     return out
 
