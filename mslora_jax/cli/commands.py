@@ -209,7 +209,7 @@ def _convert_flags(fv: flags.FlagValues) -> None:
 def _convert_llava_med(args: SimpleNamespace) -> None:
     from mslora_jax.config import experiment_config
     from mslora_jax.errors import CommandLineError
-    from mslora_jax.train.hf_backbone import convert_llava_backbone
+    from mslora_jax.interop.llava_med import convert_llava_backbone
 
     config = experiment_config(args.config)
     # Default: where a run with this config loads its backbone from.

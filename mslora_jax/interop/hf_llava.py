@@ -17,7 +17,7 @@ conv weight is ``[out, in, kh, kw]``, a flax ``Conv`` kernel ``[kh, kw, in, out]
 cross-correlations, so no flip). A scanned decoder's leaf ``decoder/blocks/...`` ``[depth, ...]``
 is filled from ``model.layers.{i}`` for every i, one layer's tensor at a time, into one array. q
 and k need no permutation: ``decoder.apply_rope`` uses HF's
-"rotate half" pairing (checked by tests/test_hf_llava.py against HF's formulas).
+"rotate half" pairing (checked by tests/test_interop_llava_med.py against HF's formulas).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import jax
 import numpy as np
 
 from mslora_jax.errors import CheckpointError
+from mslora_jax.interop.safetensors_folder import TensorSource
 from mslora_jax.models.decoder import SCANNED
 from mslora_jax.models.llava import LlavaConfig
-from mslora_jax.models.safetensors_folder import TensorSource
 
 LLAVA_VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 CLIP_VISION_PREFIX = "vision_model."

@@ -21,14 +21,14 @@ import numpy as np
 
 from mslora_jax.config import ExperimentConfig
 from mslora_jax.errors import CheckpointError, ConfigError
-from mslora_jax.models.hf_llava import (
+from mslora_jax.interop.hf_llava import (
     CLIP_VISION_PREFIX,
     LLAVA_VISION_PREFIX,
     check_hf_config,
     convert_hf_llava,
 )
+from mslora_jax.interop.safetensors_folder import MergedSource, SafetensorsFolder
 from mslora_jax.models.llava import init_llava
-from mslora_jax.models.safetensors_folder import MergedSource, SafetensorsFolder
 from mslora_jax.train.checkpoints import save_backbone
 from mslora_jax.train.generative_run import llava_model_json
 

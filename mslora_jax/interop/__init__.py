@@ -1,0 +1,13 @@
+"""Readers and writers of formats from outside this library, in one place.
+
+What can be loaded and written:
+
+- ``safetensors_folder``: Hugging Face weights folders (``model.safetensors`` or shards), read
+  lazily one tensor at a time.
+- ``hf_llava`` / ``llava_med``: LLaVA(-Med v1.5) weights into the generative backbone
+  (``mslora-jax convert-llava-med``).
+
+Layering: ``interop`` sits beside ``train``'s callers (``cli/``, ``experiments/``): it may use
+``train/`` (the backbone and run folders it writes are the ones runs read) and the lower layers,
+and nothing below ``cli/`` imports it.
+"""
