@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 import jax
 import numpy as np
 
+from mslora_jax.config import LlavaSettings
 from mslora_jax.errors import CheckpointError
 from mslora_jax.interop.safetensors_folder import TensorSource
 from mslora_jax.models.decoder import SCANNED
@@ -247,6 +248,9 @@ def _unflatten(flat: Mapping[str, np.ndarray]) -> dict:
     return tree
 
 
+_UNSTATED = object()  # a config.json key that is absent (None is a stated value)
+
+
 def _expected_settings(config: LlavaConfig) -> dict[str, object]:
     """The LLaVA/Mistral ``config.json`` keys that shapes cannot check, with our values."""
     return {
@@ -291,3 +295,45 @@ def check_hf_config(
     ]
     if diffs:
         raise CheckpointError(f"{where}: {'; '.join(diffs)}")
+
+
+def check_hf_run_settings(hf_config: Mapping, settings: LlavaSettings, where: str) -> None:
+    """CheckpointError naming each LLaVA ``config.json`` field that contradicts the run settings.
+
+    These are fields no tensor shape reveals, about how the weights were meant to be run:
+    ``mm_use_im_start_end`` (image tokens wrapped in ``<im_start>``/``<im_end>``, which the
+    conversation templates here never add), ``image_aspect_ratio`` (``"pad"`` is
+    ``llava.pad_to_square=True``; ``"anyres"`` tiling is not implemented), ``tie_word_embeddings``
+    (the decoder here has its own ``lm_head``) and ``sliding_window`` (the decoder here attends
+    to the whole sequence: the same map only while a run's sequences fit in the window). Keys
+    the file does not state are not checked.
+    """
+    problems = []
+    if hf_config.get("mm_use_im_start_end"):
+        problems.append(
+            "mm_use_im_start_end=True, but the conversation templates here put no "
+            "<im_start>/<im_end> tokens around the image (LLaVA-Med v1.5 has False)"
+        )
+    aspect = hf_config.get("image_aspect_ratio", _UNSTATED)
+    if aspect == "anyres":
+        problems.append('image_aspect_ratio="anyres" (image tiling) is not implemented here')
+    elif aspect == "pad" and not settings.pad_to_square:
+        problems.append('image_aspect_ratio="pad" but llava.pad_to_square=False')
+    elif aspect is not _UNSTATED and aspect != "pad" and settings.pad_to_square:
+        problems.append(f"image_aspect_ratio={aspect!r} but llava.pad_to_square=True")
+    if hf_config.get("tie_word_embeddings"):
+        problems.append(
+            "tie_word_embeddings=True, but the decoder here has its own lm_head (no tying)"
+        )
+    window = hf_config.get("sliding_window")
+    # The longest sequence a run feeds the decoder: a full text sequence with the image's
+    # patches spliced in, plus the generated answer.
+    longest = settings.max_len + settings.model_config().num_patches - 1 + settings.max_new_tokens
+    if window is not None and window < longest:
+        problems.append(
+            f"sliding_window={window} is shorter than the longest sequence of this run "
+            f"({longest} tokens: llava.max_len + image patches - 1 + llava.max_new_tokens), but "
+            "the decoder here attends to the whole sequence"
+        )
+    if problems:
+        raise CheckpointError(f"{where}: {'; '.join(problems)}")

@@ -25,6 +25,7 @@ from mslora_jax.interop.hf_llava import (
     CLIP_VISION_PREFIX,
     LLAVA_VISION_PREFIX,
     check_hf_config,
+    check_hf_run_settings,
     convert_hf_llava,
 )
 from mslora_jax.interop.safetensors_folder import MergedSource, SafetensorsFolder
@@ -84,6 +85,7 @@ def convert_llava_backbone(
     llava_source = SafetensorsFolder(hf_dir)
     hf_config = _read_hf_config(hf_dir)
     check_hf_config(hf_config, model_cfg, str(hf_dir / "config.json"))
+    check_hf_run_settings(hf_config, config.llava, str(hf_dir / "config.json"))
     if vision_hf_dir is None:
         source, prefix, where, skip = llava_source, LLAVA_VISION_PREFIX, str(hf_dir), None
     else:
