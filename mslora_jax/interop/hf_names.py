@@ -207,7 +207,8 @@ def convert_tensors(
     flat = {}
     for name, target in targets.items():
         # Materialize the (transposed) view as C-ordered ``dtype`` now, one tensor at a time.
-        value = np.ascontiguousarray(target.layout.to_flax(source.read(name)), dtype=dtype)
+        # (np.asarray, not np.ascontiguousarray, which turns a 0-d logit_scale into [1].)
+        value = np.asarray(target.layout.to_flax(source.read(name)), dtype=dtype, order="C")
         if value.shape != target.shape:  # a source whose data disagrees with its header
             raise CheckpointError(
                 f"{source.describe(name)}: tensor {name} read as {list(value.shape)}, "
