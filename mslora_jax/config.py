@@ -18,7 +18,7 @@ from mslora_jax.data.chat_template import ChatTemplate
 from mslora_jax.errors import ConfigError
 from mslora_jax.eval.answer_metrics import METRIC_NAMES
 from mslora_jax.losses.regularizers import CR_DISTANCES
-from mslora_jax.models.clip import ModelConfig
+from mslora_jax.models.clip import ModelConfig, check_image_stats
 from mslora_jax.models.decoder import ATTENTION_KERNELS, DecoderConfig
 from mslora_jax.models.llava import LlavaConfig
 
@@ -380,22 +380,9 @@ class LlavaSettings:
             )
         if self.dtype not in DTYPES:
             raise ConfigError(f"llava.dtype={self.dtype!r} is unknown; expected one of {DTYPES}")
-        if (self.image_mean is None) != (self.image_std is None):
-            raise ConfigError("llava.image_mean and llava.image_std must be set together")
-        if self.image_mean is not None:
-            try:
-                mean, std = (tuple(float(v) for v in x) for x in (self.image_mean, self.image_std))
-            except (TypeError, ValueError):
-                mean = std = ()
-            if len(mean) != 3 or len(std) != 3:
-                raise ConfigError(
-                    f"llava.image_mean and image_std need 3 numbers (RGB), got "
-                    f"{self.image_mean!r} and {self.image_std!r}"
-                )
-            object.__setattr__(self, "image_mean", mean)  # lists from a ConfigDict -> tuples
-            object.__setattr__(self, "image_std", std)
-            if min(std) <= 0:
-                raise ConfigError(f"llava.image_std must be > 0, got {self.image_std}")
+        mean, std = check_image_stats(self.image_mean, self.image_std, "llava")
+        object.__setattr__(self, "image_mean", mean)  # lists from a ConfigDict -> tuples
+        object.__setattr__(self, "image_std", std)
 
     def model_config(self) -> LlavaConfig:
         """The model's own config (the training-only fields above are left out)."""

@@ -235,5 +235,40 @@ CONVERT_LLAVA_MED = Command(
     required=("config", "hf-dir"),
 )
 
+
+def _convert_clip_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string(
+        "hf-dir",
+        None,
+        "The Hugging Face CLIP folder (openai/clip-vit-* layout: config.json, safetensors, "
+        "tokenizer.json).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string("out", None, "The backbone folder to write.", flag_values=fv)
+    flags.DEFINE_integer(
+        "max-text-len",
+        None,
+        "Length the class prompts are padded to (default: CLIP's positions, 77).",
+        flag_values=fv,
+    )
+
+
+def _convert_clip(args: SimpleNamespace) -> None:
+    from mslora_jax.interop.clip import convert_clip_backbone
+
+    count, _ = convert_clip_backbone(args.hf_dir, args.out, max_text_len=args.max_text_len)
+    print(f"converted {count:,} parameters into {args.out}")
+    print(f"run with --config configs/clip_demo.py:{args.out}")
+
+
+CONVERT_CLIP = Command(
+    name="convert-clip",
+    summary="Convert a Hugging Face CLIP into a dual-encoder backbone folder that runs load.",
+    usage="--hf-dir DIR --out DIR [--max-text-len N]",
+    run=_convert_clip,
+    define_flags=_convert_clip_flags,
+    required=("hf-dir", "out"),
+)
+
 # In the order `mslora-jax --help` lists them.
-COMMANDS: tuple[Command, ...] = (RUN, SWEEP, INSPECT, CONVERT_LLAVA_MED)
+COMMANDS: tuple[Command, ...] = (RUN, SWEEP, INSPECT, CONVERT_LLAVA_MED, CONVERT_CLIP)

@@ -146,14 +146,19 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
     tokenizer.save(os.fspath(path))
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Loads a ``tokenizer.json``; DataError if missing, invalid or lacking a special token."""
+def read_tokenizer_file(path: str | os.PathLike) -> Tokenizer:
+    """Reads a ``tokenizer.json``; DataError if missing or invalid (no token is required)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: tokenizer file not found")
     try:
-        tokenizer = Tokenizer.from_file(os.fspath(path))
+        return Tokenizer.from_file(os.fspath(path))
     except Exception as error:  # tokenizers raises a bare Exception for any parse failure.
         raise DataError(f"{path}: not a valid tokenizer.json ({error})") from None
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Loads a ``tokenizer.json``; DataError if missing, invalid or lacking a special token."""
+    tokenizer = read_tokenizer_file(path)
     try:
         check_required_tokens(tokenizer)
     except DataError as error:

@@ -1,10 +1,9 @@
 """Map Hugging Face LLaVA(-Med) weights onto the parameter tree of ``models.llava.Llava``.
 
-The conversion is driven by the target tree (``jax.eval_shape`` of ``init_llava``): every leaf's
-path is turned into the name of one HF tensor by ``_MODULES`` (module path -> HF module) and
-``_LEAF_NAMES``, and that tensor is read, re-laid out and checked against the leaf's shape. Any
-tensor left over that is not on the ``IGNORED`` list is an error, as is a missing one, so a config
-that does not match the weights cannot load silently.
+The conversion is ``interop.hf_names``'s, driven by the target tree (``jax.eval_shape`` of
+``init_llava``) with the table ``LLAVA_NAMES``: ``_MODULES`` (module path -> HF module) and the
+tower's own leaves. Any tensor left over that is not on the ``IGNORED`` list is an error, as is a
+missing one, so a config that does not match the weights cannot load silently.
 
 HF names as released (``LlavaMistralForCausalLM``): ``model.embed_tokens``, ``model.layers.{i}``
 (``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, ``input_layernorm``,
@@ -12,26 +11,20 @@ HF names as released (``LlavaMistralForCausalLM``): ``model.embed_tokens``, ``mo
 saved with the model, the CLIP tower under ``LLAVA_VISION_PREFIX``; OpenAI's own CLIP folder
 (``openai/clip-vit-large-patch14-336``) has the tower under ``CLIP_VISION_PREFIX``.
 
-Layouts: torch ``Linear.weight`` is ``[out, in]``, a flax ``Dense`` kernel ``[in, out]``; a torch
-conv weight is ``[out, in, kh, kw]``, a flax ``Conv`` kernel ``[kh, kw, in, out]`` (both are
-cross-correlations, so no flip). A scanned decoder's leaf ``decoder/blocks/...`` ``[depth, ...]``
-is filled from ``model.layers.{i}`` for every i, one layer's tensor at a time, into one array. q
-and k need no permutation: ``decoder.apply_rope`` uses HF's
+A scanned decoder's leaf ``decoder/blocks/...`` ``[depth, ...]`` is filled from
+``model.layers.{i}`` for every i. q and k need no permutation: ``decoder.apply_rope`` uses HF's
 "rotate half" pairing (checked by tests/test_interop_llava_med.py against HF's formulas).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import re
 from collections.abc import Callable, Mapping
 
-import jax
 import numpy as np
 
 from mslora_jax.config import LlavaSettings
 from mslora_jax.errors import CheckpointError
+from mslora_jax.interop.hf_names import CLS, SAME, NameTable, check_settings, convert_tensors
 from mslora_jax.interop.safetensors_folder import TensorSource
 from mslora_jax.models.decoder import SCANNED
 from mslora_jax.models.llava import LlavaConfig
@@ -49,21 +42,35 @@ IGNORED = (
     r"\.rotary_emb\.inv_freq$",
 )
 
-# (flax module path, HF module name); ``{v}`` is the vision tower's prefix. Matched in full.
-_MODULES = (
-    (r"vision_tower/patch_embed", r"{v}embeddings.patch_embedding"),
-    (r"vision_tower/ln_pre", r"{v}pre_layrnorm"),  # sic: HF's spelling
-    (
-        r"vision_tower/encoder/block_(\d+)/attn/(q|k|v|out)",
-        r"{v}encoder.layers.\1.self_attn.\2_proj",
-    ),
-    (r"vision_tower/encoder/block_(\d+)/ln_attn", r"{v}encoder.layers.\1.layer_norm1"),
-    (r"vision_tower/encoder/block_(\d+)/ln_mlp", r"{v}encoder.layers.\1.layer_norm2"),
-    (r"vision_tower/encoder/block_(\d+)/mlp/(fc1|fc2)", r"{v}encoder.layers.\1.mlp.\2"),
+# CLIP's vision tower below a flax module ``{t}`` (``vision_tower`` here, ``image`` in the dual
+# encoder), as (flax module path, HF module name); ``{v}`` is the tower's HF prefix.
+VISION_MODULES = (
+    (r"{t}/patch_embed", r"{v}embeddings.patch_embedding"),
+    (r"{t}/ln_pre", r"{v}pre_layrnorm"),  # sic: HF's spelling
+    (r"{t}/encoder/block_(\d+)/attn/(q|k|v|out)", r"{v}encoder.layers.\1.self_attn.\2_proj"),
+    (r"{t}/encoder/block_(\d+)/ln_attn", r"{v}encoder.layers.\1.layer_norm1"),
+    (r"{t}/encoder/block_(\d+)/ln_mlp", r"{v}encoder.layers.\1.layer_norm2"),
+    (r"{t}/encoder/block_(\d+)/mlp/(fc1|fc2)", r"{v}encoder.layers.\1.mlp.\2"),
     # Our encoder's final LayerNorm is CLIP's post_layernorm (a per-token LayerNorm, so applying
     # it to every token or, as HF does, to the pooled [CLS] only is the same map). LLaVA reads an
     # earlier hidden state and never uses it, but the tree has it, so it is filled faithfully.
-    (r"vision_tower/encoder/ln_final", r"{v}post_layernorm"),
+    (r"{t}/encoder/ln_final", r"{v}post_layernorm"),
+)
+
+
+def vision_tower_names(flax_tower: str) -> tuple[tuple, dict]:
+    """(module rules, leaves) of CLIP's vision tower at flax module ``flax_tower``; templates
+    keep ``{v}`` for the HF prefix."""
+    modules = tuple((p.replace("{t}", flax_tower), t) for p, t in VISION_MODULES)
+    leaves = {
+        f"{flax_tower}/cls": (r"{v}embeddings.class_embedding", CLS),
+        f"{flax_tower}/pos_embed": (r"{v}embeddings.position_embedding.weight", SAME),
+    }
+    return modules, leaves
+
+
+_VISION_MODULES, _VISION_LEAVES = vision_tower_names("vision_tower")
+_MODULES = _VISION_MODULES + (
     (r"projector/linear_1", r"model.mm_projector.0"),  # mlp2x_gelu: Linear, GELU, Linear
     (r"projector/linear_2", r"model.mm_projector.2"),
     (r"decoder/embed_tokens", r"model.embed_tokens"),
@@ -74,131 +81,24 @@ _MODULES = (
     (r"decoder/norm", r"model.norm"),
     (r"decoder/lm_head", r"lm_head"),
 )
-_SCANNED_PREFIX = f"decoder/{SCANNED}/"
-# Leaf name of flax's Dense/Conv/LayerNorm/RMSNorm/Embed -> HF's.
-_LEAF_NAMES = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}
-# Parameters held directly by the vision tower module.
-_VISION_LEAVES = {
-    "vision_tower/cls": r"{v}embeddings.class_embedding",
-    "vision_tower/pos_embed": r"{v}embeddings.position_embedding.weight",
-}
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """How an HF tensor becomes a flax leaf, and which HF shape a flax shape implies."""
+def _missing_tower_hint(missing: list[str]) -> str:
+    if all(".vision_model." in f".{n}" for n in missing):
+        return (
+            "; the CLIP vision tower is not there: give the folder of "
+            "openai/clip-vit-large-patch14-336 as the vision source (--vision-hf-dir)"
+        )
+    return ""
 
-    to_flax: Callable[[np.ndarray], np.ndarray]
-    hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
 
-
-SAME = Layout(lambda a: a, lambda s: tuple(s))
-LINEAR = Layout(lambda a: a.T, lambda s: tuple(s)[::-1])  # [out, in] -> [in, out]
-CONV = Layout(  # [D, 3, p, p] -> [p, p, 3, D]
-    lambda a: a.transpose(2, 3, 1, 0), lambda s: (s[3], s[2], s[0], s[1])
+LLAVA_NAMES = NameTable(
+    modules=_MODULES,
+    leaves=_VISION_LEAVES,
+    ignored=IGNORED,
+    scanned=(f"decoder/{SCANNED}/", "decoder/block_{i}/"),
+    missing_hint=_missing_tower_hint,
 )
-CLS = Layout(lambda a: a.reshape(1, 1, -1), lambda s: tuple(s)[2:])  # [D] -> [1, 1, D]
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """One leaf of the flax tree and the HF tensor that fills it."""
-
-    path: str  # "decoder/block_0/attn/q/kernel"
-    shape: tuple[int, ...]  # the flax leaf's shape (one layer's, for a scanned leaf)
-    layout: Layout
-    layer: int | None = None  # a scanned leaf ``[depth, *shape]``: the layer this tensor fills
-    depth: int = 0
-
-    @property
-    def where(self) -> str:
-        """The leaf (and layer) for messages: ``decoder/blocks/attn/q/kernel[3]``."""
-        return self.path if self.layer is None else f"{self.path}[{self.layer}]"
-
-    @property
-    def hf_shape(self) -> tuple[int, ...]:
-        return self.layout.hf_shape(self.shape)
-
-
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
-def _hf_name(path: str, ndim: int, vision_prefix: str) -> tuple[str, Layout]:
-    if path in _VISION_LEAVES:
-        layout = CLS if path.endswith("/cls") else SAME
-        return _VISION_LEAVES[path].replace("{v}", vision_prefix), layout
-    module, leaf = path.rsplit("/", 1)
-    for pattern, template in _MODULES:
-        match = re.fullmatch(pattern, module)
-        if match and leaf in _LEAF_NAMES:
-            layout = {2: LINEAR, 4: CONV}.get(ndim, SAME) if leaf == "kernel" else SAME
-            name = match.expand(template.replace("{v}", vision_prefix))
-            return f"{name}.{_LEAF_NAMES[leaf]}", layout
-    raise CheckpointError(f"parameter {path} has no known Hugging Face counterpart")
-
-
-def hf_targets(abstract: dict, vision_prefix: str = LLAVA_VISION_PREFIX) -> dict[str, Target]:
-    """``{HF tensor name: Target}`` for every leaf of the LLaVA params tree ``abstract``."""
-    targets = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-        path, shape = _path_str(path), tuple(leaf.shape)
-        if path.startswith(_SCANNED_PREFIX):  # one HF tensor per layer, named as if unrolled
-            for i in range(shape[0]):
-                unrolled = f"decoder/block_{i}/{path[len(_SCANNED_PREFIX) :]}"
-                name, layout = _hf_name(unrolled, len(shape) - 1, vision_prefix)
-                targets[name] = Target(path, shape[1:], layout, layer=i, depth=shape[0])
-            continue
-        name, layout = _hf_name(path, len(shape), vision_prefix)
-        targets[name] = Target(path, shape, layout)
-    return targets
-
-
-def is_ignored(name: str) -> bool:
-    return any(re.search(pattern, name) for pattern in IGNORED)
-
-
-def _listing(names: list[str], limit: int = 5) -> str:
-    more = f" ... ({len(names)} in all)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-def check_tensor_names(
-    targets: Mapping[str, Target],
-    shapes: Mapping[str, tuple[int, ...]],
-    where: str,
-    skip: Callable[[str], bool] | None = None,
-) -> None:
-    """CheckpointError for missing tensors, tensors nobody uses, or a wrong shape; reads nothing.
-
-    ``where`` names the source in messages; tensors matching ``IGNORED`` or ``skip(name)`` may go
-    unused.
-    """
-    missing = sorted(set(targets) - set(shapes))
-    if missing:
-        hint = ""
-        if all(".vision_model." in f".{n}" for n in missing):
-            hint = (
-                "; the CLIP vision tower is not there: give the folder of "
-                "openai/clip-vit-large-patch14-336 as the vision source (--vision-hf-dir)"
-            )
-        raise CheckpointError(
-            f"{where}: {len(missing)} tensor(s) missing: {_listing(missing)}{hint}"
-        )
-    unexpected = sorted(
-        n for n in shapes if n not in targets and not (is_ignored(n) or (skip and skip(n)))
-    )
-    if unexpected:
-        raise CheckpointError(
-            f"{where}: {len(unexpected)} tensor(s) the model has no place for: "
-            f"{_listing(unexpected)} (does the config match these weights?)"
-        )
-    for name, target in targets.items():
-        if tuple(shapes[name]) != target.hf_shape:
-            raise CheckpointError(
-                f"{where}: tensor {name} has shape {list(shapes[name])}, expected "
-                f"{list(target.hf_shape)} for {target.where} (does the config match these weights?)"
-            )
 
 
 def convert_hf_llava(
@@ -213,39 +113,19 @@ def convert_hf_llava(
     """The LLaVA params tree (nested dicts of ``dtype`` numpy arrays) from HF-named tensors.
 
     ``abstract``: the tree of ``init_llava`` (arrays or ``ShapeDtypeStruct``s; only shapes are
-    used); ``skip(name)``: more tensors that may go unused (see ``check_tensor_names``). Names and
-    shapes are all checked before the first tensor is read; then tensors are read one at a time,
-    so the peak memory is the result plus one tensor.
+    used); ``skip(name)``: more tensors that may go unused (see ``hf_names.check_tensor_names``).
+    Names and shapes are all checked before the first tensor is read; then tensors are read one
+    at a time, so the peak memory is the result plus one tensor.
     """
-    targets = hf_targets(abstract, vision_prefix)
-    check_tensor_names(targets, source.shapes(), where, skip)
-    flat = {}
-    for name, target in targets.items():
-        # Materialize the (transposed) view as C-ordered ``dtype`` now, one tensor at a time.
-        value = np.ascontiguousarray(target.layout.to_flax(source.read(name)), dtype=dtype)
-        if value.shape != target.shape:  # a source whose data disagrees with its header
-            raise CheckpointError(
-                f"{source.describe(name)}: tensor {name} read as {list(value.shape)}, "
-                f"expected {list(target.hf_shape)}"
-            )
-        if target.layer is None:
-            flat[target.path] = value
-        else:  # a scanned leaf: filled layer by layer, so no second copy of it is ever made
-            if target.path not in flat:
-                flat[target.path] = np.empty((target.depth, *target.shape), dtype)
-            flat[target.path][target.layer] = value
-    return _unflatten(flat)
-
-
-def _unflatten(flat: Mapping[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
+    return convert_tensors(
+        abstract,
+        source,
+        LLAVA_NAMES,
+        subs={"v": vision_prefix},
+        skip=skip,
+        where=where,
+        dtype=dtype,
+    )
 
 
 _UNSTATED = object()  # a config.json key that is absent (None is a stated value)
@@ -270,12 +150,6 @@ def _expected_vision_settings(config: LlavaConfig) -> dict[str, object]:
     }
 
 
-def _same(a: object, b: object) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isclose(a, b, rel_tol=1e-9)
-    return a == b
-
-
 def check_hf_config(
     hf_config: Mapping, config: LlavaConfig, where: str, *, vision: bool = False
 ) -> None:
@@ -288,13 +162,7 @@ def check_hf_config(
     if vision:
         hf_config = hf_config.get("vision_config", hf_config)
     expected = _expected_vision_settings(config) if vision else _expected_settings(config)
-    diffs = [
-        f"{key}={hf_config[key]!r} but the config has {value!r}"
-        for key, value in expected.items()
-        if key in hf_config and not _same(hf_config[key], value)
-    ]
-    if diffs:
-        raise CheckpointError(f"{where}: {'; '.join(diffs)}")
+    check_settings(hf_config, expected, where)
 
 
 def check_hf_run_settings(hf_config: Mapping, settings: LlavaSettings, where: str) -> None:

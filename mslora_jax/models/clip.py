@@ -3,6 +3,10 @@
 Both towers are pure Flax modules used through ``apply``; their attention and MLP layers are
 ``LoraDense`` so per-task adapters (the ``lora`` collection) can be added to either tower.
 Embeddings are L2-normalised; ``logit_scale`` is the log of the inverse temperature.
+
+The text tower is chosen by ``ModelConfig.text_tower`` from ``TEXT_TOWERS``: this repo's own
+(bidirectional, [CLS] pooled, hashed-word ids) or ``"clip"``, the released CLIP text transformer
+(causal, pooled at the end-of-text token, BPE ids from the backbone folder's ``tokenizer.json``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ import numpy as np
 from mslora_jax.models.transformer import ACTIVATIONS, Encoder
 
 PAD_ID = 0  # token id 0 is padding; see mslora_jax.data.tokenizer (kept equal)
+HASHED = "hashed"  # the default text tower's name (stored as None, see ModelConfig.text_tower)
+# HF CLIP configs written before transformers PR #24773 say eos_token_id=2; HF then pools at the
+# largest id (the end-of-text token has CLIP's largest id), and so do we.
+LEGACY_EOS_ID = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +52,43 @@ class ModelConfig:
     pre_norm: bool = False  # LayerNorm "ln_pre" on the ViT's input tokens (CLIP's pre_layrnorm)
     mlp_activation: str = "gelu_tanh"  # a key of transformer.ACTIVATIONS
     layer_norm_eps: float = 1e-6
+    # The text tower, a key of TEXT_TOWERS. None (or "hashed", stored as None so backbones and
+    # workdirs written before this key still match): bidirectional, [CLS] pooled, hashed words.
+    # "clip": the released CLIP text tower (causal, pooled at text_eos_id, a tokenizer.json).
+    text_tower: str | None = None
+    # "clip" tower: rows of its position table (HF max_position_embeddings; prompts are padded
+    # to max_text_len <= this), and the end-of-text id it pools at (HF eos_token_id; 2: argmax).
+    text_positions: int | None = None
+    text_eos_id: int | None = None
+    # Image normalization per RGB channel, on [0, 1] pixels: (x - mean) / std (a released CLIP's
+    # mean and std). None: x * 2 - 1, what the backbones trained here use.
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[float, float, float] | None = None
 
     def __post_init__(self):
         from mslora_jax.errors import ConfigError
 
+        if self.text_tower == HASHED:
+            object.__setattr__(self, "text_tower", None)
+        if self.text_tower is not None and self.text_tower not in TEXT_TOWERS:
+            raise ConfigError(
+                f"model.text_tower={self.text_tower!r} is unknown; expected one of "
+                f"{[HASHED, *TEXT_TOWERS]}"
+            )
+        if self.text_tower == "clip":
+            if self.text_positions is None or self.text_eos_id is None:
+                raise ConfigError(
+                    'model.text_tower="clip" needs model.text_positions and model.text_eos_id '
+                    "(written by mslora-jax convert-clip into the backbone's meta.json)"
+                )
+            if self.max_text_len > self.text_positions:
+                raise ConfigError(
+                    f"model.max_text_len={self.max_text_len} exceeds "
+                    f"model.text_positions={self.text_positions} (the position table's rows)"
+                )
+        mean, std = check_image_stats(self.image_mean, self.image_std, "model")
+        object.__setattr__(self, "image_mean", mean)  # lists from a ConfigDict -> tuples
+        object.__setattr__(self, "image_std", std)
         if self.mlp_activation not in ACTIVATIONS:
             raise ConfigError(
                 f"model.mlp_activation={self.mlp_activation!r} is unknown; "
@@ -67,6 +108,27 @@ class ModelConfig:
         ):
             if width % heads:
                 raise ConfigError(f"model.{name}: {width} is not divisible by {heads}")
+
+
+def check_image_stats(mean, std, where: str) -> tuple[tuple | None, tuple | None]:
+    """``(mean, std)`` as tuples of 3 floats (or both None); ConfigError naming ``where``."""
+    from mslora_jax.errors import ConfigError
+
+    if (mean is None) != (std is None):
+        raise ConfigError(f"{where}.image_mean and {where}.image_std must be set together")
+    if mean is None:
+        return None, None
+    try:
+        as_tuples = tuple(tuple(float(v) for v in x) for x in (mean, std))
+    except (TypeError, ValueError):
+        as_tuples = ((), ())
+    if any(len(x) != 3 for x in as_tuples):
+        raise ConfigError(
+            f"{where}.image_mean and image_std need 3 numbers (RGB), got {mean!r} and {std!r}"
+        )
+    if min(as_tuples[1]) <= 0:
+        raise ConfigError(f"{where}.image_std must be > 0, got {std}")
+    return as_tuples
 
 
 def embed_patches(module: nn.Module, cfg: ModelConfig, images: jax.Array) -> jax.Array:
@@ -149,6 +211,68 @@ class TextEncoder(nn.Module):
         return nn.Dense(cfg.embed_dim, use_bias=False, name="proj")(x[:, 0])
 
 
+def eos_positions(tokens: jax.Array, eos_id: int) -> jax.Array:
+    """``[B]`` int: where HF's CLIPTextTransformer pools each row of ``tokens`` ``[B, L]``.
+
+    The first ``eos_id``; for a legacy config (``eos_id == LEGACY_EOS_ID``) the first largest id
+    (CLIP's end-of-text token is its vocabulary's last). A row without ``eos_id`` pools at 0, as
+    HF's argmax over an all-False row does (only padding rows of a class table have none).
+    """
+    if eos_id == LEGACY_EOS_ID:
+        return jnp.argmax(tokens, axis=-1)
+    return jnp.argmax(tokens == eos_id, axis=-1)
+
+
+class ClipTextEncoder(nn.Module):
+    """CLIP's text tower: token + learned positions, causal pre-LN blocks, final LayerNorm,
+    the end-of-text token's output projected (HF ``CLIPTextModelWithProjection``)."""
+
+    config: ModelConfig
+    lora_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, tokens, task_weights=None, deterministic: bool = True):
+        cfg = self.config
+        length = tokens.shape[1]
+        if length > cfg.text_positions:
+            raise ValueError(f"{length} tokens but the position table has {cfg.text_positions}")
+        x = nn.Embed(cfg.vocab_size, cfg.text_width, name="token_embed")(tokens)
+        pos = self.param(
+            "pos_embed", nn.initializers.normal(0.01), (cfg.text_positions, cfg.text_width)
+        )
+        x = x + pos[:length]
+        # No padding mask: padding follows the end-of-text token, which (causal) never sees it.
+        x = Encoder(
+            cfg.text_width,
+            cfg.text_depth,
+            cfg.text_num_heads,
+            cfg.text_mlp_dim,
+            self.lora_dropout,
+            activation=cfg.mlp_activation,
+            layer_norm_eps=cfg.layer_norm_eps,
+            causal=True,
+            name="encoder",
+        )(x, None, task_weights, deterministic)
+        pooled = x[jnp.arange(x.shape[0]), eos_positions(tokens, cfg.text_eos_id)]
+        return nn.Dense(cfg.embed_dim, use_bias=False, name="proj")(pooled)
+
+
+# Text towers by ``ModelConfig.text_tower`` (None: the hashed-word tower). Each entry builds a
+# module from (config, lora_dropout) whose call is ``(tokens [B, L] int32, task_weights=None,
+# deterministic=True) -> [B, embed_dim]`` (not normalized); DualEncoder names it ``text``. Towers
+# other than the hashed one read their ids from the backbone folder's tokenizer.json
+# (``mslora_jax.data.prompt_tokenizer``).
+TEXT_TOWERS = {
+    "clip": ClipTextEncoder,
+}
+
+
+def text_tower(config: ModelConfig, lora_dropout: float = 0.0) -> nn.Module:
+    """The text tower ``config.text_tower`` names (unnamed: the caller's attribute names it)."""
+    factory = TextEncoder if config.text_tower is None else TEXT_TOWERS[config.text_tower]
+    return factory(config, lora_dropout)
+
+
 def _normalize(x):
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-6)
 
@@ -165,7 +289,7 @@ class DualEncoder(nn.Module):
 
     def setup(self):
         self.image = ImageEncoder(self.config, self.lora_dropout, name="image")
-        self.text = TextEncoder(self.config, self.lora_dropout, name="text")
+        self.text = text_tower(self.config, self.lora_dropout)
         self.logit_scale = self.param(
             "logit_scale",
             nn.initializers.constant(np.log(1.0 / self.config.init_temperature)),

@@ -18,6 +18,7 @@ import jax
 from jax.sharding import Mesh
 
 from mslora_jax.config import BackboneConfig, ExperimentConfig, to_json_dict
+from mslora_jax.data.prompt_tokenizer import prompt_encoder
 from mslora_jax.data.registry import load_tasks
 from mslora_jax.errors import ConfigError
 from mslora_jax.io_utils import atomic_write_json, atomic_write_text, read_json
@@ -148,6 +149,7 @@ def read_inputs(config: ExperimentConfig) -> list[TaskData] | GenerativeInputs:
             for t in config.stream
         ]
     else:
+        prompt_encoder(config)  # the backbone's tokenizer.json, if its text tower needs one
         inputs = load_tasks(config, config.stream)
         sizes = [len(t.train_labels) for t in inputs]
     check_train_sizes(config, sizes)
