@@ -128,13 +128,29 @@ def _hf_name(path: str, ndim: int, vision_prefix: str) -> tuple[str, Layout]:
         layout = CLS if path.endswith("/cls") else SAME
         return _VISION_LEAVES[path].replace("{v}", vision_prefix), layout
     module, leaf = path.rsplit("/", 1)
+    name = _module_name(module, vision_prefix) if leaf in _LEAF_NAMES else None
+    if name is None:
+        raise CheckpointError(f"parameter {path} has no known Hugging Face counterpart")
+    layout = {2: LINEAR, 4: CONV}.get(ndim, SAME) if leaf == "kernel" else SAME
+    return f"{name}.{_LEAF_NAMES[leaf]}", layout
+
+
+def _module_name(module: str, vision_prefix: str) -> str | None:
     for pattern, template in _MODULES:
         match = re.fullmatch(pattern, module)
-        if match and leaf in _LEAF_NAMES:
-            layout = {2: LINEAR, 4: CONV}.get(ndim, SAME) if leaf == "kernel" else SAME
-            name = match.expand(template.replace("{v}", vision_prefix))
-            return f"{name}.{_LEAF_NAMES[leaf]}", layout
-    raise CheckpointError(f"parameter {path} has no known Hugging Face counterpart")
+        if match:
+            return match.expand(template.replace("{v}", vision_prefix))
+    return None
+
+
+def hf_module_name(module: str, vision_prefix: str = LLAVA_VISION_PREFIX) -> str:
+    """The HF module name of a flax module path in the unrolled layout (``decoder/block_3/attn/q``
+    -> ``model.layers.3.self_attn.q_proj``), e.g. a PEFT adapter's module; CheckpointError if
+    the path has none (``_MODULES`` is the one table for weights and adapters alike)."""
+    name = _module_name(module, vision_prefix)
+    if name is None:
+        raise CheckpointError(f"module {module} has no known Hugging Face counterpart")
+    return name
 
 
 def hf_targets(abstract: dict, vision_prefix: str = LLAVA_VISION_PREFIX) -> dict[str, Target]:
