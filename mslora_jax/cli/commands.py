@@ -266,7 +266,7 @@ def _export_peft(args: SimpleNamespace) -> None:
 
 EXPORT_PEFT = Command(
     name="export-peft",
-    summary="Write a run's adapter of one task as a Hugging Face PEFT LoRA folder.",
+    summary="Write one task's adapter of a run as a Hugging Face PEFT LoRA folder.",
     usage="--workdir DIR --method METHOD --task NAME_OR_ID --out DIR [--merged]",
     run=_export_peft,
     define_flags=_export_peft_flags,
@@ -311,7 +311,7 @@ def _import_peft(args: SimpleNamespace) -> None:
 
 IMPORT_PEFT = Command(
     name="import-peft",
-    summary="Read a Hugging Face PEFT LoRA folder into an adapter folder of a config's model.",
+    summary="Read a Hugging Face PEFT LoRA folder as an adapter of a config's model.",
     usage="--config FILE[:ARG] --peft-dir DIR --out DIR [--task NAME] [--modality NAME]",
     run=_import_peft,
     define_flags=_import_peft_flags,

@@ -32,12 +32,18 @@ _TASK_TYPES = {"llava": "CAUSAL_LM", "dual_encoder": None}
 
 
 def dual_encoder_name_map() -> NameMap:
-    """HOOK for the dual encoder's HF CLIPModel module names (``interop/hf_clip.py``, written on
-    another branch): until it exists the dual encoder's adapters cannot be named for PEFT."""
-    raise ConfigError(
-        "PEFT export/import of the dual encoder needs the CLIPModel name table "
-        "(mslora_jax/interop/hf_clip.py), which this version does not have yet"
-    )
+    """The dual encoder's HF ``CLIPModel`` module names: ``hf_clip.clip_module_name``.
+
+    HOOK: ``interop/hf_clip.py`` (the CLIPModel name table) comes from the ``clip`` branch; until
+    it is merged in, this is a ConfigError rather than a second copy of that table."""
+    try:
+        from mslora_jax.interop.hf_clip import clip_module_name
+    except ImportError:
+        raise ConfigError(
+            "PEFT export/import of the dual encoder needs the CLIPModel name table "
+            "(mslora_jax/interop/hf_clip.py), which this version does not have"
+        ) from None
+    return clip_module_name
 
 
 def name_map_for(config: ExperimentConfig) -> NameMap:
