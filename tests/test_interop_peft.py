@@ -297,6 +297,25 @@ def test_bad_folders_are_named(model, tmp_path, change, message):
         read_peft_adapter(folder, params, hf_module_name)
 
 
+def test_bf16_factors_and_rslora_scaling_are_read(model, tmp_path):
+    """PEFT folders saved from a bf16 model hold bf16 factors; rsLoRA scales by alpha/sqrt(r)."""
+    import ml_dtypes
+
+    _, params = model
+    adapter = random_adapter(params, [ATTN], rank=4, alpha=2.0, seed=8)
+    folder = write_peft_adapter(tmp_path / "a", adapter, hf_module_name)
+    _edit_tensors(lambda t: t.update({k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}))(
+        folder
+    )
+    _edit_config(use_rslora=True)(folder)
+    back = read_peft_adapter(folder, params, hf_module_name)
+    assert back.scaling == pytest.approx(2.0 / np.sqrt(4))
+    rounded = jax.tree.map(
+        lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float32), adapter.params
+    )
+    jax.tree.map(np.testing.assert_array_equal, back.params, rounded)
+
+
 def test_export_refuses_a_folder_in_use(model, tmp_path):
     _, params = model
     adapter = random_adapter(params, [ATTN], rank=2, alpha=2.0, seed=7)
@@ -405,3 +424,23 @@ def test_cli_exports_a_runs_stage_and_imports_it(tmp_path, capsys):
     loaded = load_adapter(tmp_path / "ours")
     assert loaded.metadata() == adapters[1].metadata()
     jax.tree.map(np.testing.assert_array_equal, loaded.params, adapters[1].params)
+
+    # Bad input is one line naming it, exit 2: the folder is taken, the task has no stage.
+    for args, message in (
+        (("--task", "b", "--out", str(out)), "already exists and is not empty"),
+        (("--task", "zz", "--out", str(tmp_path / "x")), "unknown task name 'zz'"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main.main(
+                [
+                    "mslora-jax",
+                    "export-peft",
+                    "--workdir",
+                    str(workdir),
+                    "--method",
+                    "mslora",
+                    *args,
+                ]
+            )
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err

@@ -19,7 +19,6 @@ pytest.importorskip("mslora_jax.interop.hf_clip", reason="needs the clip branch'
 peft = pytest.importorskip("peft")
 torch = pytest.importorskip("torch")
 
-from mslora_jax.interop.clip import convert_clip_backbone  # noqa: E402
 from mslora_jax.interop.peft import CONFIG_FILE, read_peft_adapter, write_peft_adapter  # noqa: E402
 from mslora_jax.interop.peft_run import dual_encoder_name_map  # noqa: E402
 from mslora_jax.lora.adapter import stack_params  # noqa: E402
@@ -36,6 +35,8 @@ from tests.test_interop_peft import random_adapter  # noqa: E402
 
 
 def test_clip_adapter_under_peft_gives_our_logits_and_imports_back(tmp_path):
+    from mslora_jax.interop.clip import convert_clip_backbone  # the clip branch's converter
+
     tokenizer = _tokenizer()
     hf_model = _hf_clip(tokenizer)
     hf_dir = _save(hf_model, tokenizer, tmp_path / "hf")
