@@ -253,6 +253,26 @@ def _convert_clip_flags(fv: flags.FlagValues) -> None:
     )
 
 
+def _export_peft_flags(fv: flags.FlagValues) -> None:
+    _workdir(fv, "The folder of a run (mslora-jax run --workdir).")
+    flags.DEFINE_string(
+        "method", None, "Whose adapter: one of the run's methods, e.g. mslora_cr.", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "task", None, "The task whose stage is exported: a task name or id.", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "out", None, "The PEFT folder to write (must not exist or be empty).", flag_values=fv
+    )
+    flags.DEFINE_bool(
+        "merged",
+        False,
+        "Export the sum of every adapter the method uses for the task after its stage (tasks "
+        "1..k for MSLoRA) as one LoRA of the summed rank, exactly.",
+        flag_values=fv,
+    )
+
+
 def _convert_clip(args: SimpleNamespace) -> None:
     from mslora_jax.interop.clip import convert_clip_backbone
 
@@ -270,5 +290,77 @@ CONVERT_CLIP = Command(
     required=("hf-dir", "out"),
 )
 
+
+def _export_peft(args: SimpleNamespace) -> None:
+    from mslora_jax.interop.peft_run import export_run_adapter
+
+    adapter = export_run_adapter(args.workdir, args.method, args.task, args.out, merged=args.merged)
+    what = "merged adapter" if args.merged else "adapter"
+    print(f"wrote the {what} of task {adapter.task!r} (rank {adapter.rank}) to {args.out}")
+
+
+EXPORT_PEFT = Command(
+    name="export-peft",
+    summary="Write one task's adapter of a run as a Hugging Face PEFT LoRA folder.",
+    usage="--workdir DIR --method METHOD --task NAME_OR_ID --out DIR [--merged]",
+    run=_export_peft,
+    define_flags=_export_peft_flags,
+    required=("workdir", "method", "task", "out"),
+)
+
+
+def _import_peft_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("peft-dir", None, "The PEFT LoRA folder to read.", flag_values=fv)
+    flags.DEFINE_string(
+        "out", None, "The adapter folder to write (must not exist or be empty).", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "task",
+        None,
+        "The adapter's task name (default: the folder's mslora_jax.json).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "modality",
+        None,
+        "The adapter's modality (default: the folder's mslora_jax.json).",
+        flag_values=fv,
+    )
+
+
+def _import_peft(args: SimpleNamespace) -> None:
+    from mslora_jax.config import experiment_config
+    from mslora_jax.interop.peft_run import import_peft_adapter
+    from mslora_jax.io_utils import atomic_folder
+    from mslora_jax.lora.io import save_adapter
+
+    config = experiment_config(args.config)
+    adapter = import_peft_adapter(config, args.peft_dir, task=args.task, modality=args.modality)
+    with atomic_folder(args.out) as tmp:
+        save_adapter(tmp, adapter)
+    print(
+        f"wrote the adapter of task {adapter.task!r} ({adapter.modality}, rank {adapter.rank}, "
+        f"{adapter.num_params():,} parameters) to {args.out}"
+    )
+
+
+IMPORT_PEFT = Command(
+    name="import-peft",
+    summary="Read a Hugging Face PEFT LoRA folder as an adapter of a config's model.",
+    usage="--config FILE[:ARG] --peft-dir DIR --out DIR [--task NAME] [--modality NAME]",
+    run=_import_peft,
+    define_flags=_import_peft_flags,
+    config_help=_CONFIG_HELP,
+    required=("config", "peft-dir", "out"),
+)
+
 # In the order `mslora-jax --help` lists them.
-COMMANDS: tuple[Command, ...] = (RUN, SWEEP, INSPECT, CONVERT_LLAVA_MED, CONVERT_CLIP)
+COMMANDS: tuple[Command, ...] = (
+    RUN,
+    SWEEP,
+    INSPECT,
+    CONVERT_LLAVA_MED,
+    CONVERT_CLIP,
+    EXPORT_PEFT,
+    IMPORT_PEFT,
+)

@@ -6,6 +6,8 @@ What can be loaded and written:
   lazily one tensor at a time.
 - ``hf_llava`` / ``llava_med``: LLaVA(-Med v1.5) weights into the generative backbone
   (``mslora-jax convert-llava-med``).
+- ``peft`` / ``peft_run``: LoRA adapters as Hugging Face PEFT folders and back
+  (``mslora-jax export-peft``, ``mslora-jax import-peft``).
 
 Layering: ``interop`` sits beside ``train``'s callers (``cli/``, ``experiments/``): it may use
 ``train/`` (the backbone and run folders it writes are the ones runs read) and the lower layers,

@@ -1,20 +1,18 @@
 """Writing a converted backbone folder (what ``backbone.source="load"`` reads), atomically.
 
-Shared by the converters (``llava_med``, ``clip``): the HF ``config.json`` reader, the check
-that ``--out`` is free, and the atomic write of params + ``meta.json`` + extra files.
+Shared by the converters (``llava_med``, ``clip``): the HF ``config.json`` reader and the
+atomic write of params + ``meta.json`` + extra files.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mslora_jax.errors import CheckpointError
-from mslora_jax.io_utils import atomic_write_text
+from mslora_jax.io_utils import atomic_folder, atomic_write_text
 from mslora_jax.train.checkpoints import save_backbone
 
 
@@ -31,13 +29,6 @@ def read_hf_config(directory: Path, required: bool = False) -> dict:
         raise CheckpointError(f"{path}: unreadable ({e})") from e
 
 
-def check_out_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(
-            f"{out} already exists and is not empty; remove it or choose another --out"
-        )
-
-
 def save_backbone_atomically(
     out: Path,
     params: dict,
@@ -46,20 +37,11 @@ def save_backbone_atomically(
     texts: Mapping[str, str] | None = None,
 ) -> None:
     """Write ``out``: backbone params and meta, copies of ``files``, and ``texts`` (file name ->
-    content). Written under a temporary name beside ``out`` and renamed at the end, so a failure
-    leaves nothing half-written there."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # A dot-name in the same folder: same filesystem, so the final rename is atomic. (mkdir, not
-    # tempfile.mkdtemp, so the folder gets the usual permissions rather than 0700.)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
+    content), all at once (``io_utils.atomic_folder``: ``out`` must be absent or empty, and a
+    failure leaves nothing half-written there)."""
+    with atomic_folder(out) as tmp:
         save_backbone(tmp, params, meta)
         for file in files:
             shutil.copyfile(file, tmp / file.name)
         for name, text in (texts or {}).items():
             atomic_write_text(tmp / name, text)
-        os.replace(tmp, out)  # replaces an empty folder; fails if one appeared meanwhile
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

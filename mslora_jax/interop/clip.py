@@ -22,7 +22,6 @@ import numpy as np
 from mslora_jax.data.prompt_tokenizer import TOKENIZER_FILE, encode_prompts, load_prompt_tokenizer
 from mslora_jax.errors import CheckpointError, DataError
 from mslora_jax.interop.backbone_folder import (
-    check_out_dir,
     read_hf_config,
     save_backbone_atomically,
 )
@@ -36,6 +35,7 @@ from mslora_jax.interop.hf_clip import (
 )
 from mslora_jax.interop.hf_names import convert_tensors
 from mslora_jax.interop.safetensors_folder import SafetensorsFolder
+from mslora_jax.io_utils import check_new_folder
 from mslora_jax.models.clip import ModelConfig, eos_positions, init_backbone
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def convert_clip_backbone(
     ``out`` must not exist or be empty; it is written under a temporary name and renamed.
     """
     out = Path(out).absolute()
-    check_out_dir(out)
+    check_new_folder(out)  # before any work: a taken --out fails fast
     hf_dir = Path(hf_dir).absolute()
     source = SafetensorsFolder(hf_dir)  # before config.json: "not a folder" comes first
     hf_config = read_hf_config(hf_dir, required=True)

@@ -24,7 +24,14 @@ import numpy as np
 
 from mslora_jax.config import LlavaSettings
 from mslora_jax.errors import CheckpointError
-from mslora_jax.interop.hf_names import CLS, SAME, NameTable, check_settings, convert_tensors
+from mslora_jax.interop.hf_names import (
+    CLS,
+    SAME,
+    NameTable,
+    check_settings,
+    convert_tensors,
+    module_name,
+)
 from mslora_jax.interop.safetensors_folder import TensorSource
 from mslora_jax.models.decoder import SCANNED
 from mslora_jax.models.llava import LlavaConfig
@@ -99,6 +106,13 @@ LLAVA_NAMES = NameTable(
     scanned=(f"decoder/{SCANNED}/", "decoder/block_{i}/"),
     missing_hint=_missing_tower_hint,
 )
+
+
+def hf_module_name(module: str, vision_prefix: str = LLAVA_VISION_PREFIX) -> str:
+    """The HF module name of a flax module path in the unrolled layout (``decoder/block_3/attn/q``
+    -> ``model.layers.3.self_attn.q_proj``), e.g. a PEFT adapter's module; CheckpointError if
+    the path has none (``LLAVA_NAMES`` is the one table for weights and adapters alike)."""
+    return module_name(module, LLAVA_NAMES, {"v": vision_prefix})
 
 
 def convert_hf_llava(

@@ -19,7 +19,6 @@ import numpy as np
 from mslora_jax.config import ExperimentConfig
 from mslora_jax.errors import ConfigError
 from mslora_jax.interop.backbone_folder import (
-    check_out_dir,
     read_hf_config,
     save_backbone_atomically,
 )
@@ -31,6 +30,7 @@ from mslora_jax.interop.hf_llava import (
     convert_hf_llava,
 )
 from mslora_jax.interop.safetensors_folder import MergedSource, SafetensorsFolder
+from mslora_jax.io_utils import check_new_folder
 from mslora_jax.models.llava import init_llava
 from mslora_jax.train.generative_run import llava_model_json
 
@@ -63,7 +63,7 @@ def convert_llava_backbone(
             f'converting LLaVA weights needs model_kind="llava", not {config.model_kind!r}'
         )
     out = Path(out).absolute()
-    check_out_dir(out)
+    check_new_folder(out)  # before any work: a taken --out fails fast
     hf_dir = Path(hf_dir).absolute()
     model_cfg = config.llava.model_config()
     llava_source = SafetensorsFolder(hf_dir)
