@@ -123,18 +123,34 @@ def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
+def unrolled_path(path: str, layer: int) -> str:
+    """A scanned decoder path (``decoder/blocks/attn/q``) as layer ``layer``'s own module path
+    (``decoder/block_3/attn/q``), which ``_MODULES`` names; other paths are returned as they are."""
+    if not path.startswith(_SCANNED_PREFIX):
+        return path
+    return f"decoder/block_{layer}/{path[len(_SCANNED_PREFIX) :]}"
+
+
+def hf_module_name(module: str, vision_prefix: str = LLAVA_VISION_PREFIX) -> str | None:
+    """The HF module name of a flax module path (unrolled, see ``unrolled_path``), e.g.
+    ``decoder/block_0/attn/q`` -> ``model.layers.0.self_attn.q_proj``; None if it has none."""
+    for pattern, template in _MODULES:
+        match = re.fullmatch(pattern, module)
+        if match:
+            return match.expand(template.replace("{v}", vision_prefix))
+    return None
+
+
 def _hf_name(path: str, ndim: int, vision_prefix: str) -> tuple[str, Layout]:
     if path in _VISION_LEAVES:
         layout = CLS if path.endswith("/cls") else SAME
         return _VISION_LEAVES[path].replace("{v}", vision_prefix), layout
     module, leaf = path.rsplit("/", 1)
-    for pattern, template in _MODULES:
-        match = re.fullmatch(pattern, module)
-        if match and leaf in _LEAF_NAMES:
-            layout = {2: LINEAR, 4: CONV}.get(ndim, SAME) if leaf == "kernel" else SAME
-            name = match.expand(template.replace("{v}", vision_prefix))
-            return f"{name}.{_LEAF_NAMES[leaf]}", layout
-    raise CheckpointError(f"parameter {path} has no known Hugging Face counterpart")
+    name = hf_module_name(module, vision_prefix)
+    if name is None or leaf not in _LEAF_NAMES:
+        raise CheckpointError(f"parameter {path} has no known Hugging Face counterpart")
+    layout = {2: LINEAR, 4: CONV}.get(ndim, SAME) if leaf == "kernel" else SAME
+    return f"{name}.{_LEAF_NAMES[leaf]}", layout
 
 
 def hf_targets(abstract: dict, vision_prefix: str = LLAVA_VISION_PREFIX) -> dict[str, Target]:
@@ -144,8 +160,7 @@ def hf_targets(abstract: dict, vision_prefix: str = LLAVA_VISION_PREFIX) -> dict
         path, shape = _path_str(path), tuple(leaf.shape)
         if path.startswith(_SCANNED_PREFIX):  # one HF tensor per layer, named as if unrolled
             for i in range(shape[0]):
-                unrolled = f"decoder/block_{i}/{path[len(_SCANNED_PREFIX) :]}"
-                name, layout = _hf_name(unrolled, len(shape) - 1, vision_prefix)
+                name, layout = _hf_name(unrolled_path(path, i), len(shape) - 1, vision_prefix)
                 targets[name] = Target(path, shape[1:], layout, layer=i, depth=shape[0])
             continue
         name, layout = _hf_name(path, len(shape), vision_prefix)

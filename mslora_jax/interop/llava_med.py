@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import jax
@@ -27,6 +26,7 @@ from mslora_jax.interop.hf_llava import (
     check_hf_config,
     convert_hf_llava,
 )
+from mslora_jax.interop.out_folder import atomic_folder, check_out_dir
 from mslora_jax.interop.safetensors_folder import MergedSource, SafetensorsFolder
 from mslora_jax.models.llava import init_llava
 from mslora_jax.train.checkpoints import save_backbone
@@ -51,13 +51,6 @@ def _read_hf_config(directory: Path) -> dict:
         raise CheckpointError(f"{path}: unreadable ({e})") from e
 
 
-def _check_out_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(
-            f"{out} already exists and is not empty; remove it or choose another --out"
-        )
-
-
 def convert_llava_backbone(
     config: ExperimentConfig,
     hf_dir: os.PathLike | str,
@@ -78,7 +71,7 @@ def convert_llava_backbone(
             f'converting LLaVA weights needs model_kind="llava", not {config.model_kind!r}'
         )
     out = Path(out).absolute()
-    _check_out_dir(out)
+    check_out_dir(out)
     hf_dir = Path(hf_dir).absolute()
     model_cfg = config.llava.model_config()
     llava_source = SafetensorsFolder(hf_dir)
@@ -129,16 +122,7 @@ def convert_llava_backbone(
 
 
 def _save_atomically(out: Path, params: dict, meta: dict, files: list[Path]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # A dot-name in the same folder: same filesystem, so the final rename is atomic. (mkdir, not
-    # tempfile.mkdtemp, so the folder gets the usual permissions rather than 0700.)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
+    with atomic_folder(out) as tmp:
         save_backbone(tmp, params, meta)
         for file in files:
             shutil.copyfile(file, tmp / file.name)
-        os.replace(tmp, out)  # replaces an empty folder; fails if one appeared meanwhile
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
