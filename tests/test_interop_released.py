@@ -14,19 +14,21 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from mslora_jax.cli import main as cli_main  # noqa: E402
+from mslora_jax.cli.commands import COMMANDS  # noqa: E402
 from mslora_jax.cli.inspect import inspect_adapters  # noqa: E402
+from mslora_jax.cli.parse import parse_command_line  # noqa: E402
 from mslora_jax.config import experiment_config, synthetic_task  # noqa: E402
 from mslora_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from mslora_jax.interop import released_run  # noqa: E402
 from mslora_jax.interop.released_run import import_released  # noqa: E402
 from mslora_jax.models.lora_dense import LORA_COLLECTION  # noqa: E402
-from mslora_jax.parallel.mesh import make_mesh  # noqa: E402
 from mslora_jax.report.results import load_results  # noqa: E402
 from mslora_jax.train import stream  # noqa: E402
 from mslora_jax.train.checkpoints import load_stage_adapters  # noqa: E402
 from mslora_jax.train.experiment import run_experiment  # noqa: E402
 from mslora_jax.train.generative_run import prepare_generative  # noqa: E402
-from tests.helpers import load_config_file  # noqa: E402
+from tests.helpers import ROOT, load_config_file  # noqa: E402
 
 METHOD = "mslora_cr_ortho"
 RANK, ALPHA = 4, 8.0
@@ -119,13 +121,20 @@ def imported(tmp_path_factory):
     root = tmp_path_factory.mktemp("released")
     bin1, t1 = write_stage(root / "pathvqa", 0)
     bin2, t2 = write_stage(root / "pathvqa_slake", 1, dtype=torch.bfloat16)
-    out = root / "run"
-    stages = import_released(_config(), [bin2, bin1], out)  # any order
-    return out, stages, {**t1, **t2}
+    out, built = root / "run", []
+
+    def recording(*args):  # keeps the experiment the import evaluated with, for the tests
+        built.append(prepare_generative(*args))
+        return built[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(released_run, "prepare_generative", recording)
+        stages = import_released(_config(), [bin2, bin1], out)  # any order
+    return out, stages, {**t1, **t2}, built[0][0]
 
 
 def test_imported_adapters_equal_the_saved_tensors(imported):
-    out, stages, tensors = imported
+    out, stages, tensors, _ = imported
     assert [s.task for s in stages] == ["p", "r"]
     loaded = load_stage_adapters(out, METHOD)
     assert [meta["task"] for meta, _ in loaded] == ["p", "r"]
@@ -164,9 +173,8 @@ def _merged_reference(base: dict, tensors: dict, tasks: list[int]) -> dict:
 
 
 def test_imported_stage_forward_is_base_plus_the_sum_of_task_deltas(imported):
-    out, _, tensors = imported
-    config = _config()
-    exp, _ = prepare_generative(config, out, make_mesh(1, (-1, 1, 1)))
+    out, _, tensors, exp = imported
+    config = exp.config
     spec = exp.method(METHOD)
     slots = {meta["slot"]: exp.rules.place(p) for meta, p in load_stage_adapters(out, METHOD)}
     active = spec.eval_slots(1)  # stage 2's evaluation: tasks 1 and 2 (task_mask[:2])
@@ -186,17 +194,18 @@ def test_imported_stage_forward_is_base_plus_the_sum_of_task_deltas(imported):
     ids = rng.integers(10, 500, (2, 9))
     ids[:, 2] = config.llava.image_token_id
     ids, mask = jnp.asarray(ids, jnp.int32), jnp.ones((2, 9), bool)
+    apply = jax.jit(exp.model.apply)
     variables = {"params": exp.base_params, LORA_COLLECTION: exp.stack(slots)}
-    logits = exp.model.apply(variables, images, ids, mask, exp.weights(active))
-    expected = exp.model.apply({"params": reference}, images, ids, mask)
+    logits = apply(variables, images, ids, mask, exp.weights(active))
+    expected = apply({"params": reference}, images, ids, mask)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-4, atol=1e-4)
     # ... and the deltas matter: without them the output differs.
-    plain = exp.model.apply({"params": exp.base_params}, images, ids, mask)
+    plain = apply({"params": exp.base_params}, images, ids, mask)
     assert np.abs(np.asarray(plain) - np.asarray(expected)).max() > 1e-2
 
 
 def test_run_continues_after_the_imported_stages(imported, monkeypatch):
-    out, stages, _ = imported
+    out, stages, _, _ = imported
     trained = []
     original = stream.train_stage
 
@@ -245,8 +254,14 @@ def test_a_pickle_holding_code_is_refused_and_never_run(tmp_path, writer):
         torch.save(payload, bin_path)
     else:
         bin_path.write_bytes(pickle.dumps(payload, protocol=2))
-    _refused(tmp_path, [bin_path], "weights_only")
+    _refused(tmp_path, [bin_path], r"torch.load\(weights_only=True\).*Unsupported global")
     assert not marker.exists()
+    # The payload is live: an unrestricted load (what the importer never does) runs it.
+    if writer == "torch.save":
+        torch.load(bin_path, weights_only=False)
+    else:
+        pickle.loads(bin_path.read_bytes())
+    assert marker.exists()
 
 
 def test_wrong_rank_is_refused_by_name(tmp_path):
@@ -337,3 +352,18 @@ def test_a_failure_while_writing_leaves_no_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(released_run, "prepare_generative", failing)
     _refused(tmp_path, [bin_path], "disk full", RuntimeError)
+
+
+def test_the_command_line_takes_repeated_bins_and_reports_bad_input_in_one_line(tmp_path, capsys):
+    demo = str(ROOT / "configs" / "demo_generative.py")
+    words = ["import-released", "--config", demo, "--method", METHOD, "--bin"]
+    args = parse_command_line([*words, "a/x.bin", "--bin=b/x.bin", "--out", "w"], COMMANDS).args
+    assert (args.bin, args.out, args.method) == (["a/x.bin", "b/x.bin"], "w", METHOD)
+    bin_path, _ = write_stage(tmp_path / "a", 0)
+    (bin_path.parent / "config.json").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main.main(["mslora-jax", *words, str(bin_path), "--out", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: ") and "config.json: missing" in err
+    assert not (tmp_path / "w").exists()

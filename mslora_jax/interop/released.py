@@ -98,7 +98,9 @@ def load_torch_tensors(path: Path) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's message explains how to load it anyway; keep only what it found.
+        found = re.search(r"WeightsUnpickler error: ([^\n]*?)(\.\s|\.?$)", str(e), re.M)
+        reason = found[1] if found else type(e).__name__
         raise CheckpointError(
             f"{path}: refused by torch.load(weights_only=True): it holds more than tensors, and "
             f"nothing in it was run ({reason})"
