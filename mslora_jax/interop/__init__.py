@@ -6,6 +6,8 @@ What can be loaded and written:
   lazily one tensor at a time.
 - ``hf_llava`` / ``llava_med``: LLaVA(-Med v1.5) weights into the generative backbone
   (``mslora-jax convert-llava-med``).
+- ``released`` / ``released_run``: the released MSLoRA-CR trainer's ``cl_lora.bin`` files into the
+  finished stages of a run folder (``mslora-jax import-released``).
 
 Layering: ``interop`` sits beside ``train``'s callers (``cli/``, ``experiments/``): it may use
 ``train/`` (the backbone and run folders it writes are the ones runs read) and the lower layers,

@@ -133,7 +133,7 @@ def import_released(
     files, adapters = read_released(config, bins, method)
     mesh = make_mesh(config.num_devices, config.mesh.shape)
     inputs = read_inputs(config)
-    stages = []
+    stages, run_fingerprint = [], fingerprint(config)
     with atomic_folder(out) as tmp:
         claim_workdir(config, tmp)
         exp, _ = prepare_generative(config, tmp, mesh, inputs)
@@ -144,16 +144,15 @@ def import_released(
         for stage, params in enumerate(adapters):
             source = _source_of(files, stage)
             slots[spec.slot(stage)] = adapter = exp.rules.place(params)
-            key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), stage)
-            state = exp.init_state(spec, adapter, key)
+            # A fresh optimizer state around the adapter: what a finished stage's checkpoint
+            # holds (a run restores it only to read the adapter).
+            state = exp.init_state(spec, adapter, jax.random.PRNGKey(0))
             metric_row = evaluate_row(exp, spec, stage, slots, previous)
             row = primary_row(exp, metric_row)
             info = {"timing": dict(_NOT_TRAINED), "final": {}}
             released = {"file": str(source.path), "mslora_cfg": source.mslora_cfg}
-            save_stage(
-                checkpoints, exp, spec, stage, state, row, metric_row, info, fingerprint(config),
-                released=released,
-            )  # fmt: skip
+            args = (checkpoints, exp, spec, stage, state, row, metric_row, info, run_fingerprint)
+            save_stage(*args, released=released)
             stages.append(ImportedStage(exp.tasks[stage].name, str(source.path), row))
             log.info("imported %s as %s stage %d: %s", source.path, method, stage, row)
             previous = metric_row
