@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 from pathlib import Path
 
 import jax
@@ -367,3 +368,9 @@ def test_the_command_line_takes_repeated_bins_and_reports_bad_input_in_one_line(
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith("error: ") and "config.json: missing" in err
     assert not (tmp_path / "w").exists()
+
+
+def test_without_torch_the_error_names_the_extra(tmp_path, monkeypatch):
+    bin_path, _ = write_stage(tmp_path / "a", 0)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    _refused(tmp_path, [bin_path], r"pip install 'mslora_jax\[released\]'", ConfigError)
