@@ -253,6 +253,25 @@ def _convert_clip_flags(fv: flags.FlagValues) -> None:
     )
 
 
+def _import_released_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_multi_string(
+        "bin",
+        None,
+        "A released cl_lora.bin (its config.json beside it); repeat for every stage's file.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "out", None, "The run folder to write (must not exist or be empty).", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "method",
+        None,
+        "The method whose stages they become (default: the config's one of mslora_cr_ortho, "
+        "mslora).",
+        flag_values=fv,
+    )
+
+
 def _export_peft_flags(fv: flags.FlagValues) -> None:
     _workdir(fv, "The folder of a run (mslora-jax run --workdir).")
     flags.DEFINE_string(
@@ -354,6 +373,27 @@ IMPORT_PEFT = Command(
     required=("config", "peft-dir", "out"),
 )
 
+
+def _import_released(args: SimpleNamespace) -> None:
+    from mslora_jax.config import experiment_config
+    from mslora_jax.interop.released_run import import_released
+
+    stages = import_released(experiment_config(args.config), args.bin, args.out, args.method)
+    for stage, imported in enumerate(stages):
+        print(f"stage {stage + 1} ({imported.task}) <- {imported.source}: {imported.row}")
+    print(f"wrote {args.out}; continue with: mslora-jax run --config ... --workdir {args.out}")
+
+
+IMPORT_RELEASED = Command(
+    name="import-released",
+    summary="Import the released MSLoRA-CR cl_lora.bin files as the finished stages of a run.",
+    usage="--config FILE[:ARG] --bin FILE [--bin FILE ...] --out DIR [--method NAME]",
+    run=_import_released,
+    define_flags=_import_released_flags,
+    config_help=_CONFIG_HELP,
+    required=("config", "bin", "out"),
+)
+
 # In the order `mslora-jax --help` lists them.
 COMMANDS: tuple[Command, ...] = (
     RUN,
@@ -363,4 +403,5 @@ COMMANDS: tuple[Command, ...] = (
     CONVERT_CLIP,
     EXPORT_PEFT,
     IMPORT_PEFT,
+    IMPORT_RELEASED,
 )

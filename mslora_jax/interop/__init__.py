@@ -8,6 +8,8 @@ What can be loaded and written:
   (``mslora-jax convert-llava-med``).
 - ``peft`` / ``peft_run``: LoRA adapters as Hugging Face PEFT folders and back
   (``mslora-jax export-peft``, ``mslora-jax import-peft``).
+- ``released`` / ``released_run``: the released MSLoRA-CR trainer's ``cl_lora.bin`` files into the
+  finished stages of a run folder (``mslora-jax import-released``).
 
 Layering: ``interop`` sits beside ``train``'s callers (``cli/``, ``experiments/``): it may use
 ``train/`` (the backbone and run folders it writes are the ones runs read) and the lower layers,
