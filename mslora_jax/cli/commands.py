@@ -235,5 +235,50 @@ CONVERT_LLAVA_MED = Command(
     required=("config", "hf-dir"),
 )
 
+
+def _score_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string(
+        "answers",
+        None,
+        "An answer file (JSON lines): the released results/<run>/<task>/answer-file.jsonl or a "
+        "run's answers/<method>/<task>.jsonl.",
+        flag_values=fv,
+    )
+    flags.DEFINE_enum(
+        "metrics",
+        "released",
+        ["released", "clean"],
+        "Whose definitions: the released MSLoRA-CR evaluator's (as in the paper's table) or "
+        "mslora_jax's clean ones (eval.metrics).",
+        flag_values=fv,
+    )
+    flags.DEFINE_bool(
+        "json", False, "Print the scores as JSON (fractions; null: undefined).", flag_values=fv
+    )
+
+
+def _score(args: SimpleNamespace) -> None:
+    import json
+    import math
+
+    from mslora_jax.eval.scoring import score_answer_file
+    from mslora_jax.report.answer_scores import format_answer_scores
+
+    scores = score_answer_file(args.answers, args.metrics)
+    if args.json:
+        print(json.dumps({k: None if math.isnan(v) else v for k, v in scores.items()}, indent=1))
+    else:
+        print(format_answer_scores(scores, args.metrics))
+
+
+SCORE = Command(
+    name="score",
+    summary="Score an answer file: exact match, F1, BLEU, closed accuracy (released or clean).",
+    usage="--answers FILE [--metrics released|clean] [--json]",
+    run=_score,
+    define_flags=_score_flags,
+    required=("answers",),
+)
+
 # In the order `mslora-jax --help` lists them.
-COMMANDS: tuple[Command, ...] = (RUN, SWEEP, INSPECT, CONVERT_LLAVA_MED)
+COMMANDS: tuple[Command, ...] = (RUN, SWEEP, INSPECT, CONVERT_LLAVA_MED, SCORE)
