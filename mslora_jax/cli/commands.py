@@ -273,7 +273,7 @@ def _score(args: SimpleNamespace) -> None:
 
 SCORE = Command(
     name="score",
-    summary="Score an answer file: exact match, F1, BLEU, closed accuracy (released or clean).",
+    summary="Score an answer file with the released evaluator's metrics (or the clean ones).",
     usage="--answers FILE [--metrics released|clean] [--json]",
     run=_score,
     define_flags=_score_flags,
