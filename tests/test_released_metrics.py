@@ -295,3 +295,22 @@ def test_check_script_passes_and_fails(tmp_path):
     (task / "metrics.txt").write_text(table + "\n".join(rows))
     done = subprocess.run(run, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 1 and "FAILED" in done.stdout and "f1 score" in done.stdout
+
+
+def test_task_metrics_report_says_whose_metrics():
+    from mslora_jax.report.task_metrics import format_task_metrics_markdown, validate_task_metrics
+
+    report = {
+        "tasks": [{"name": "t", "modality": "m", "primary_metric": "f1"}],
+        "zero_shot": [{"f1": 0.5}],
+        "methods": {"seq": [[{"f1": 0.75}]]},
+    }
+    validate_task_metrics(report)  # written before the key: still valid, no note
+    assert format_task_metrics_markdown(report).startswith("| method |")
+    released = {**report, "answer_metrics": "released"}
+    validate_task_metrics(released)
+    text = format_task_metrics_markdown(released)
+    assert text.startswith("Answer metrics: released (the released MSLoRA-CR evaluator's")
+    assert text.endswith(format_task_metrics_markdown(report))  # the same table below the note
+    with pytest.raises(DataError, match=r"\['answer_metrics'\]: is 'paper'; expected one of"):
+        validate_task_metrics({**report, "answer_metrics": "paper"})

@@ -10,11 +10,10 @@ which the released metrics read as OPEN and the clean ones refuse); ``candidates
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
-from mslora_jax.data.vqa import _id, _read_text, _require
+from mslora_jax.data.vqa import ANSWER_TYPES, _id, _require, jsonl_records
 from mslora_jax.errors import DataError
 
 PREDICTION_KEYS = ("text", "prediction", "answer")
@@ -35,19 +34,11 @@ def read_answer_file(path: str | os.PathLike) -> tuple[list[str], list[dict[str,
     """
     preds: list[str] = []
     refs: list[dict[str, Any]] = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}: line {number}"
-        try:
-            record = _require(json.loads(line), (), where)
-        except json.JSONDecodeError as error:
-            raise DataError(
-                f"{where}: malformed JSON ({error.msg} at column {error.colno})"
-            ) from None
+    for _, where, record in jsonl_records(path):
+        record = _require(record, (), where)
         answer_type = record.get("answer_type")
         if answer_type is not None:
-            if not isinstance(answer_type, str) or answer_type.upper() not in ("OPEN", "CLOSED"):
+            if not isinstance(answer_type, str) or answer_type.upper() not in ANSWER_TYPES:
                 raise DataError(f"{where}: answer_type must be OPEN or CLOSED, got {answer_type!r}")
             answer_type = answer_type.upper()
         candidates = record.get("candidates") or None

@@ -60,6 +60,8 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
+from mslora_jax.eval.answer_metrics import ANSWER_TYPES, check_answer_count
+
 # The 21 characters normalize_word removes or turns into spaces, in its order.
 _PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@")
 _PUNCT += ("`", ",", "?", "!")
@@ -199,15 +201,12 @@ def score_answers_released(
     open_recall, open_f1, the same numbers) and bleu1..bleu4 over OPEN items; closed_accuracy
     over CLOSED items; NaN for a mean over no items; num_open and num_closed.
     """
-    if len(preds) != len(refs):
-        raise ValueError(f"got {len(preds)} predictions but {len(refs)} references")
-    if not preds:
-        raise ValueError("no answers to score (preds and refs are empty)")
+    check_answer_count(preds, refs)
     names = ["exact_match", "precision", "recall", "f1", "closed_accuracy"]
     per: dict[str, list[float]] = {n: [] for n in names + [n for n, _, _ in BLEU_SCORES]}
     for i, (pred, ref) in enumerate(zip(preds, refs)):
         answer_type = ref.get("answer_type") or "OPEN"
-        if answer_type not in ("OPEN", "CLOSED"):
+        if answer_type not in ANSWER_TYPES:
             raise ValueError(
                 f"refs[{i}]['answer_type'] must be OPEN or CLOSED, got {answer_type!r}"
             )
