@@ -31,11 +31,12 @@ Quirks reproduced (each a departure from the clean metrics), with where they com
 * Answer type (``evaluate``): a missing ``answer_type`` means OPEN. Precision, recall, F1 and
   the BLEU scores average over OPEN items only, closed accuracy over CLOSED items only.
 * Precision / recall / F1 (``calculate_f1score``): the prepared strings are normalized *again*
-  (``normalize_word`` twice; it is not idempotent, e.g. "one" -> "1" -> "1" but "a none" ->
-  "0" only once the article is gone), then split into word counts. A word in both answers adds
-  its *prediction* count to tp (not the clipped minimum), a prediction-only word its count to fp,
-  a reference-only word its reference count to fn; precision = tp / (tp + fp), recall =
-  tp / (tp + fn). Either side empty or tp = 0 gives (0, 0, 0) (two empty answers included).
+  (``normalize_word`` twice; this changes something only past 32 periods, which the second pass
+  goes on deleting, so a long report's F1 sees fewer periods than its exact match and BLEU), then
+  split into word counts. A word in both answers adds its *prediction* count to tp (not the
+  clipped minimum), a prediction-only word its count to fp, a reference-only word its reference
+  count to fn; precision = tp / (tp + fp), recall = tp / (tp + fn). Either side empty or tp = 0
+  gives (0, 0, 0) (two empty answers included).
 * BLEU (``evaluate``): ``nltk.translate.bleu_score.sentence_bleu([gt.split()], pred.split())``
   on the prepared (once-normalized) strings, without smoothing: ``bleu_score`` with the default
   weights (1/4, 1/4, 1/4, 1/4), the cumulative BLEU-4, and ``bleu_score_1/2/3`` with one-hot
@@ -48,8 +49,9 @@ Quirks reproduced (each a departure from the clean metrics), with where they com
   in [0, 1] like the clean metrics (the ``score`` command prints percentages).
 
 Where this departs from the released script, on purpose: an ``answer_type`` other than OPEN,
-CLOSED or missing raises (the released script counts such an item in exact match only), and a
-missing prediction or ground truth raises (it reuses the previous line's value).
+CLOSED or missing raises (the released script counts such an item in exact match only; the
+answer-file reader upper-cases "open" / "closed" first), and a missing prediction or ground truth
+raises (the released script reuses the previous line's value).
 """
 
 from __future__ import annotations
