@@ -17,6 +17,7 @@ from typing import Any
 from mslora_jax.data.chat_template import ChatTemplate
 from mslora_jax.errors import ConfigError
 from mslora_jax.eval.answer_metrics import METRIC_NAMES
+from mslora_jax.eval.scoring import METRIC_SETS
 from mslora_jax.losses.regularizers import CR_DISTANCES
 from mslora_jax.models.clip import ModelConfig, check_image_stats
 from mslora_jax.models.decoder import ATTENTION_KERNELS, DecoderConfig
@@ -415,6 +416,21 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """How answers are scored (the generative model; the dual encoder's accuracy is unaffected)."""
+
+    # "clean": mslora_jax.eval.answer_metrics; "released": the released MSLoRA-CR evaluator's
+    # definitions, quirks included (mslora_jax.eval.released_metrics), for the paper's table.
+    metrics: str = "clean"
+
+    def __post_init__(self):
+        if self.metrics not in METRIC_SETS:
+            raise ConfigError(
+                f"eval.metrics={self.metrics!r} is unknown; expected one of {METRIC_SETS}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     seed: int = 0
     methods: tuple[str, ...] = PAPER_METHODS
@@ -436,6 +452,7 @@ class ExperimentConfig:
     num_devices: int = 0  # devices of the mesh; 0 = all (global) devices
     mesh: MeshConfig = MeshConfig()
     progress: bool = True
+    eval: EvalConfig = EvalConfig()
 
     def __post_init__(self):
         if self.model_kind not in MODEL_KINDS:
