@@ -22,16 +22,21 @@ def _demo_config() -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    if not arg:
-        raise ValueError("configs/clip_demo.py needs the converted CLIP folder: clip_demo.py:DIR")
-    meta = json.loads((Path(arg) / "meta.json").read_text())
-    c = _demo_config()
+def on_converted_clip(c: ml_collections.ConfigDict, clip_dir: str) -> ml_collections.ConfigDict:
+    """``c`` with its backbone replaced by the converted CLIP folder ``clip_dir`` (also used by
+    configs/clip_real_medmnist.py)."""
+    meta = json.loads((Path(clip_dir) / "meta.json").read_text())
     c.model = meta["model"]
-    c.backbone = dict(source="load", path=str(arg))
+    c.backbone = dict(source="load", path=str(clip_dir))
     c.base_tasks = []  # nothing is pretrained: the backbone is CLIP
     c.prompt_template = "a {modality} image of {label}"
     # A ViT-B at 224 pixels: smaller batches than the tiny demo backbone's.
     c.train.batch_size = 32
     c.train.eval_batch_size = 64
     return c
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    if not arg:
+        raise ValueError("configs/clip_demo.py needs the converted CLIP folder: clip_demo.py:DIR")
+    return on_converted_clip(_demo_config(), arg)

@@ -285,3 +285,17 @@ def test_clip_text_tower_needs_its_backbone_folder(clip_folders):
     cfg.backbone = dict(source="random")
     with pytest.raises(ConfigError, match='needs backbone.source="load"'):
         prompt_encoder(experiment_config(cfg))
+
+
+def test_real_data_config_runs_the_real_stream_on_the_converted_folder(clip_folders, tmp_path):
+    converted = clip_folders[0]["eos"][2]
+    cfg = load_config_file("clip_real_medmnist.py", f"{converted},{tmp_path}")
+    real = load_config_file("real_medmnist.py", str(tmp_path))
+    config = experiment_config(cfg)
+    meta = json.loads((converted / "meta.json").read_text())
+    assert config.model == ModelConfig(**meta["model"]) and config.model.text_tower == "clip"
+    assert config.backbone.source == "load" and config.backbone.path == str(converted)
+    assert [t.name for t in config.stream] == [t["name"] for t in real.stream]
+    assert config.base_tasks == () and config.data_dir == str(tmp_path)
+    with pytest.raises(ValueError, match="CLIP_DIR,DATA_DIR"):
+        load_config_file("clip_real_medmnist.py", str(converted))
