@@ -12,26 +12,24 @@ HF names as released (``LlavaMistralForCausalLM``): ``model.embed_tokens``, ``mo
 saved with the model, the CLIP tower under ``LLAVA_VISION_PREFIX``; OpenAI's own CLIP folder
 (``openai/clip-vit-large-patch14-336``) has the tower under ``CLIP_VISION_PREFIX``.
 
-Layouts: torch ``Linear.weight`` is ``[out, in]``, a flax ``Dense`` kernel ``[in, out]``; a torch
-conv weight is ``[out, in, kh, kw]``, a flax ``Conv`` kernel ``[kh, kw, in, out]`` (both are
-cross-correlations, so no flip). A scanned decoder's leaf ``decoder/blocks/...`` ``[depth, ...]``
-is filled from ``model.layers.{i}`` for every i, one layer's tensor at a time, into one array. q
-and k need no permutation: ``decoder.apply_rope`` uses HF's
-"rotate half" pairing (checked by tests/test_interop_llava_med.py against HF's formulas).
+Layouts (``tensor_map``): torch ``Linear`` and conv weights are re-laid out as flax's. A
+scanned decoder's leaf ``decoder/blocks/...`` ``[depth, ...]`` is filled from ``model.layers.{i}``
+for every i, one layer's tensor at a time, into one array. q and k need no permutation:
+``decoder.apply_rope`` uses HF's "rotate half" pairing (checked by
+tests/test_interop_llava_med.py against HF's formulas).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import re
 from collections.abc import Callable, Mapping
 
-import jax
 import numpy as np
 
 from mslora_jax.errors import CheckpointError
+from mslora_jax.interop import tensor_map
 from mslora_jax.interop.safetensors_folder import TensorSource
+from mslora_jax.interop.tensor_map import SAME, Layout, Target, check_settings, leaf_paths
 from mslora_jax.models.decoder import SCANNED
 from mslora_jax.models.llava import LlavaConfig
 
@@ -74,8 +72,6 @@ _MODULES = (
     (r"decoder/lm_head", r"lm_head"),
 )
 _SCANNED_PREFIX = f"decoder/{SCANNED}/"
-# Leaf name of flax's Dense/Conv/LayerNorm/RMSNorm/Embed -> HF's.
-_LEAF_NAMES = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}
 # Parameters held directly by the vision tower module.
 _VISION_LEAVES = {
     "vision_tower/cls": r"{v}embeddings.class_embedding",
@@ -83,65 +79,24 @@ _VISION_LEAVES = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """How an HF tensor becomes a flax leaf, and which HF shape a flax shape implies."""
-
-    to_flax: Callable[[np.ndarray], np.ndarray]
-    hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
-
-
-SAME = Layout(lambda a: a, lambda s: tuple(s))
-LINEAR = Layout(lambda a: a.T, lambda s: tuple(s)[::-1])  # [out, in] -> [in, out]
-CONV = Layout(  # [D, 3, p, p] -> [p, p, 3, D]
-    lambda a: a.transpose(2, 3, 1, 0), lambda s: (s[3], s[2], s[0], s[1])
-)
 CLS = Layout(lambda a: a.reshape(1, 1, -1), lambda s: tuple(s)[2:])  # [D] -> [1, 1, D]
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """One leaf of the flax tree and the HF tensor that fills it."""
-
-    path: str  # "decoder/block_0/attn/q/kernel"
-    shape: tuple[int, ...]  # the flax leaf's shape (one layer's, for a scanned leaf)
-    layout: Layout
-    layer: int | None = None  # a scanned leaf ``[depth, *shape]``: the layer this tensor fills
-    depth: int = 0
-
-    @property
-    def where(self) -> str:
-        """The leaf (and layer) for messages: ``decoder/blocks/attn/q/kernel[3]``."""
-        return self.path if self.layer is None else f"{self.path}[{self.layer}]"
-
-    @property
-    def hf_shape(self) -> tuple[int, ...]:
-        return self.layout.hf_shape(self.shape)
-
-
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
 def _hf_name(path: str, ndim: int, vision_prefix: str) -> tuple[str, Layout]:
     if path in _VISION_LEAVES:
         layout = CLS if path.endswith("/cls") else SAME
         return _VISION_LEAVES[path].replace("{v}", vision_prefix), layout
-    module, leaf = path.rsplit("/", 1)
-    for pattern, template in _MODULES:
-        match = re.fullmatch(pattern, module)
-        if match and leaf in _LEAF_NAMES:
-            layout = {2: LINEAR, 4: CONV}.get(ndim, SAME) if leaf == "kernel" else SAME
-            name = match.expand(template.replace("{v}", vision_prefix))
-            return f"{name}.{_LEAF_NAMES[leaf]}", layout
+    modules = [(pattern, template.replace("{v}", vision_prefix)) for pattern, template in _MODULES]
+    found = tensor_map.table_name(path, ndim, modules)
+    if found is not None:
+        return found
     raise CheckpointError(f"parameter {path} has no known Hugging Face counterpart")
 
 
 def hf_targets(abstract: dict, vision_prefix: str = LLAVA_VISION_PREFIX) -> dict[str, Target]:
     """``{HF tensor name: Target}`` for every leaf of the LLaVA params tree ``abstract``."""
     targets = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-        path, shape = _path_str(path), tuple(leaf.shape)
+    for path, shape in leaf_paths(abstract):
         if path.startswith(_SCANNED_PREFIX):  # one HF tensor per layer, named as if unrolled
             for i in range(shape[0]):
                 unrolled = f"decoder/block_{i}/{path[len(_SCANNED_PREFIX) :]}"
@@ -157,9 +112,13 @@ def is_ignored(name: str) -> bool:
     return any(re.search(pattern, name) for pattern in IGNORED)
 
 
-def _listing(names: list[str], limit: int = 5) -> str:
-    more = f" ... ({len(names)} in all)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+def _missing_hint(missing: list[str]) -> str:
+    if all(".vision_model." in f".{n}" for n in missing):
+        return (
+            "; the CLIP vision tower is not there: give the folder of "
+            "openai/clip-vit-large-patch14-336 as the vision source (--vision-hf-dir)"
+        )
+    return ""
 
 
 def check_tensor_names(
@@ -173,31 +132,9 @@ def check_tensor_names(
     ``where`` names the source in messages; tensors matching ``IGNORED`` or ``skip(name)`` may go
     unused.
     """
-    missing = sorted(set(targets) - set(shapes))
-    if missing:
-        hint = ""
-        if all(".vision_model." in f".{n}" for n in missing):
-            hint = (
-                "; the CLIP vision tower is not there: give the folder of "
-                "openai/clip-vit-large-patch14-336 as the vision source (--vision-hf-dir)"
-            )
-        raise CheckpointError(
-            f"{where}: {len(missing)} tensor(s) missing: {_listing(missing)}{hint}"
-        )
-    unexpected = sorted(
-        n for n in shapes if n not in targets and not (is_ignored(n) or (skip and skip(n)))
+    tensor_map.check_tensor_names(
+        targets, shapes, where, lambda n: is_ignored(n) or bool(skip and skip(n)), _missing_hint
     )
-    if unexpected:
-        raise CheckpointError(
-            f"{where}: {len(unexpected)} tensor(s) the model has no place for: "
-            f"{_listing(unexpected)} (does the config match these weights?)"
-        )
-    for name, target in targets.items():
-        if tuple(shapes[name]) != target.hf_shape:
-            raise CheckpointError(
-                f"{where}: tensor {name} has shape {list(shapes[name])}, expected "
-                f"{list(target.hf_shape)} for {target.where} (does the config match these weights?)"
-            )
 
 
 def convert_hf_llava(
@@ -218,33 +155,7 @@ def convert_hf_llava(
     """
     targets = hf_targets(abstract, vision_prefix)
     check_tensor_names(targets, source.shapes(), where, skip)
-    flat = {}
-    for name, target in targets.items():
-        # Materialize the (transposed) view as C-ordered ``dtype`` now, one tensor at a time.
-        value = np.ascontiguousarray(target.layout.to_flax(source.read(name)), dtype=dtype)
-        if value.shape != target.shape:  # a source whose data disagrees with its header
-            raise CheckpointError(
-                f"{source.describe(name)}: tensor {name} read as {list(value.shape)}, "
-                f"expected {list(target.hf_shape)}"
-            )
-        if target.layer is None:
-            flat[target.path] = value
-        else:  # a scanned leaf: filled layer by layer, so no second copy of it is ever made
-            if target.path not in flat:
-                flat[target.path] = np.empty((target.depth, *target.shape), dtype)
-            flat[target.path][target.layer] = value
-    return _unflatten(flat)
-
-
-def _unflatten(flat: Mapping[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
+    return tensor_map.unflatten(tensor_map.read_targets(targets, source, dtype))
 
 
 def _expected_settings(config: LlavaConfig) -> dict[str, object]:
@@ -266,12 +177,6 @@ def _expected_vision_settings(config: LlavaConfig) -> dict[str, object]:
     }
 
 
-def _same(a: object, b: object) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isclose(a, b, rel_tol=1e-9)
-    return a == b
-
-
 def check_hf_config(
     hf_config: Mapping, config: LlavaConfig, where: str, *, vision: bool = False
 ) -> None:
@@ -284,10 +189,4 @@ def check_hf_config(
     if vision:
         hf_config = hf_config.get("vision_config", hf_config)
     expected = _expected_vision_settings(config) if vision else _expected_settings(config)
-    diffs = [
-        f"{key}={hf_config[key]!r} but the config has {value!r}"
-        for key, value in expected.items()
-        if key in hf_config and not _same(hf_config[key], value)
-    ]
-    if diffs:
-        raise CheckpointError(f"{where}: {'; '.join(diffs)}")
+    check_settings(hf_config, expected, where)
