@@ -29,6 +29,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mslora_jax.data.chat_template import DEFAULT_TEMPLATE, VICUNA_SYSTEM, ChatTemplate
+from mslora_jax.data.hf_tokenizer import load_tokenizer_file
 from mslora_jax.data.vqa import IMAGE_TOKEN, VqaExample
 from mslora_jax.errors import ConfigError, DataError
 
@@ -148,12 +149,7 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Loads a ``tokenizer.json``; DataError if missing, invalid or lacking a special token."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: tokenizer file not found")
-    try:
-        tokenizer = Tokenizer.from_file(os.fspath(path))
-    except Exception as error:  # tokenizers raises a bare Exception for any parse failure.
-        raise DataError(f"{path}: not a valid tokenizer.json ({error})") from None
+    tokenizer = load_tokenizer_file(path)
     try:
         check_required_tokens(tokenizer)
     except DataError as error:
