@@ -17,8 +17,9 @@ from typing import Any
 from mslora_jax.data.chat_template import ChatTemplate
 from mslora_jax.errors import ConfigError
 from mslora_jax.eval.answer_metrics import METRIC_NAMES
+from mslora_jax.eval.scoring import METRIC_SETS
 from mslora_jax.losses.regularizers import CR_DISTANCES
-from mslora_jax.models.clip import ModelConfig
+from mslora_jax.models.clip import ModelConfig, check_image_stats
 from mslora_jax.models.decoder import ATTENTION_KERNELS, DecoderConfig
 from mslora_jax.models.llava import LlavaConfig
 
@@ -380,22 +381,9 @@ class LlavaSettings:
             )
         if self.dtype not in DTYPES:
             raise ConfigError(f"llava.dtype={self.dtype!r} is unknown; expected one of {DTYPES}")
-        if (self.image_mean is None) != (self.image_std is None):
-            raise ConfigError("llava.image_mean and llava.image_std must be set together")
-        if self.image_mean is not None:
-            try:
-                mean, std = (tuple(float(v) for v in x) for x in (self.image_mean, self.image_std))
-            except (TypeError, ValueError):
-                mean = std = ()
-            if len(mean) != 3 or len(std) != 3:
-                raise ConfigError(
-                    f"llava.image_mean and image_std need 3 numbers (RGB), got "
-                    f"{self.image_mean!r} and {self.image_std!r}"
-                )
-            object.__setattr__(self, "image_mean", mean)  # lists from a ConfigDict -> tuples
-            object.__setattr__(self, "image_std", std)
-            if min(std) <= 0:
-                raise ConfigError(f"llava.image_std must be > 0, got {self.image_std}")
+        mean, std = check_image_stats(self.image_mean, self.image_std, "llava")
+        object.__setattr__(self, "image_mean", mean)  # lists from a ConfigDict -> tuples
+        object.__setattr__(self, "image_std", std)
 
     def model_config(self) -> LlavaConfig:
         """The model's own config (the training-only fields above are left out)."""
@@ -428,6 +416,21 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """How answers are scored (the generative model; the dual encoder's accuracy is unaffected)."""
+
+    # "clean": mslora_jax.eval.answer_metrics; "released": the released MSLoRA-CR evaluator's
+    # definitions, quirks included (mslora_jax.eval.released_metrics), for the paper's table.
+    metrics: str = "clean"
+
+    def __post_init__(self):
+        if self.metrics not in METRIC_SETS:
+            raise ConfigError(
+                f"eval.metrics={self.metrics!r} is unknown; expected one of {METRIC_SETS}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     seed: int = 0
     methods: tuple[str, ...] = PAPER_METHODS
@@ -449,6 +452,7 @@ class ExperimentConfig:
     num_devices: int = 0  # devices of the mesh; 0 = all (global) devices
     mesh: MeshConfig = MeshConfig()
     progress: bool = True
+    eval: EvalConfig = EvalConfig()
 
     def __post_init__(self):
         if self.model_kind not in MODEL_KINDS:

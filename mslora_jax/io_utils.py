@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -87,6 +89,37 @@ def atomic_savefig(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> 
         raise ValueError(f"cannot save figure to {os.fspath(path)}: no extension to give a format")
     with _atomic_file(path) as f:
         fig.savefig(f, format=fmt, **savefig_kwargs)
+
+
+def check_new_folder(out: Path) -> None:
+    """CheckpointError unless ``out`` is absent or an empty folder: an output never overwrites."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(
+            f"{out} already exists and is not empty; remove it or choose another --out"
+        )
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """Yields a new temporary folder beside ``out`` that is renamed to ``out`` when the block
+    exits without an exception (and removed when it raises), so ``out`` is never half-written.
+
+    ``out`` must be absent or empty (``check_new_folder``), checked before the block runs.
+    """
+    out = Path(out).absolute()
+    check_new_folder(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A dot-name in the same folder: same filesystem, so the final rename is atomic. (mkdir, not
+    # tempfile.mkdtemp, so the folder gets the usual permissions rather than 0700.)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        os.replace(tmp, out)  # replaces an empty folder; fails if one appeared meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(out.parent)
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:

@@ -221,35 +221,35 @@ class _Interrupted(MsloraError):
 
 
 def test_a_new_command_is_one_entry(capsys, monkeypatch):
-    """What a later command (score, export, ...) needs: a Command in COMMANDS, nothing else."""
+    """What a later command (tune, export, ...) needs: a Command in COMMANDS, nothing else."""
     seen = []
 
     def define(fv):
         flags.DEFINE_integer("trials", 3, "How many trials.", flag_values=fv)
         flags.DEFINE_bool("keep-going", False, "Go on after a failed trial.", flag_values=fv)
 
-    def score(args):
+    def tune(args):
         seen.append(args)
         if args.trials == 0:
             raise _Interrupted("interrupted after 0 trials")
 
     new = Command(
-        "score",
+        "tune",
         "Try many configs.",
         "--config FILE [--trials N]",
-        score,
+        tune,
         define,
         config_help="The base config.",
         required=("config",),
     )
     monkeypatch.setattr(cli_main, "COMMANDS", (*COMMANDS, new))
     code, out, _ = _exit(capsys, "--help")
-    assert "  score              Try many configs." in out.splitlines()
-    code, out, _ = _exit(capsys, "score", "--help")
+    assert "  tune               Try many configs." in out.splitlines()
+    code, out, _ = _exit(capsys, "tune", "--help")
     assert "--trials=N\n      How many trials. (default: 3)" in out and "--[no]keep-going" in out
-    cli_main.main(["mslora-jax", "score", "--config", SMOKE, "--keep-going", "--config.seed=5"])
+    cli_main.main(["mslora-jax", "tune", "--config", SMOKE, "--keep-going", "--config.seed=5"])
     assert seen[-1].trials == 3 and seen[-1].keep_going and seen[-1].config.seed == 5
-    code, _, err = _exit(capsys, "score", "--config", SMOKE, "--trials=0")
+    code, _, err = _exit(capsys, "tune", "--config", SMOKE, "--trials=0")
     assert code == 75 and err == "error: interrupted after 0 trials\n"  # the error's own exit code
 
 

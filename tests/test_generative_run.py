@@ -5,6 +5,7 @@ import json
 import pytest
 
 from mslora_jax.config import experiment_config, synthetic_task
+from mslora_jax.eval.scoring import score_answer_file
 from mslora_jax.report.results import load_results
 from mslora_jax.report.task_metrics import validate_task_metrics
 from mslora_jax.train import stream
@@ -36,6 +37,7 @@ def _config():
     cfg["llava"].update(max_new_tokens=3)
     cfg["num_devices"] = 1
     cfg["progress"] = False
+    cfg["eval"] = {"metrics": "released"}  # the paper config's; demo_generative.py's is clean
     return experiment_config(cfg)
 
 
@@ -65,6 +67,14 @@ def test_generative_run_writes_results_metric_table_and_answers(generative_run):
             records = [json.loads(line) for line in lines]
             assert len(records) == 20 and all(set(r) == ANSWER_KEYS for r in records)
             assert all(isinstance(r["answer"], str) for r in records)
+    # The metric table holds the released metrics of exactly the saved answers (mslora-jax score).
+    assert report["answer_metrics"] == "released"
+    assert (workdir / "task_metrics.md").read_text().startswith("Answer metrics: released (")
+    for method in METHODS:
+        for t, task in enumerate(("p", "r")):
+            scores = score_answer_file(workdir / "answers" / method / f"{task}.jsonl", "released")
+            scores = {k: None if v != v else v for k, v in scores.items()}  # NaN -> None
+            assert report["methods"][method][-1][t] == scores
 
 
 def test_generative_rerun_restores_every_stage_and_gives_the_same_files(

@@ -1,6 +1,8 @@
 """The BERT text tower and its Hugging Face reader: the real all-MiniLM-L6-v2 against
-sentence-transformers, a tiny random ``BertModel`` (with and without LoRA) against transformers,
-and bad folders and configs named in the error."""
+sentence-transformers (alone, and as the text tower of a dual encoder converted by
+``mslora-jax convert-clip --text-hf-dir``, which then trains a stage), a tiny random
+``BertModel`` (with and without LoRA) against transformers, and bad folders and configs named in
+the error."""
 
 import dataclasses
 import importlib.util
@@ -16,16 +18,37 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
+from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors  # noqa: E402
+from tokenizers.models import WordPiece  # noqa: E402
 
-from mslora_jax.data.hf_tokenizer import HFTokenizer  # noqa: E402
-from mslora_jax.errors import CheckpointError, ConfigError  # noqa: E402
+from mslora_jax.cli import main as cli_main  # noqa: E402
+from mslora_jax.config import experiment_config  # noqa: E402
+from mslora_jax.data.prompt_tokenizer import (  # noqa: E402
+    encode_prompts,
+    load_prompt_tokenizer,
+    prompt_encoder,
+)
+from mslora_jax.errors import CheckpointError, ConfigError, DataError  # noqa: E402
+from mslora_jax.interop.clip import convert_clip_backbone  # noqa: E402
 from mslora_jax.interop.hf_bert import (  # noqa: E402
     bert_config_from_hf,
+    bert_tokenizer_json,
     check_hf_bert_config,
+    initial_projection,
     load_hf_bert,
 )
+from mslora_jax.interop.peft_run import name_map_for  # noqa: E402
 from mslora_jax.lora.targets import lora_capable_paths, set_by_path  # noqa: E402
 from mslora_jax.models.bert import BertTextConfig, BertTextEncoder  # noqa: E402
+from mslora_jax.models.clip import (  # noqa: E402
+    DualEncoder,
+    ModelConfig,
+    bert_text_config,
+    bert_text_fields,
+)
+from mslora_jax.train.checkpoints import load_backbone, load_stage_adapters  # noqa: E402
+from mslora_jax.train.experiment import run_experiment  # noqa: E402
+from tests.helpers import load_config_file  # noqa: E402
 
 torch = pytest.importorskip("torch", reason="torch (test extra) is the reference")
 transformers = pytest.importorskip("transformers", reason="transformers (test extra)")
@@ -40,6 +63,12 @@ PROMPTS = [
 MAX_LEN = 24
 
 # ------------------------------------------------------------------ the real all-MiniLM-L6-v2
+
+
+def _bert_ids(tokenizer_json: Path, prompts=PROMPTS, max_len: int = MAX_LEN) -> np.ndarray:
+    """Prompt ids through data.prompt_tokenizer, as a run with a BERT text tower encodes them."""
+    tokenizer, pad_id = load_prompt_tokenizer(tokenizer_json, 30522)
+    return encode_prompts(tokenizer, prompts, max_len=max_len, pad_id=pad_id, padding_masked=True)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +116,7 @@ def test_minilm_token_ids_match_transformers_and_sentence_transformers(
     minilm, sentence_transformer
 ):
     folder = minilm[0]
-    ours = HFTokenizer(folder / "tokenizer.json")(PROMPTS, max_len=MAX_LEN)
+    ours = _bert_ids(folder / "tokenizer.json")
     assert ours.dtype == np.int32 and ours.shape == (len(PROMPTS), MAX_LEN)
     # transformers' BertTokenizer built from vocab.txt (not from tokenizer.json).
     reference = transformers.BertTokenizer(vocab=str(folder / "vocab.txt"), do_lower_case=True)
@@ -101,7 +130,7 @@ def test_minilm_token_ids_match_transformers_and_sentence_transformers(
 
 def test_minilm_embeddings_match_sentence_transformers(minilm, sentence_transformer):
     folder, _, params, encode = minilm
-    tokens = HFTokenizer(folder / "tokenizer.json")(PROMPTS, max_len=MAX_LEN)
+    tokens = _bert_ids(folder / "tokenizer.json")
     ours = np.asarray(encode(params, tokens))
     ours = ours / np.linalg.norm(ours, axis=-1, keepdims=True)
     reference = sentence_transformer.encode(PROMPTS, convert_to_numpy=True)  # Normalize module
@@ -111,14 +140,130 @@ def test_minilm_embeddings_match_sentence_transformers(minilm, sentence_transfor
     assert np.max(np.abs(ours - reference)) < 1e-5
 
 
-def test_too_long_prompt_is_an_error_not_truncated(minilm):
-    tokenizer = HFTokenizer(minilm[0] / "tokenizer.json")
-    with pytest.raises(ConfigError, match=r"pneumonia.*9 tokens long.*max_len=8"):
-        tokenizer(PROMPTS[:1], max_len=8)
-    with pytest.raises(ConfigError, match="padding id"):
-        tokenizer(["a [PAD] token"], max_len=MAX_LEN)
-    with pytest.raises(ConfigError, match="vocab_size is 1000"):
-        tokenizer(PROMPTS, max_len=MAX_LEN, vocab_size=1000)
+def test_too_long_prompt_and_the_padding_id_are_refused(minilm):
+    path = minilm[0] / "tokenizer.json"
+    with pytest.raises(ConfigError, match=r"pneumonia.*is 9 tokens.*max_text_len=8"):
+        _bert_ids(path, PROMPTS[:1], max_len=8)
+    with pytest.raises(ConfigError, match=r"holds token id 0 \('\[PAD\]'\), the padding id"):
+        _bert_ids(path, ["a [PAD] token"])
+    with pytest.raises(
+        DataError, match="30522 tokens but the text tower's model.vocab_size is 1000"
+    ):
+        load_prompt_tokenizer(path, 1000)
+
+
+# ------------------------------------ all-MiniLM-L6-v2 as the text tower of a dual encoder
+
+MINILM_WIDTH = 384
+
+
+def _tiny_clip(folder: Path, projection_dim: int):
+    """A random transformers CLIPModel (its vision tower and projection are what the pairing
+    takes; its text tower is replaced), saved to ``folder``."""
+    config = transformers.CLIPConfig(
+        text_config=dict(
+            vocab_size=40,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=38,
+            eos_token_id=39,
+        ),
+        vision_config=dict(
+            hidden_size=24,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+        ),
+        projection_dim=projection_dim,
+    )
+    torch.manual_seed(1)
+    model = transformers.CLIPModel(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="module")
+def paired(minilm, tmp_path_factory):
+    """(CLIPModel, backbone folder) of ``mslora-jax convert-clip`` with MiniLM as text tower."""
+    root = tmp_path_factory.mktemp("paired")
+    clip = _tiny_clip(root / "clip", projection_dim=MINILM_WIDTH)  # proj: the identity
+    out = root / "backbone"
+    cli_main.main(
+        [
+            "mslora-jax",
+            "convert-clip",
+            f"--hf-dir={root / 'clip'}",
+            f"--text-hf-dir={minilm[0]}",
+            f"--out={out}",
+            f"--max-text-len={MAX_LEN}",
+        ]
+    )
+    return clip, out
+
+
+def _demo_config(backbone: Path):
+    """configs/clip_demo.py on ``backbone``, one small task."""
+    cfg = load_config_file("clip_demo.py", str(backbone))
+    cfg.stream = cfg.stream[:1]
+    cfg.stream[0].update(num_classes=3, num_train=16, num_test=8)
+    cfg.methods = ("mslora",)
+    cfg.modalities = ("pathology",)
+    cfg.num_devices = 1
+    cfg.progress = False
+    cfg.train.update(batch_size=8, steps_per_task=2, eval_batch_size=8, learning_rate=1e-2)
+    return cfg
+
+
+def _loaded(backbone: Path) -> tuple[ModelConfig, dict]:
+    meta = json.loads((backbone / "meta.json").read_text())
+    model = ModelConfig(**meta["model"])
+    abstract = jax.eval_shape(lambda: DualEncoder(model).init(jax.random.key(0), *_inputs(model)))
+    params, _ = load_backbone(backbone, abstract["params"], meta["model"])
+    return model, params
+
+
+def _inputs(model: ModelConfig):
+    images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+    return images, jnp.ones((1, model.max_text_len), jnp.int32)
+
+
+def test_dual_encoder_text_embeddings_are_sentence_transformers(paired, sentence_transformer):
+    clip, backbone = paired
+    config = experiment_config(_demo_config(backbone))
+    model, params = _loaded(backbone)
+    assert config.model == model and model.text_tower == "bert"
+    assert (model.text_pooling, model.text_activation, model.mlp_activation) == (
+        "mean",
+        "gelu",
+        "quick_gelu",  # the CLIP vision tower keeps its own activation and epsilon
+    )
+    assert (model.text_layer_norm_eps, model.layer_norm_eps) == (1e-12, 1e-5)
+    np.testing.assert_array_equal(params["text"]["proj"]["kernel"], np.eye(MINILM_WIDTH))
+    tokens = prompt_encoder(config)(PROMPTS)  # the run's prompts, via the folder's tokenizer.json
+    assert tokens.shape == (len(PROMPTS), MAX_LEN)
+    encoder = DualEncoder(model)
+    ours = encoder.apply({"params": params}, tokens, method="encode_text")
+    reference = sentence_transformer.encode(PROMPTS, convert_to_numpy=True)
+    assert np.max(np.abs(np.asarray(ours) - reference)) < 1e-5  # we see ~1e-7
+    # The image tower is the CLIP folder's: transformers' image features, normalized.
+    pixels = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        pooled = clip.vision_model(pixel_values=torch.from_numpy(pixels)).pooler_output
+        want = clip.visual_projection(pooled).numpy()
+    want /= np.linalg.norm(want, axis=-1, keepdims=True)
+    images = pixels.transpose(0, 2, 3, 1)
+    got = encoder.apply({"params": params}, images, method="encode_image")
+    assert np.max(np.abs(np.asarray(got) - want)) < 1e-5
+    with pytest.raises(CheckpointError, match="BERT text tower is no single Hugging Face model"):
+        name_map_for(config)  # export-peft refuses rather than give CLIP's names to BERT layers
 
 
 # ------------------------------------------------------------ a tiny random BertModel
@@ -137,9 +282,27 @@ TINY = dict(
 )
 
 
+def _tiny_tokenizer() -> Tokenizer:
+    """A BERT WordPiece over single letters (every lowercase word splits into them), with
+    [CLS] ... [SEP] around each text; 61 ids, [PAD] = 0."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *(f"##{c}" for c in letters)]
+    tokens += ["-", ".", ":", ","]
+    assert len(tokens) == TINY["vocab_size"]
+    tokenizer = Tokenizer(WordPiece({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer.add_special_tokens(tokens[:5])
+    return tokenizer
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """(folder, torch BertModel) with O(1) random weights, saved by save_pretrained."""
+    """(folder, torch BertModel) with O(1) random weights, saved by save_pretrained, and a
+    letter-level tokenizer.json."""
     torch.manual_seed(0)
     model = transformers.BertModel(transformers.BertConfig(**TINY, attn_implementation="eager"))
     with torch.no_grad():
@@ -155,6 +318,7 @@ def tiny(tmp_path_factory):
     model.eval()
     folder = tmp_path_factory.mktemp("tiny_bert")
     model.save_pretrained(folder, safe_serialization=True)
+    _tiny_tokenizer().save(str(folder / "tokenizer.json"))
     return folder, model
 
 
@@ -257,7 +421,9 @@ def test_prefixed_folder_with_a_head_loads_the_same_params(tiny, tmp_path):
 
 def test_projection_to_embed_dim(tiny):
     config, params = load_hf_bert(tiny[0], embed_dim=16, rng=jax.random.key(3))
-    assert config.pooling == "cls" and params["proj"]["kernel"].shape == (32, 16)
+    kernel = params["proj"]["kernel"]
+    assert config.pooling == "cls" and kernel.shape == (32, 16)
+    np.testing.assert_allclose(kernel.T @ kernel, np.eye(16), atol=1e-5)  # semi-orthogonal
     hidden, out = _forward(config)({"params": params}, _tokens())
     np.testing.assert_allclose(out, np.asarray(hidden)[:, 0] @ params["proj"]["kernel"], atol=1e-5)
 
@@ -368,3 +534,88 @@ def test_more_tokens_than_positions_is_an_error():
     config = BertTextConfig(max_positions=4)
     with pytest.raises(ConfigError, match="max_positions=4"):
         BertTextEncoder(config).init(jax.random.key(0), jnp.ones((1, 5), jnp.int32))
+
+
+# ------------------------------------------- a dual encoder with the tiny BERT, trained a stage
+
+
+def test_a_stage_trains_the_bert_text_tower(tiny, tmp_path):
+    clip = tmp_path / "clip"
+    _tiny_clip(clip, projection_dim=20)  # not BERT's 32: proj is a random semi-orthogonal map
+    backbone = tmp_path / "backbone"
+    convert_clip_backbone(clip, backbone, text_hf_dir=tiny[0], max_text_len=16)
+    model, params = _loaded(backbone)
+    assert model.text_pooling == "cls"  # a plain BertModel folder states no pooling
+    np.testing.assert_array_equal(params["text"]["proj"]["kernel"], initial_projection(32, 20))
+    cfg = _demo_config(backbone)
+    cfg.prompt_template = "{label}"  # letter-level ids: whole prompts would not fit 16 ids
+    config = experiment_config(cfg)
+    tokens = prompt_encoder(config)(["kivo"])
+    # [CLS] k ##i ##v ##o [SEP] [PAD]... (letters are ids 5.., their ## forms 31..)
+    assert tokens[0, :7].tolist() == [2, 15, 39, 52, 45, 3, 0]
+
+    results = run_experiment(config, tmp_path / "work")  # raises if a loss is not finite
+    assert np.isfinite(results["methods"]["mslora"]["acc_matrix"]).all()
+    [(_, adapter)] = load_stage_adapters(tmp_path / "work", "mslora")
+    text = adapter["text"]["encoder"]
+    assert sorted(text) == ["block_0", "block_1"]
+    for block in text.values():  # every q/k/v/out/fc1/fc2 of every block was trained
+        for group, name in (("attn", "q"), ("attn", "k"), ("attn", "v"), ("attn", "out")):
+            assert np.abs(block[group][name]["lora_b"]).max() > 0  # B starts at zero
+        for name in ("fc1", "fc2"):
+            assert np.abs(block["mlp"][name]["lora_b"]).max() > 0
+
+
+def test_model_config_round_trips_the_bert_tower():
+    bert = BertTextConfig(pooling="cls", layer_norm_eps=1e-7, max_positions=16)
+    model = ModelConfig(**bert_text_fields(bert), embed_dim=48, max_text_len=16)
+    assert bert_text_config(model) == dataclasses.replace(bert, embed_dim=48)
+    assert ModelConfig().text_pooling is None  # older backbones' meta.json still match
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"text_pooling": None}, r"'bert' needs model.text_pooling"),
+        ({"text_positions": None}, r"'bert' needs model.text_positions"),
+        ({"text_pooling": "max"}, r"model.text_pooling='max' is unknown"),
+        ({"text_type_vocab_size": 0}, r"model.text_type_vocab_size must be a positive integer"),
+        ({"text_activation": "relu"}, r"model.text_activation='relu' is unknown"),
+        ({"text_layer_norm_eps": -1.0}, r"model.text_layer_norm_eps must be > 0"),
+        ({"text_eos_id": 3}, r"'bert' does not read model.text_eos_id"),
+        ({"max_text_len": 65}, r"max_text_len=65 exceeds model.text_positions=64"),
+        ({"text_tower": "clip", "text_eos_id": 3}, r"'clip' does not read .*model.text_pooling"),
+        ({"text_tower": None}, r"'hashed' does not read model.text_activation, .*text_pooling"),
+    ],
+)
+def test_bad_bert_tower_fields_are_named(change, message):
+    fields = {**bert_text_fields(BertTextConfig()), **change}
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig(**fields)
+
+
+def test_backbone_tokenizer_must_pad_with_zero_and_add_cls_sep(tiny, tmp_path):
+    written = Tokenizer.from_str(bert_tokenizer_json(tiny[0], TINY["vocab_size"]))
+    assert written.padding["pad_id"] == 0 and written.encode("ab").ids == [2, 5, 32, 3]
+    tokenizer = _tiny_tokenizer()
+    tokenizer.enable_padding(pad_id=1, pad_token="[UNK]")
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(CheckpointError, match="pads with id 1.*masks padding as id 0"):
+        bert_tokenizer_json(tmp_path, TINY["vocab_size"])
+    tokenizer = _tiny_tokenizer()
+    tokenizer.post_processor = None
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(
+        CheckpointError, match=r"does not add special tokens.*\[CLS\] \.\.\. \[SEP\]"
+    ):
+        bert_tokenizer_json(tmp_path, TINY["vocab_size"])
+    with pytest.raises(CheckpointError, match="fast tokenizer is needed"):
+        bert_tokenizer_json(tmp_path / "absent", TINY["vocab_size"])
+
+
+def test_initial_projection_keeps_cosine_similarities_when_widening():
+    kernel = initial_projection(32, 48, jax.random.key(5))
+    np.testing.assert_allclose(kernel @ kernel.T, np.eye(32), atol=1e-5)  # an isometry
+    x = np.random.default_rng(0).normal(size=(4, 32))
+    np.testing.assert_allclose(np.linalg.norm(x @ kernel, axis=-1), np.linalg.norm(x, axis=-1))
+    np.testing.assert_array_equal(initial_projection(32, 32), np.eye(32))

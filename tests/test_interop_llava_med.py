@@ -19,6 +19,7 @@ from mslora_jax.interop.hf_llava import (
     CLIP_VISION_PREFIX,
     LLAVA_VISION_PREFIX,
     check_hf_config,
+    check_hf_run_settings,
     convert_hf_llava,
 )
 from mslora_jax.interop.llava_med import convert_llava_backbone
@@ -390,6 +391,39 @@ def test_cli_converts_and_a_run_loads_the_backbone(tmp_path, monkeypatch):
     # A second conversion refuses to overwrite the folder, and leaves it as it was.
     proc = _cli(*args)
     assert proc.returncode == 2 and "already exists and is not empty" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "fields, pad_to_square, message",
+    [
+        ({"mm_use_im_start_end": True}, False, "mm_use_im_start_end=True, but"),
+        ({"image_aspect_ratio": "pad"}, False, 'image_aspect_ratio="pad" but llava.pad_to_squa'),
+        ({"image_aspect_ratio": "square"}, True, "image_aspect_ratio='square' but llava.pad_to"),
+        ({"image_aspect_ratio": "anyres"}, False, '"anyres" \\(image tiling\\) is not implemented'),
+        ({"tie_word_embeddings": True}, False, "tie_word_embeddings=True, but"),
+        ({"sliding_window": 8}, False, "sliding_window=8 is shorter than the longest sequence"),
+    ],
+)
+def test_contradicting_run_settings_are_refused_by_name(tmp_path, fields, pad_to_square, message):
+    cfg = _tiny_run_config(tmp_path)
+    cfg["llava"]["pad_to_square"] = pad_to_square
+    config = experiment_config(cfg)
+    (tmp_path / "hf").mkdir()
+    save_file(hf_weights(config.llava.model_config()), tmp_path / "hf" / "model.safetensors")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(fields))
+    with pytest.raises(CheckpointError, match=message):
+        convert_llava_backbone(config, tmp_path / "hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # The settings LLaVA-Med v1.5 states, and a window no run sequence reaches, are accepted.
+    longest = config.llava.max_len + CONFIG.num_patches - 1 + config.llava.max_new_tokens
+    agreeing = {
+        "mm_use_im_start_end": False,
+        "image_aspect_ratio": "pad" if pad_to_square else "square",
+        "tie_word_embeddings": False,
+        "sliding_window": longest,
+    }
+    check_hf_run_settings(agreeing, config.llava, "config.json")
+    check_hf_run_settings({"sliding_window": None}, config.llava, "config.json")
 
 
 def test_failed_conversion_leaves_nothing(tmp_path):

@@ -36,3 +36,11 @@ class Command:
     define_flags: Callable[[flags.FlagValues], None] = no_flags
     config_help: str | None = None
     required: tuple[str, ...] = ()  # flags that must be given (names without dashes)
+
+
+# Shared by the commands' flag definitions.
+CONFIG_HELP = "The experiment config: a configs/*.py file, with get_config's argument after ':'."
+
+
+def define_workdir(flag_values: flags.FlagValues, help_text: str) -> None:
+    flags.DEFINE_string("workdir", None, help_text, flag_values=flag_values)

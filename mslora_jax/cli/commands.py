@@ -1,28 +1,23 @@
 """The commands of ``mslora-jax``, each a thin call into the library.
 
-A new command is a ``Command`` (``mslora_jax.cli.command``) and one entry in ``COMMANDS``.
+A new command is a ``Command`` (``mslora_jax.cli.command``) and one entry in ``COMMANDS`` (or, for
+the readers and writers of outside formats, in ``interop_commands.INTEROP_COMMANDS``).
 Library imports happen inside each function: ``run`` must start ``jax.distributed`` before
 anything touches jax, and ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 from absl import flags
 
-from mslora_jax.cli.command import Command
-
-_CONFIG_HELP = "The experiment config: a configs/*.py file, with get_config's argument after ':'."
-
-
-def _workdir(flag_values: flags.FlagValues, help_text: str) -> None:
-    flags.DEFINE_string("workdir", None, help_text, flag_values=flag_values)
+from mslora_jax.cli.command import CONFIG_HELP, Command, define_workdir
+from mslora_jax.cli.interop_commands import INTEROP_COMMANDS
 
 
 def _run_flags(fv: flags.FlagValues) -> None:
-    _workdir(fv, "Output folder (created; a rerun resumes after the last finished stage).")
+    define_workdir(fv, "Output folder (created; a rerun resumes after the last finished stage).")
     flags.DEFINE_bool(
         "dry-run",
         False,
@@ -99,13 +94,13 @@ RUN = Command(
     "[multi-process flags]",
     run=_run,
     define_flags=_run_flags,
-    config_help=_CONFIG_HELP,
+    config_help=CONFIG_HELP,
     required=("config", "workdir"),
 )
 
 
 def _sweep_flags(fv: flags.FlagValues) -> None:
-    _workdir(
+    define_workdir(
         fv,
         "Output folder: one run folder per seed (seed_<s>/, resumed as run resumes) "
         "and summary.json/.md/.csv/.png.",
@@ -144,13 +139,13 @@ SWEEP = Command(
     "[multi-process flags]",
     run=_sweep,
     define_flags=_sweep_flags,
-    config_help=_CONFIG_HELP,
+    config_help=CONFIG_HELP,
     required=("config", "seeds", "workdir"),
 )
 
 
 def _inspect_flags(fv: flags.FlagValues) -> None:
-    _workdir(fv, "The folder of a run (mslora-jax run --workdir).")
+    define_workdir(fv, "The folder of a run (mslora-jax run --workdir).")
     flags.DEFINE_string(
         "method", None, "Whose adapters: one of the run's methods, e.g. mslora_cr.", flag_values=fv
     )
@@ -187,53 +182,50 @@ INSPECT = Command(
 )
 
 
-def _convert_flags(fv: flags.FlagValues) -> None:
+def _score_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string(
-        "hf-dir", None, "The Hugging Face LLaVA-Med folder (safetensors).", flag_values=fv
-    )
-    flags.DEFINE_string(
-        "vision-hf-dir",
+        "answers",
         None,
-        "A CLIP folder (openai/clip-vit-large-patch14-336) to take the vision tower from, for a "
-        "LLaVA folder without one.",
+        "An answer file (JSON lines): the released results/<run>/<task>/answer-file.jsonl or a "
+        "run's answers/<method>/<task>.jsonl.",
         flag_values=fv,
     )
-    flags.DEFINE_string(
-        "out",
-        None,
-        "The backbone folder to write (default: the config's backbone.path).",
+    flags.DEFINE_enum(
+        "metrics",
+        "released",
+        ["released", "clean"],
+        "Whose definitions: the released MSLoRA-CR evaluator's (as in the paper's table) or "
+        "mslora_jax's clean ones (eval.metrics).",
         flag_values=fv,
+    )
+    flags.DEFINE_bool(
+        "json", False, "Print the scores as JSON (fractions; null: undefined).", flag_values=fv
     )
 
 
-def _convert_llava_med(args: SimpleNamespace) -> None:
-    from mslora_jax.config import experiment_config
-    from mslora_jax.errors import CommandLineError
-    from mslora_jax.interop.llava_med import convert_llava_backbone
+def _score(args: SimpleNamespace) -> None:
+    import json
+    import math
 
-    config = experiment_config(args.config)
-    # Default: where a run with this config loads its backbone from.
-    out = args.out or (config.backbone.path if config.backbone.source == "load" else "")
-    if not out:
-        raise CommandLineError(
-            'convert-llava-med needs --out (or a config with backbone.source="load")'
-        )
-    count = convert_llava_backbone(config, args.hf_dir, out, args.vision_hf_dir)
-    print(f"converted {count:,} parameters into {out}")
-    loaded_by_run = Path(out).absolute() == Path(config.backbone.path).absolute()
-    if config.backbone.source != "load" or not loaded_by_run:
-        print(f'run with --config.backbone.source=load --config.backbone.path="{out}"')
+    from mslora_jax.eval.scoring import score_answer_file
+    from mslora_jax.report.answer_scores import format_answer_scores
+
+    scores = score_answer_file(args.answers, args.metrics)
+    if args.json:
+        print(json.dumps({k: None if math.isnan(v) else v for k, v in scores.items()}, indent=1))
+    else:
+        print(format_answer_scores(scores, args.metrics))
 
 
-CONVERT_LLAVA_MED = Command(
-    name="convert-llava-med",
-    summary="Convert Hugging Face LLaVA-Med weights into a backbone folder that runs load.",
-    usage="--config FILE[:ARG] --hf-dir DIR [--vision-hf-dir DIR] [--out DIR]",
-    run=_convert_llava_med,
-    define_flags=_convert_flags,
-    config_help=_CONFIG_HELP,
-    required=("config", "hf-dir"),
+SCORE = Command(
+    name="score",
+    summary="Score an answer file with the released evaluator's metrics (or the clean ones).",
+    usage="--answers FILE [--metrics released|clean] [--json]",
+    run=_score,
+    define_flags=_score_flags,
+    required=("answers",),
 )
 
-# In the order `mslora-jax --help` lists them.
-COMMANDS: tuple[Command, ...] = (RUN, SWEEP, INSPECT, CONVERT_LLAVA_MED)
+# In the order `mslora-jax --help` lists them: running and reading runs, then the converters
+# and importers of outside formats (``interop_commands``).
+COMMANDS: tuple[Command, ...] = (RUN, SWEEP, INSPECT, SCORE, *INTEROP_COMMANDS)

@@ -29,7 +29,6 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mslora_jax.data.chat_template import DEFAULT_TEMPLATE, VICUNA_SYSTEM, ChatTemplate
-from mslora_jax.data.hf_tokenizer import load_tokenizer_file
 from mslora_jax.data.vqa import IMAGE_TOKEN, VqaExample
 from mslora_jax.errors import ConfigError, DataError
 
@@ -147,9 +146,19 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
     tokenizer.save(os.fspath(path))
 
 
+def read_tokenizer_file(path: str | os.PathLike) -> Tokenizer:
+    """Reads a ``tokenizer.json``; DataError if missing or invalid (no token is required)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: tokenizer file not found")
+    try:
+        return Tokenizer.from_file(os.fspath(path))
+    except Exception as error:  # tokenizers raises a bare Exception for any parse failure.
+        raise DataError(f"{path}: not a valid tokenizer.json ({error})") from None
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Loads a ``tokenizer.json``; DataError if missing, invalid or lacking a special token."""
-    tokenizer = load_tokenizer_file(path)
+    tokenizer = read_tokenizer_file(path)
     try:
         check_required_tokens(tokenizer)
     except DataError as error:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -86,12 +87,21 @@ class ClassTable:
 
 
 def class_table(
-    tasks: Sequence[TaskData], template: str, *, max_len: int, vocab_size: int
+    tasks: Sequence[TaskData],
+    template: str,
+    *,
+    max_len: int = 0,
+    vocab_size: int = 0,
+    encode: Callable[[Sequence[str]], np.ndarray] | None = None,
 ) -> ClassTable:
+    """The class prompts' ids: ``encode(prompts)`` (e.g. ``prompt_tokenizer.prompt_encoder``),
+    by default the hashed-word ``tokenize`` with ``max_len`` and ``vocab_size``."""
     prompts = [prompt(template, t.modality, name) for t in tasks for name in t.class_names]
     sizes = tuple(t.num_classes for t in tasks)
     offsets = tuple(int(x) for x in np.concatenate([[0], np.cumsum(sizes)[:-1]]))
-    return ClassTable(tokenize(prompts, max_len=max_len, vocab_size=vocab_size), offsets, sizes)
+    if encode is None:
+        encode = functools.partial(tokenize, max_len=max_len, vocab_size=vocab_size)
+    return ClassTable(encode(prompts), offsets, sizes)
 
 
 def union_train_split(tasks: Sequence[TaskData], table: ClassTable, indices: Sequence[int]):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,19 +94,9 @@ def read_test_file(
     ``answer_type`` is matched case-insensitively and stored upper-case. ``question_id`` and
     ``gt`` may be strings or integers (stored as strings).
     """
-    lines = _read_text(path).splitlines()
     items: list[VqaTestItem] = []
     seen: dict[str, int] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}: line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(
-                f"{where}: malformed JSON ({error.msg} at column {error.colno})"
-            ) from None
+    for number, where, record in jsonl_records(path):
         record = _require(record, ("question_id", "image", "text", "gt", "answer_type"), where)
         qid = _id(record["question_id"], "question_id", where)
         if qid in seen:
@@ -185,6 +176,22 @@ def _read_text(path: str | os.PathLike) -> str:
         raise DataError(f"{path}: not UTF-8 text ({error})") from None
     except OSError as error:
         raise DataError(f"{path}: cannot read file ({error})") from None
+
+
+def jsonl_records(path: str | os.PathLike) -> Iterator[tuple[int, str, Any]]:
+    """(line number, "PATH: line N", parsed value) of each non-blank line of a JSON-lines file;
+    a malformed line raises ``DataError`` naming it."""
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{where}: malformed JSON ({error.msg} at column {error.colno})"
+            ) from None
+        yield number, where, record
 
 
 def _load_json(path: str | os.PathLike) -> Any:

@@ -190,6 +190,14 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
+def check_answer_count(preds: Sequence[object], refs: Sequence[object]) -> None:
+    """ValueError unless there are as many predictions as references, and at least one."""
+    if len(preds) != len(refs):
+        raise ValueError(f"got {len(preds)} predictions but {len(refs)} references")
+    if not preds:
+        raise ValueError("no answers to score (preds and refs are empty)")
+
+
 def score_answers(preds: Sequence[str], refs: Sequence[Mapping[str, object]]) -> dict[str, float]:
     """Mean of every metric over a set of answers.
 
@@ -198,10 +206,7 @@ def score_answers(preds: Sequence[str], refs: Sequence[Mapping[str, object]]) ->
     items; closed_accuracy over CLOSED items; open_recall / open_f1 (token recall / F1) over OPEN
     items. A mean over zero items is NaN. Also returns ``num_closed`` and ``num_open``.
     """
-    if len(preds) != len(refs):
-        raise ValueError(f"got {len(preds)} predictions but {len(refs)} references")
-    if not preds:
-        raise ValueError("no answers to score (preds and refs are empty)")
+    check_answer_count(preds, refs)
     per: dict[str, list[float]] = {name: [] for name in METRIC_NAMES}
     for i, (pred, ref) in enumerate(zip(preds, refs)):
         if not isinstance(pred, str):

@@ -12,7 +12,7 @@ from mslora_jax.data.pipeline import eval_batches
 from mslora_jax.models.clip import DualEncoder
 from mslora_jax.models.lora_dense import LORA_COLLECTION
 from mslora_jax.parallel.mesh import process_rows, to_global_batch
-from mslora_jax.train.objectives import normalize_images
+from mslora_jax.train.objectives import model_images
 
 
 def make_predict_fn(model: DualEncoder):
@@ -25,7 +25,7 @@ def make_predict_fn(model: DualEncoder):
     def predict(variables, weights, images, class_tokens, class_valid):
         text = model.apply(variables, class_tokens, weights, method=DualEncoder.encode_text)
         image = model.apply(
-            variables, normalize_images(images), weights, method=DualEncoder.encode_image
+            variables, model_images(model, images), weights, method=DualEncoder.encode_image
         )
         logits = jnp.where(class_valid[None, :], image @ text.T, -jnp.inf)
         return jnp.argmax(logits, axis=-1)
@@ -38,7 +38,7 @@ def make_embed_fn(model: DualEncoder):
 
     def embed(variables, weights, images):
         return model.apply(
-            variables, normalize_images(images), weights, method=DualEncoder.encode_image
+            variables, model_images(model, images), weights, method=DualEncoder.encode_image
         )
 
     return jax.jit(embed)

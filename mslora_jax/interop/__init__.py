@@ -6,9 +6,12 @@ What can be loaded and written:
   lazily one tensor at a time.
 - ``hf_llava`` / ``llava_med``: LLaVA(-Med v1.5) weights into the generative backbone
   (``mslora-jax convert-llava-med``).
+- ``peft`` / ``peft_run``: LoRA adapters as Hugging Face PEFT folders and back
+  (``mslora-jax export-peft``, ``mslora-jax import-peft``).
+- ``released`` / ``released_run``: the released MSLoRA-CR trainer's ``cl_lora.bin`` files into the
+  finished stages of a run folder (``mslora-jax import-released``).
 - ``hf_bert``: a Hugging Face ``BertModel`` (or sentence-transformers) folder into the BERT text
   tower ``models.bert.BertTextEncoder`` (``load_hf_bert``).
-- ``tensor_map``: the table-driven name/shape checking and reading the converters share.
 
 Layering: ``interop`` sits beside ``train``'s callers (``cli/``, ``experiments/``): it may use
 ``train/`` (the backbone and run folders it writes are the ones runs read) and the lower layers,

@@ -1,26 +1,33 @@
 """Map a Hugging Face ``BertModel`` folder (safetensors) onto ``models.bert.BertTextEncoder``.
 
-Table-driven as ``hf_llava`` (``tensor_map``): every leaf of the target tree names one HF tensor
-by ``_MODULES``; names and shapes are all checked before the first tensor is read. HF names:
-``embeddings.{word,position,token_type}_embeddings``, ``embeddings.LayerNorm``,
-``encoder.layer.{i}.attention.self.{query,key,value}``, ``attention.output.dense``,
-``attention.output.LayerNorm``, ``intermediate.dense``, ``output.dense``, ``output.LayerNorm``,
-``pooler.dense``, all under an optional prefix (``bert.`` in ``BertForMaskedLM``-style
-checkpoints such as PubMedBERT; found from where ``embeddings.word_embeddings.weight`` lies).
-Tensors outside the prefix (a masked-LM head, ...) are not the text tower and go unused, as do
-the ``position_ids``/``token_type_ids`` buffers and ``pooler.dense`` unless pooling is
-``"pooler"``; any other unused tensor under the prefix, or a missing one, is an error.
+Table-driven (``interop.hf_names``, as ``hf_llava`` and ``hf_clip``): ``BERT_NAMES`` names the
+HF tensor of every leaf of the tower's params tree; names and shapes are all checked before the
+first tensor is read. HF names: ``embeddings.{word,position,token_type}_embeddings``,
+``embeddings.LayerNorm``, ``encoder.layer.{i}.attention.self.{query,key,value}``,
+``attention.output.dense``, ``attention.output.LayerNorm``, ``intermediate.dense``,
+``output.dense``, ``output.LayerNorm``, ``pooler.dense``, all under a prefix ``{p}`` (``""``, or
+``bert.`` in ``BertForMaskedLM``-style checkpoints such as PubMedBERT; ``find_prefix`` finds it
+from where ``embeddings.word_embeddings.weight`` lies). Tensors outside the prefix (a masked-LM
+head, ...) are not the text tower and go unused, as do the ``position_ids``/``token_type_ids``
+buffers and ``pooler.dense`` unless pooling is ``"pooler"``; any other unused tensor under the
+prefix, or a missing one, is an error.
+
+The projection ``proj`` (``embed_dim``: a dual-encoder head, not part of ``BertModel``) is not in
+the folder: it is taken from ``initial`` params, by default ``initial_projection`` (identity when
+``embed_dim`` is the hidden size, so the tower's output is exactly the pooled BERT embedding, e.g.
+sentence-transformers'; otherwise a seeded random semi-orthogonal matrix, which for ``embed_dim``
+above the hidden size keeps every norm and cosine similarity of the pooled embeddings).
 
 ``config.json`` keys that shapes cannot check (heads, activation, LayerNorm epsilon, position
 embedding type, padding id, ...) are compared with the config by ``check_hf_bert_config``. A
 sentence-transformers folder (``modules.json``) states its pooling in ``1_Pooling/config.json``
-(``sentence_transformers_pooling``).
+(``sentence_transformers_pooling``); modules other than Transformer, Pooling and Normalize (a
+``Dense`` head, ...) are refused rather than left out of the embedding.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,31 +35,33 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from mslora_jax.errors import CheckpointError
-from mslora_jax.interop import tensor_map
+from mslora_jax.data.prompt_tokenizer import TOKENIZER_FILE, load_prompt_tokenizer
+from mslora_jax.errors import CheckpointError, DataError
+from mslora_jax.interop.hf_names import NameTable, check_settings, convert_tensors
 from mslora_jax.interop.safetensors_folder import SafetensorsFolder, TensorSource
 from mslora_jax.io_utils import read_json
 from mslora_jax.models.bert import PAD_ID, BertTextConfig, init_bert
 
-# (flax module path, HF module name after the prefix). Matched in full.
-_MODULES = (
-    (r"token_embed", r"embeddings.word_embeddings"),
-    (r"position_embed", r"embeddings.position_embeddings"),
-    (r"type_embed", r"embeddings.token_type_embeddings"),
-    (r"ln_embed", r"embeddings.LayerNorm"),
-    (r"encoder/block_(\d+)/attn/q", r"encoder.layer.\1.attention.self.query"),
-    (r"encoder/block_(\d+)/attn/k", r"encoder.layer.\1.attention.self.key"),
-    (r"encoder/block_(\d+)/attn/v", r"encoder.layer.\1.attention.self.value"),
-    (r"encoder/block_(\d+)/attn/out", r"encoder.layer.\1.attention.output.dense"),
-    (r"encoder/block_(\d+)/ln_attn", r"encoder.layer.\1.attention.output.LayerNorm"),
-    (r"encoder/block_(\d+)/mlp/fc1", r"encoder.layer.\1.intermediate.dense"),
-    (r"encoder/block_(\d+)/mlp/fc2", r"encoder.layer.\1.output.dense"),
-    (r"encoder/block_(\d+)/ln_mlp", r"encoder.layer.\1.output.LayerNorm"),
-    (r"pooler", r"pooler.dense"),
+# (flax module path in the tower, HF module name); ``{p}`` is the encoder's prefix.
+BERT_NAMES = NameTable(
+    modules=(
+        (r"token_embed", r"{p}embeddings.word_embeddings"),
+        (r"position_embed", r"{p}embeddings.position_embeddings"),
+        (r"type_embed", r"{p}embeddings.token_type_embeddings"),
+        (r"ln_embed", r"{p}embeddings.LayerNorm"),
+        (r"encoder/block_(\d+)/attn/q", r"{p}encoder.layer.\1.attention.self.query"),
+        (r"encoder/block_(\d+)/attn/k", r"{p}encoder.layer.\1.attention.self.key"),
+        (r"encoder/block_(\d+)/attn/v", r"{p}encoder.layer.\1.attention.self.value"),
+        (r"encoder/block_(\d+)/attn/out", r"{p}encoder.layer.\1.attention.output.dense"),
+        (r"encoder/block_(\d+)/ln_attn", r"{p}encoder.layer.\1.attention.output.LayerNorm"),
+        (r"encoder/block_(\d+)/mlp/fc1", r"{p}encoder.layer.\1.intermediate.dense"),
+        (r"encoder/block_(\d+)/mlp/fc2", r"{p}encoder.layer.\1.output.dense"),
+        (r"encoder/block_(\d+)/ln_mlp", r"{p}encoder.layer.\1.output.LayerNorm"),
+        (r"pooler", r"{p}pooler.dense"),
+    ),
+    ignored=(r"(^|\.)embeddings\.(position_ids|token_type_ids)$",),  # index buffers
 )
 _ANCHOR = "embeddings.word_embeddings.weight"
-# Buffers (index tables, not weights), and the pooler, which only "pooler" pooling uses.
-_BUFFERS = r"embeddings\.(position_ids|token_type_ids)$"
 # HF's hidden_act -> ours (transformer.ACTIVATIONS).
 HF_ACTIVATIONS = {
     "gelu": "gelu",
@@ -60,6 +69,9 @@ HF_ACTIVATIONS = {
     "gelu_pytorch_tanh": "gelu_tanh",
     "quick_gelu": "quick_gelu",
 }
+# sentence-transformers modules whose effect the tower (plus DualEncoder's L2 normalization)
+# reproduces; any other module in modules.json would change the embedding.
+_ST_MODULES = ("Transformer", "Pooling", "Normalize")
 
 
 def find_prefix(names) -> str:
@@ -76,24 +88,13 @@ def find_prefix(names) -> str:
     return found[0] if found else ""
 
 
-def hf_bert_targets(abstract: Mapping, prefix: str = "") -> dict[str, tensor_map.Target]:
-    """``{HF tensor name: Target}`` for the leaves of a ``BertTextEncoder`` params tree.
-
-    The projection ``proj`` (a dual-encoder head, not part of ``BertModel``) has no counterpart
-    and is left out.
-    """
-    escaped = prefix.replace("\\", "\\\\")  # the prefix goes into a regex template
-    modules = [(pattern, escaped + template) for pattern, template in _MODULES]
-    targets = {}
-    for path, shape in tensor_map.leaf_paths(abstract):
-        if path.startswith("proj/"):
-            continue
-        found = tensor_map.table_name(path, len(shape), modules)
-        if found is None:
-            raise CheckpointError(f"parameter {path} has no known Hugging Face BERT counterpart")
-        name, layout = found
-        targets[name] = tensor_map.Target(path, shape, layout)
-    return targets
+def initial_projection(width: int, embed_dim: int, rng: jax.Array | None = None) -> np.ndarray:
+    """The ``proj`` kernel ``[width, embed_dim]`` of a folder that has none (module docstring):
+    the identity if the sizes are equal, else ``nn.initializers.orthogonal`` from ``rng``."""
+    if width == embed_dim:
+        return np.eye(width, dtype=np.float32)
+    rng = jax.random.key(0) if rng is None else rng
+    return np.asarray(nn.initializers.orthogonal()(rng, (width, embed_dim)), np.float32)
 
 
 def convert_hf_bert(
@@ -107,27 +108,24 @@ def convert_hf_bert(
 ) -> dict:
     """The ``BertTextEncoder`` params tree (nested dicts of numpy arrays) from HF tensors.
 
-    ``abstract``: the tree of ``init_bert`` (arrays or ``ShapeDtypeStruct``s; only shapes are
+    ``abstract``: the tower's params tree (arrays or ``ShapeDtypeStruct``s; only shapes are
     used). ``prefix``: before every HF name (None: found by ``find_prefix``). A projection
-    ``proj`` (``embed_dim`` set) is not in a ``BertModel`` folder: it is taken from ``initial``
-    (e.g. freshly initialised params), and without ``initial`` that is an error.
+    ``proj`` in ``abstract`` is not in a ``BertModel`` folder: it is taken from ``initial``
+    (CheckpointError without it).
     """
     shapes = source.shapes()
     prefix = find_prefix(shapes) if prefix is None else prefix
-    targets = hf_bert_targets(abstract, prefix)
-    pooler = re.escape(prefix) + r"pooler\."
-    uses_pooler = any(name.startswith(f"{prefix}pooler.") for name in targets)
+    uses_pooler = "pooler" in abstract
 
-    def may_skip(name: str) -> bool:
-        under = name[len(prefix) :]
-        return (
-            not name.startswith(prefix)
-            or re.match(_BUFFERS, under) is not None
-            or (not uses_pooler and re.match(pooler, name) is not None)
+    def may_skip(name: str) -> bool:  # not the tower's, or the pooler "pooler" pooling needs
+        return not name.startswith(prefix) or (
+            not uses_pooler and name.startswith(f"{prefix}pooler.")
         )
 
-    tensor_map.check_tensor_names(targets, shapes, where, may_skip)
-    tree = tensor_map.unflatten(tensor_map.read_targets(targets, source, dtype))
+    tower = {key: value for key, value in abstract.items() if key != "proj"}
+    tree = convert_tensors(
+        tower, source, BERT_NAMES, subs={"p": prefix}, skip=may_skip, where=where, dtype=dtype
+    )
     if "proj" in abstract:
         if initial is None or "proj" not in initial:
             raise CheckpointError(
@@ -164,7 +162,7 @@ def check_hf_bert_config(hf_config: Mapping, config: BertTextConfig, where: str)
     if "hidden_act" in hf_config:  # in our names, so "gelu_new" matches "gelu_tanh"
         act = hf_config["hidden_act"]
         hf_config["hidden_act"] = HF_ACTIVATIONS.get(act, act)
-    tensor_map.check_settings(hf_config, expected_settings(config), where)
+    check_settings(hf_config, expected_settings(config), where)
 
 
 def bert_config_from_hf(
@@ -205,13 +203,21 @@ def sentence_transformers_pooling(folder: os.PathLike | str) -> str | None:
     """The pooling a sentence-transformers folder states ("mean" or "cls"), None if none.
 
     Reads ``modules.json`` for the ``Pooling`` module's folder, then its ``config.json``;
-    pooling modes we do not implement (max, mean_sqrt_len, several at once) are an error.
+    pooling modes we do not implement (max, mean_sqrt_len, several at once), and modules other
+    than ``_ST_MODULES`` (a ``Dense`` head would change the embedding), are an error.
     """
     folder = Path(folder)
     if not (folder / "modules.json").exists():
         return None
-    modules = read_json(folder / "modules.json", "sentence-transformers modules")
-    paths = [m.get("path", "") for m in modules if str(m.get("type", "")).endswith(".Pooling")]
+    modules_json = folder / "modules.json"
+    modules = read_json(modules_json, "sentence-transformers modules")
+    types = [str(m.get("type", "")) for m in modules]
+    other = [t for t in types if t.rsplit(".", 1)[-1] not in _ST_MODULES]
+    if other:
+        raise CheckpointError(
+            f"{modules_json}: modules {other} are not supported (only {list(_ST_MODULES)})"
+        )
+    paths = [m.get("path", "") for m, t in zip(modules, types) if t.endswith(".Pooling")]
     if not paths:
         return None
     path = folder / paths[0] / "config.json"
@@ -225,6 +231,24 @@ def sentence_transformers_pooling(folder: os.PathLike | str) -> str | None:
     return known[on[0]]
 
 
+def read_bert_config(
+    folder: os.PathLike | str, *, pooling: str | None = None, embed_dim: int | None = None
+) -> BertTextConfig:
+    """The ``BertTextConfig`` of an HF (or sentence-transformers) BERT folder.
+
+    ``pooling``: None takes the sentence-transformers pooling if the folder states one, else
+    ``"cls"`` (BERT's [CLS] token).
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    hf_config = read_json(config_path, "Hugging Face BERT config")
+    if pooling is None:
+        pooling = sentence_transformers_pooling(folder) or "cls"
+    return bert_config_from_hf(
+        hf_config, pooling=pooling, embed_dim=embed_dim, where=str(config_path)
+    )
+
+
 def load_hf_bert(
     folder: os.PathLike | str,
     *,
@@ -234,24 +258,42 @@ def load_hf_bert(
 ) -> tuple[BertTextConfig, dict]:
     """``(config, params)`` of the BERT text tower in an HF (or sentence-transformers) folder.
 
-    ``pooling``: None takes the sentence-transformers pooling if the folder states one, else
-    ``"cls"``. With ``embed_dim`` the projection is initialised at random from ``rng``.
+    ``pooling``: as ``read_bert_config``. With ``embed_dim`` the projection is
+    ``initial_projection`` (random ones drawn from ``rng``).
     """
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    hf_config = read_json(config_path, "Hugging Face BERT config")
-    if pooling is None:
-        pooling = sentence_transformers_pooling(folder) or "cls"
-    config = bert_config_from_hf(
-        hf_config, pooling=pooling, embed_dim=embed_dim, where=str(config_path)
-    )
-    source = SafetensorsFolder(folder)
+    config = read_bert_config(folder, pooling=pooling, embed_dim=embed_dim)
+    source = SafetensorsFolder(Path(folder))
     abstract = jax.eval_shape(lambda: init_bert(config, jax.random.key(0)))
     initial = None
-    if embed_dim is not None:  # nn.Dense's initializer, for the projection alone
-        kernel = nn.initializers.lecun_normal()(
-            jax.random.key(0) if rng is None else rng, (config.width, embed_dim)
-        )
-        initial = {"proj": {"kernel": kernel}}
+    if embed_dim is not None:
+        initial = {"proj": {"kernel": initial_projection(config.width, embed_dim, rng)}}
     params = convert_hf_bert(abstract, source, initial=initial, where=str(folder))
     return config, params
+
+
+def bert_tokenizer_json(folder: os.PathLike | str, vocab_size: int) -> str:
+    """The backbone's ``tokenizer.json``: the BERT folder's, with padding set to id ``PAD_ID``.
+
+    CheckpointError if the file is missing, does not fit ``vocab_size``, pads with another id
+    (the tower masks ``tokens != PAD_ID``), or does not put special tokens ([CLS] ... [SEP])
+    around a prompt, as BERT and sentence-transformers do.
+    """
+    path = Path(folder) / TOKENIZER_FILE
+    try:
+        tokenizer, pad_id = load_prompt_tokenizer(path, vocab_size)
+    except DataError as e:
+        raise CheckpointError(f"{e} (the BERT folder's fast tokenizer is needed)") from None
+    pad_token = tokenizer.id_to_token(PAD_ID)
+    if pad_id != PAD_ID or pad_token is None:
+        raise CheckpointError(
+            f"{path}: pads with id {pad_id} ({pad_token!r} is id {PAD_ID}); the BERT text tower "
+            f"masks padding as id {PAD_ID}"
+        )
+    special = tokenizer.encode("a photo").special_tokens_mask
+    if not (special[0] and special[-1]):
+        raise CheckpointError(
+            f"{path}: its post-processor does not add special tokens around a prompt (BERT's "
+            "[CLS] ... [SEP]), which the tower was trained with"
+        )
+    tokenizer.enable_padding(pad_id=PAD_ID, pad_token=pad_token)
+    return tokenizer.to_str(pretty=True)

@@ -1,10 +1,9 @@
 """Map Hugging Face LLaVA(-Med) weights onto the parameter tree of ``models.llava.Llava``.
 
-The conversion is driven by the target tree (``jax.eval_shape`` of ``init_llava``): every leaf's
-path is turned into the name of one HF tensor by ``_MODULES`` (module path -> HF module) and
-``_LEAF_NAMES``, and that tensor is read, re-laid out and checked against the leaf's shape. Any
-tensor left over that is not on the ``IGNORED`` list is an error, as is a missing one, so a config
-that does not match the weights cannot load silently.
+The conversion is ``interop.hf_names``'s, driven by the target tree (``jax.eval_shape`` of
+``init_llava``) with the table ``LLAVA_NAMES``: ``_MODULES`` (module path -> HF module) and the
+tower's own leaves. Any tensor left over that is not on the ``IGNORED`` list is an error, as is a
+missing one, so a config that does not match the weights cannot load silently.
 
 HF names as released (``LlavaMistralForCausalLM``): ``model.embed_tokens``, ``model.layers.{i}``
 (``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, ``input_layernorm``,
@@ -12,24 +11,28 @@ HF names as released (``LlavaMistralForCausalLM``): ``model.embed_tokens``, ``mo
 saved with the model, the CLIP tower under ``LLAVA_VISION_PREFIX``; OpenAI's own CLIP folder
 (``openai/clip-vit-large-patch14-336``) has the tower under ``CLIP_VISION_PREFIX``.
 
-Layouts (``tensor_map``): torch ``Linear`` and conv weights are re-laid out as flax's. A
-scanned decoder's leaf ``decoder/blocks/...`` ``[depth, ...]`` is filled from ``model.layers.{i}``
-for every i, one layer's tensor at a time, into one array. q and k need no permutation:
-``decoder.apply_rope`` uses HF's "rotate half" pairing (checked by
-tests/test_interop_llava_med.py against HF's formulas).
+A scanned decoder's leaf ``decoder/blocks/...`` ``[depth, ...]`` is filled from
+``model.layers.{i}`` for every i. q and k need no permutation: ``decoder.apply_rope`` uses HF's
+"rotate half" pairing (checked by tests/test_interop_llava_med.py against HF's formulas).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from mslora_jax.config import LlavaSettings
 from mslora_jax.errors import CheckpointError
-from mslora_jax.interop import tensor_map
+from mslora_jax.interop.hf_names import (
+    CLS,
+    SAME,
+    NameTable,
+    check_settings,
+    convert_tensors,
+    module_name,
+)
 from mslora_jax.interop.safetensors_folder import TensorSource
-from mslora_jax.interop.tensor_map import SAME, Layout, Target, check_settings, leaf_paths
 from mslora_jax.models.decoder import SCANNED
 from mslora_jax.models.llava import LlavaConfig
 
@@ -46,21 +49,35 @@ IGNORED = (
     r"\.rotary_emb\.inv_freq$",
 )
 
-# (flax module path, HF module name); ``{v}`` is the vision tower's prefix. Matched in full.
-_MODULES = (
-    (r"vision_tower/patch_embed", r"{v}embeddings.patch_embedding"),
-    (r"vision_tower/ln_pre", r"{v}pre_layrnorm"),  # sic: HF's spelling
-    (
-        r"vision_tower/encoder/block_(\d+)/attn/(q|k|v|out)",
-        r"{v}encoder.layers.\1.self_attn.\2_proj",
-    ),
-    (r"vision_tower/encoder/block_(\d+)/ln_attn", r"{v}encoder.layers.\1.layer_norm1"),
-    (r"vision_tower/encoder/block_(\d+)/ln_mlp", r"{v}encoder.layers.\1.layer_norm2"),
-    (r"vision_tower/encoder/block_(\d+)/mlp/(fc1|fc2)", r"{v}encoder.layers.\1.mlp.\2"),
+# CLIP's vision tower below a flax module ``{t}`` (``vision_tower`` here, ``image`` in the dual
+# encoder), as (flax module path, HF module name); ``{v}`` is the tower's HF prefix.
+VISION_MODULES = (
+    (r"{t}/patch_embed", r"{v}embeddings.patch_embedding"),
+    (r"{t}/ln_pre", r"{v}pre_layrnorm"),  # sic: HF's spelling
+    (r"{t}/encoder/block_(\d+)/attn/(q|k|v|out)", r"{v}encoder.layers.\1.self_attn.\2_proj"),
+    (r"{t}/encoder/block_(\d+)/ln_attn", r"{v}encoder.layers.\1.layer_norm1"),
+    (r"{t}/encoder/block_(\d+)/ln_mlp", r"{v}encoder.layers.\1.layer_norm2"),
+    (r"{t}/encoder/block_(\d+)/mlp/(fc1|fc2)", r"{v}encoder.layers.\1.mlp.\2"),
     # Our encoder's final LayerNorm is CLIP's post_layernorm (a per-token LayerNorm, so applying
     # it to every token or, as HF does, to the pooled [CLS] only is the same map). LLaVA reads an
     # earlier hidden state and never uses it, but the tree has it, so it is filled faithfully.
-    (r"vision_tower/encoder/ln_final", r"{v}post_layernorm"),
+    (r"{t}/encoder/ln_final", r"{v}post_layernorm"),
+)
+
+
+def vision_tower_names(flax_tower: str) -> tuple[tuple, dict]:
+    """(module rules, leaves) of CLIP's vision tower at flax module ``flax_tower``; templates
+    keep ``{v}`` for the HF prefix."""
+    modules = tuple((p.replace("{t}", flax_tower), t) for p, t in VISION_MODULES)
+    leaves = {
+        f"{flax_tower}/cls": (r"{v}embeddings.class_embedding", CLS),
+        f"{flax_tower}/pos_embed": (r"{v}embeddings.position_embedding.weight", SAME),
+    }
+    return modules, leaves
+
+
+_VISION_MODULES, _VISION_LEAVES = vision_tower_names("vision_tower")
+_MODULES = _VISION_MODULES + (
     (r"projector/linear_1", r"model.mm_projector.0"),  # mlp2x_gelu: Linear, GELU, Linear
     (r"projector/linear_2", r"model.mm_projector.2"),
     (r"decoder/embed_tokens", r"model.embed_tokens"),
@@ -71,48 +88,9 @@ _MODULES = (
     (r"decoder/norm", r"model.norm"),
     (r"decoder/lm_head", r"lm_head"),
 )
-_SCANNED_PREFIX = f"decoder/{SCANNED}/"
-# Parameters held directly by the vision tower module.
-_VISION_LEAVES = {
-    "vision_tower/cls": r"{v}embeddings.class_embedding",
-    "vision_tower/pos_embed": r"{v}embeddings.position_embedding.weight",
-}
 
 
-CLS = Layout(lambda a: a.reshape(1, 1, -1), lambda s: tuple(s)[2:])  # [D] -> [1, 1, D]
-
-
-def _hf_name(path: str, ndim: int, vision_prefix: str) -> tuple[str, Layout]:
-    if path in _VISION_LEAVES:
-        layout = CLS if path.endswith("/cls") else SAME
-        return _VISION_LEAVES[path].replace("{v}", vision_prefix), layout
-    modules = [(pattern, template.replace("{v}", vision_prefix)) for pattern, template in _MODULES]
-    found = tensor_map.table_name(path, ndim, modules)
-    if found is not None:
-        return found
-    raise CheckpointError(f"parameter {path} has no known Hugging Face counterpart")
-
-
-def hf_targets(abstract: dict, vision_prefix: str = LLAVA_VISION_PREFIX) -> dict[str, Target]:
-    """``{HF tensor name: Target}`` for every leaf of the LLaVA params tree ``abstract``."""
-    targets = {}
-    for path, shape in leaf_paths(abstract):
-        if path.startswith(_SCANNED_PREFIX):  # one HF tensor per layer, named as if unrolled
-            for i in range(shape[0]):
-                unrolled = f"decoder/block_{i}/{path[len(_SCANNED_PREFIX) :]}"
-                name, layout = _hf_name(unrolled, len(shape) - 1, vision_prefix)
-                targets[name] = Target(path, shape[1:], layout, layer=i, depth=shape[0])
-            continue
-        name, layout = _hf_name(path, len(shape), vision_prefix)
-        targets[name] = Target(path, shape, layout)
-    return targets
-
-
-def is_ignored(name: str) -> bool:
-    return any(re.search(pattern, name) for pattern in IGNORED)
-
-
-def _missing_hint(missing: list[str]) -> str:
+def _missing_tower_hint(missing: list[str]) -> str:
     if all(".vision_model." in f".{n}" for n in missing):
         return (
             "; the CLIP vision tower is not there: give the folder of "
@@ -121,20 +99,20 @@ def _missing_hint(missing: list[str]) -> str:
     return ""
 
 
-def check_tensor_names(
-    targets: Mapping[str, Target],
-    shapes: Mapping[str, tuple[int, ...]],
-    where: str,
-    skip: Callable[[str], bool] | None = None,
-) -> None:
-    """CheckpointError for missing tensors, tensors nobody uses, or a wrong shape; reads nothing.
+LLAVA_NAMES = NameTable(
+    modules=_MODULES,
+    leaves=_VISION_LEAVES,
+    ignored=IGNORED,
+    scanned=(f"decoder/{SCANNED}/", "decoder/block_{i}/"),
+    missing_hint=_missing_tower_hint,
+)
 
-    ``where`` names the source in messages; tensors matching ``IGNORED`` or ``skip(name)`` may go
-    unused.
-    """
-    tensor_map.check_tensor_names(
-        targets, shapes, where, lambda n: is_ignored(n) or bool(skip and skip(n)), _missing_hint
-    )
+
+def hf_module_name(module: str, vision_prefix: str = LLAVA_VISION_PREFIX) -> str:
+    """The HF module name of a flax module path in the unrolled layout (``decoder/block_3/attn/q``
+    -> ``model.layers.3.self_attn.q_proj``), e.g. a PEFT adapter's module; CheckpointError if
+    the path has none (``LLAVA_NAMES`` is the one table for weights and adapters alike)."""
+    return module_name(module, LLAVA_NAMES, {"v": vision_prefix})
 
 
 def convert_hf_llava(
@@ -149,13 +127,22 @@ def convert_hf_llava(
     """The LLaVA params tree (nested dicts of ``dtype`` numpy arrays) from HF-named tensors.
 
     ``abstract``: the tree of ``init_llava`` (arrays or ``ShapeDtypeStruct``s; only shapes are
-    used); ``skip(name)``: more tensors that may go unused (see ``check_tensor_names``). Names and
-    shapes are all checked before the first tensor is read; then tensors are read one at a time,
-    so the peak memory is the result plus one tensor.
+    used); ``skip(name)``: more tensors that may go unused (see ``hf_names.check_tensor_names``).
+    Names and shapes are all checked before the first tensor is read; then tensors are read one
+    at a time, so the peak memory is the result plus one tensor.
     """
-    targets = hf_targets(abstract, vision_prefix)
-    check_tensor_names(targets, source.shapes(), where, skip)
-    return tensor_map.unflatten(tensor_map.read_targets(targets, source, dtype))
+    return convert_tensors(
+        abstract,
+        source,
+        LLAVA_NAMES,
+        subs={"v": vision_prefix},
+        skip=skip,
+        where=where,
+        dtype=dtype,
+    )
+
+
+_UNSTATED = object()  # a config.json key that is absent (None is a stated value)
 
 
 def _expected_settings(config: LlavaConfig) -> dict[str, object]:
@@ -190,3 +177,45 @@ def check_hf_config(
         hf_config = hf_config.get("vision_config", hf_config)
     expected = _expected_vision_settings(config) if vision else _expected_settings(config)
     check_settings(hf_config, expected, where)
+
+
+def check_hf_run_settings(hf_config: Mapping, settings: LlavaSettings, where: str) -> None:
+    """CheckpointError naming each LLaVA ``config.json`` field that contradicts the run settings.
+
+    These are fields no tensor shape reveals, about how the weights were meant to be run:
+    ``mm_use_im_start_end`` (image tokens wrapped in ``<im_start>``/``<im_end>``, which the
+    conversation templates here never add), ``image_aspect_ratio`` (``"pad"`` is
+    ``llava.pad_to_square=True``; ``"anyres"`` tiling is not implemented), ``tie_word_embeddings``
+    (the decoder here has its own ``lm_head``) and ``sliding_window`` (the decoder here attends
+    to the whole sequence: the same map only while a run's sequences fit in the window). Keys
+    the file does not state are not checked.
+    """
+    problems = []
+    if hf_config.get("mm_use_im_start_end"):
+        problems.append(
+            "mm_use_im_start_end=True, but the conversation templates here put no "
+            "<im_start>/<im_end> tokens around the image (LLaVA-Med v1.5 has False)"
+        )
+    aspect = hf_config.get("image_aspect_ratio", _UNSTATED)
+    if aspect == "anyres":
+        problems.append('image_aspect_ratio="anyres" (image tiling) is not implemented here')
+    elif aspect == "pad" and not settings.pad_to_square:
+        problems.append('image_aspect_ratio="pad" but llava.pad_to_square=False')
+    elif aspect is not _UNSTATED and aspect != "pad" and settings.pad_to_square:
+        problems.append(f"image_aspect_ratio={aspect!r} but llava.pad_to_square=True")
+    if hf_config.get("tie_word_embeddings"):
+        problems.append(
+            "tie_word_embeddings=True, but the decoder here has its own lm_head (no tying)"
+        )
+    window = hf_config.get("sliding_window")
+    # The longest sequence a run feeds the decoder: a full text sequence with the image's
+    # patches spliced in, plus the generated answer.
+    longest = settings.max_len + settings.model_config().num_patches - 1 + settings.max_new_tokens
+    if window is not None and window < longest:
+        problems.append(
+            f"sliding_window={window} is shorter than the longest sequence of this run "
+            f"({longest} tokens: llava.max_len + image patches - 1 + llava.max_new_tokens), but "
+            "the decoder here attends to the whole sequence"
+        )
+    if problems:
+        raise CheckpointError(f"{where}: {'; '.join(problems)}")

@@ -8,11 +8,8 @@ compares, ``generative_run.llava_model_json``), with provenance naming the HF fo
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import jax
@@ -20,16 +17,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from mslora_jax.config import ExperimentConfig
-from mslora_jax.errors import CheckpointError, ConfigError
+from mslora_jax.errors import ConfigError
+from mslora_jax.interop.backbone_folder import (
+    read_hf_config,
+    save_backbone_atomically,
+)
 from mslora_jax.interop.hf_llava import (
     CLIP_VISION_PREFIX,
     LLAVA_VISION_PREFIX,
     check_hf_config,
+    check_hf_run_settings,
     convert_hf_llava,
 )
 from mslora_jax.interop.safetensors_folder import MergedSource, SafetensorsFolder
+from mslora_jax.io_utils import check_new_folder
 from mslora_jax.models.llava import init_llava
-from mslora_jax.train.checkpoints import save_backbone
 from mslora_jax.train.generative_run import llava_model_json
 
 log = logging.getLogger(__name__)
@@ -39,23 +41,6 @@ _RECORDED_KEYS = ("_name_or_path", "architectures", "mm_vision_tower", "sliding_
 # Copied from the LLaVA folder into the backbone folder when present: configs/paper_8task.py
 # reads its tokenizer from there.
 _COPIED_FILES = ("tokenizer.json",)
-
-
-def _read_hf_config(directory: Path) -> dict:
-    path = directory / "config.json"
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from e
-
-
-def _check_out_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(
-            f"{out} already exists and is not empty; remove it or choose another --out"
-        )
 
 
 def convert_llava_backbone(
@@ -78,18 +63,19 @@ def convert_llava_backbone(
             f'converting LLaVA weights needs model_kind="llava", not {config.model_kind!r}'
         )
     out = Path(out).absolute()
-    _check_out_dir(out)
+    check_new_folder(out)  # before any work: a taken --out fails fast
     hf_dir = Path(hf_dir).absolute()
     model_cfg = config.llava.model_config()
     llava_source = SafetensorsFolder(hf_dir)
-    hf_config = _read_hf_config(hf_dir)
+    hf_config = read_hf_config(hf_dir)
     check_hf_config(hf_config, model_cfg, str(hf_dir / "config.json"))
+    check_hf_run_settings(hf_config, config.llava, str(hf_dir / "config.json"))
     if vision_hf_dir is None:
         source, prefix, where, skip = llava_source, LLAVA_VISION_PREFIX, str(hf_dir), None
     else:
         vision_hf_dir = Path(vision_hf_dir).absolute()
         vision_source = SafetensorsFolder(vision_hf_dir)
-        vision_config = _read_hf_config(vision_hf_dir)
+        vision_config = read_hf_config(vision_hf_dir)
         check_hf_config(vision_config, model_cfg, str(vision_hf_dir / "config.json"), vision=True)
         source = MergedSource([llava_source, vision_source])
         prefix, where = CLIP_VISION_PREFIX, f"{hf_dir} + {vision_hf_dir}"
@@ -123,22 +109,6 @@ def convert_llava_backbone(
         "provenance": {"source": "huggingface", **folders},
         "info": info,
     }
-    _save_atomically(out, params, meta, copied)
+    save_backbone_atomically(out, params, meta, copied)
     log.info("wrote %s (%d parameters converted from %s)", out, count, where)
     return count
-
-
-def _save_atomically(out: Path, params: dict, meta: dict, files: list[Path]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # A dot-name in the same folder: same filesystem, so the final rename is atomic. (mkdir, not
-    # tempfile.mkdtemp, so the folder gets the usual permissions rather than 0700.)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
-        save_backbone(tmp, params, meta)
-        for file in files:
-            shutil.copyfile(file, tmp / file.name)
-        os.replace(tmp, out)  # replaces an empty folder; fails if one appeared meanwhile
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -48,6 +48,19 @@ class LoraAdapter:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
 
 
+_SCANNED_PREFIX = f"decoder/{SCANNED}/"
+
+
+def is_scanned(path: str) -> bool:
+    """Whether module ``path`` is a scanned decoder layer (factors ``[layers, ...]``)."""
+    return path.startswith(_SCANNED_PREFIX) and len(path) > len(_SCANNED_PREFIX)
+
+
+def unrolled_path(path: str, layer: int) -> str:
+    """Layer ``layer`` of scanned ``decoder/blocks/attn/q`` as unrolled: ``decoder/block_3/...``."""
+    return f"decoder/block_{layer}/{path[len(_SCANNED_PREFIX) :]}"
+
+
 def kaiming_uniform_a(rng: jax.Array, rank: int, fan_in: int) -> jax.Array:
     """PyTorch's ``kaiming_uniform_(a=sqrt(5))`` on an ``[r, in]`` matrix: U(+-1/sqrt(in))."""
     bound = 1.0 / np.sqrt(fan_in)
@@ -66,12 +79,11 @@ def init_adapter_params(
         raise ConfigError(f"lora.rank must be >= 1, got {rank}")
     layers = []  # (path, layer or None, unrolled path): every adapted matrix pair
     for path in targets:
-        head, _, rest = path.partition(f"decoder/{SCANNED}/")
-        if head or not rest:
+        if not is_scanned(path):
             layers.append((path, None, path))
             continue
         depth = get_by_path(base_params, path)["kernel"].shape[0]
-        layers += [(path, i, f"decoder/block_{i}/{rest}") for i in range(depth)]
+        layers += [(path, i, unrolled_path(path, i)) for i in range(depth)]
     if any(layer is not None for _, layer, _ in layers):
         # The unrolled tree's order: its (sorted) keys, so block_10 comes before block_2.
         layers.sort(key=lambda entry: entry[2].split("/"))

@@ -20,6 +20,7 @@ class SelfAttention(nn.Module):
     width: int
     num_heads: int
     lora_dropout: float = 0.0
+    causal: bool = False  # position i attends to positions <= i only (CLIP's text tower)
 
     @nn.compact
     def __call__(self, x, mask, task_weights, deterministic: bool = True):
@@ -33,6 +34,10 @@ class SelfAttention(nn.Module):
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(x.dtype)
         if mask is not None:
             logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
+        if self.causal:  # [L, L] lower triangle: query q sees keys k <= q
+            length = x.shape[1]
+            allowed = jnp.tril(jnp.ones((length, length), bool))
+            logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
         # Softmax in float32 also when activations are bfloat16 (a no-op for float32).
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(x.shape)
@@ -81,13 +86,15 @@ class Block(nn.Module):
     lora_dropout: float = 0.0
     activation: str = "gelu_tanh"
     layer_norm_eps: float = 1e-6
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x, mask, task_weights, deterministic: bool = True):
         h = nn.LayerNorm(epsilon=self.layer_norm_eps, name="ln_attn")(x)
-        x = x + SelfAttention(self.width, self.num_heads, self.lora_dropout, name="attn")(
-            h, mask, task_weights, deterministic
+        attn = SelfAttention(
+            self.width, self.num_heads, self.lora_dropout, self.causal, name="attn"
         )
+        x = x + attn(h, mask, task_weights, deterministic)
         h = nn.LayerNorm(epsilon=self.layer_norm_eps, name="ln_mlp")(x)
         mlp = Mlp(self.width, self.mlp_dim, self.lora_dropout, self.activation, name="mlp")
         return x + mlp(h, task_weights, deterministic)
@@ -101,7 +108,9 @@ class PostNormBlock(Block):
 
     @nn.compact
     def __call__(self, x, mask, task_weights, deterministic: bool = True):
-        attn = SelfAttention(self.width, self.num_heads, self.lora_dropout, name="attn")
+        attn = SelfAttention(
+            self.width, self.num_heads, self.lora_dropout, self.causal, name="attn"
+        )
         x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="ln_attn")(
             x + attn(x, mask, task_weights, deterministic)
         )
@@ -127,6 +136,7 @@ class Encoder(nn.Module):
     return_hidden_states: bool = False
     activation: str = "gelu_tanh"
     layer_norm_eps: float = 1e-6
+    causal: bool = False  # causal self-attention in every block (see ``SelfAttention``)
 
     @nn.compact
     def __call__(self, x, mask, task_weights, deterministic: bool = True):
@@ -139,6 +149,7 @@ class Encoder(nn.Module):
                 self.lora_dropout,
                 self.activation,
                 self.layer_norm_eps,
+                self.causal,
                 name=f"block_{i}",
             )(x, mask, task_weights, deterministic)
             hidden_states.append(x)

@@ -8,7 +8,9 @@ BLEU-1..4, ...); for the dual encoder it is classification accuracy. Schema::
     {"tasks": [{"name": str, "modality": str, "primary_metric": str}, ...],
      "zero_shot": [{metric: value | null}, ...],          # frozen backbone, no adapter
      "methods": {"<method>": [[{metric: value | null} | null, ...], ...]}}
-                                                           # [stage][task]; null: not yet seen
+                                                           # [stage][task]; null: not yet see,
+     "answer_metrics": "released" | "clean"}              # optional (generative runs): whose
+                                                           # definitions (``eval.metrics``)
 
 Values are fractions in [0, 1], except counts whose names start with ``num_``; ``null`` marks a
 metric that is undefined for the task (e.g. closed accuracy on a split with no closed question).
@@ -27,19 +29,35 @@ from pathlib import Path
 from typing import Any
 
 from mslora_jax.errors import DataError
+from mslora_jax.eval.scoring import METRIC_SETS
 from mslora_jax.io_utils import atomic_write_json, atomic_write_text
 from mslora_jax.report.results import format_percent, md_escape
 
 ZERO_SHOT = "(frozen backbone)"  # the table's row label for the model without adapters
 _FILES = ("task_metrics.json", "task_metrics.md", "task_metrics.csv")
+ANSWER_METRICS_NOTES = {
+    "released": "the released MSLoRA-CR evaluator's definitions, as in the paper's table; "
+    "P/R/F1 and BLEU over open questions only",
+    "clean": "mslora_jax.eval.answer_metrics; P/R/F1 and BLEU over all questions",
+}
 
 
 def validate_task_metrics(obj: Any) -> None:
     """Raises ``DataError`` naming the first entry that breaks the schema above."""
-    if not isinstance(obj, dict) or set(obj) != {"tasks", "zero_shot", "methods"}:
+    if not isinstance(obj, dict) or set(obj) - {"answer_metrics"} != {
+        "tasks",
+        "zero_shot",
+        "methods",
+    }:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise DataError(
-            f"task metrics: expected keys ['methods', 'tasks', 'zero_shot'], got {keys}"
+            "task metrics: expected keys ['methods', 'tasks', 'zero_shot'] (and optionally "
+            f"'answer_metrics'), got {keys}"
+        )
+    if obj.get("answer_metrics", "clean") not in METRIC_SETS:
+        raise DataError(
+            f"task metrics['answer_metrics']: is {obj['answer_metrics']!r}; expected one of "
+            f"{METRIC_SETS}"
         )
     tasks = obj["tasks"]
     if not isinstance(tasks, list) or not tasks:
@@ -96,6 +114,9 @@ def format_task_metrics_markdown(report: dict[str, Any]) -> str:
     header = ["method", "task", "primary metric", "primary (%)", *names]
     align = ["---", "---", "---"] + ["---:"] * (len(header) - 3)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    if "answer_metrics" in report:
+        note = ANSWER_METRICS_NOTES[report["answer_metrics"]]
+        lines = [f"Answer metrics: {report['answer_metrics']} ({note}).", ""] + lines
     for method, t, metrics in final_rows(report):
         primary = tasks[t]["primary_metric"]
         cells = [

@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 
 from mslora_jax.config import ExperimentConfig
 from mslora_jax.data.pipeline import train_batches
+from mslora_jax.data.prompt_tokenizer import prompt_encoder
 from mslora_jax.data.registry import ClassTable, class_table, union_train_split
 from mslora_jax.data.task import TaskData
 from mslora_jax.eval.evaluate import (
@@ -136,11 +137,6 @@ def build_experiment(
     config: ExperimentConfig, tasks: list[TaskData], mesh: Mesh, base_params: dict
 ) -> Experiment:
     """Bundle a stream's tasks with the frozen backbone; checks the LoRA target patterns."""
-    table = class_table(
-        tasks,
-        config.prompt_template,
-        max_len=config.model.max_text_len,
-        vocab_size=config.model.vocab_size,
-    )
+    table = class_table(tasks, config.prompt_template, encode=prompt_encoder(config))
     targets = select_targets(base_params, config.lora.targets)
     return Experiment(config, tasks, table, mesh, base_params, targets)

@@ -18,6 +18,7 @@ import jax
 from jax.sharding import Mesh
 
 from mslora_jax.config import BackboneConfig, ExperimentConfig, to_json_dict
+from mslora_jax.data.prompt_tokenizer import prompt_encoder
 from mslora_jax.data.registry import load_tasks
 from mslora_jax.errors import ConfigError
 from mslora_jax.io_utils import atomic_write_json, atomic_write_text, read_json
@@ -81,17 +82,25 @@ LATER_KEYS = {
     "regularizer.lwf_lambda": 1.0,
     "regularizer.lwf_temperature": 2.0,
     "regularizer.modx_lambda": 20.0,
+    "eval.metrics": "clean",
 }
 
 
 def _pop(cfg: dict, key: str, only_if=None) -> None:
-    """Remove the dotted ``key`` from the nested ``cfg`` (when its value is ``only_if``, if set)."""
+    """Remove the dotted ``key`` from the nested ``cfg`` (when its value is ``only_if``, if set).
+
+    With ``only_if`` a section left empty goes too: a section added later (``eval``) is then
+    absent, as in the workdirs written before it."""
     *parents, leaf = key.split(".")
-    node = cfg
+    nodes = [cfg]
     for parent in parents:
-        node = node.get(parent, {})
-    if only_if is None or node.get(leaf) == only_if:
-        node.pop(leaf, None)
+        nodes.append(nodes[-1].get(parent, {}))
+    if only_if is None or nodes[-1].get(leaf) == only_if:
+        nodes[-1].pop(leaf, None)
+    if only_if is not None:
+        for depth in range(len(parents), 0, -1):  # nodes[depth] is the section parents[depth-1]
+            if nodes[depth] == {} and parents[depth - 1] in nodes[depth - 1]:
+                del nodes[depth - 1][parents[depth - 1]]
 
 
 def fingerprint(config: ExperimentConfig) -> dict:
@@ -148,6 +157,7 @@ def read_inputs(config: ExperimentConfig) -> list[TaskData] | GenerativeInputs:
             for t in config.stream
         ]
     else:
+        prompt_encoder(config)  # the backbone's tokenizer.json, if its text tower needs one
         inputs = load_tasks(config, config.stream)
         sizes = [len(t.train_labels) for t in inputs]
     check_train_sizes(config, sizes)
@@ -223,6 +233,9 @@ def _run_experiment(
         ],
         "zero_shot": zero_shot_metrics,
         "methods": method_metrics,
+        # Whose definitions the generative answer metrics follow (the dual encoder's accuracy is
+        # the same under either).
+        **({"answer_metrics": config.eval.metrics} if config.model_kind == "llava" else {}),
     }
     # Both reports are validated before either is written, so bad numbers leave no half set;
     # every process validates, so all of them fail alike.

@@ -29,7 +29,7 @@ from mslora_jax.data.conversation import (
 from mslora_jax.data.vqa import VqaExample, VqaTestItem, read_test_file, read_train_file
 from mslora_jax.data.vqa_pipeline import vqa_eval_batches, vqa_train_batches
 from mslora_jax.errors import ConfigError
-from mslora_jax.eval.answer_metrics import score_answers
+from mslora_jax.eval.scoring import score_answers_as
 from mslora_jax.losses.answer import answer_cross_entropy
 from mslora_jax.models.generate import llava_generate
 from mslora_jax.models.llava import Llava, init_llava
@@ -274,13 +274,14 @@ class GenerativeExperiment(StreamExperiment):
         ]
 
     def task_metrics(self, slots: dict[int, dict], active: list[int], task: int) -> TaskMetrics:
-        """LLaVA-Med's answer metrics over ``task``'s test items (NaN means become ``None``)."""
+        """The answer metrics (``eval.metrics``: clean or released) over ``task``'s test items
+        (NaN means become ``None``)."""
         records = self.answer_records(slots, active, task)
         refs = [
             {"gt": r["gt"], "answer_type": r["answer_type"], "candidates": r["candidates"] or None}
             for r in records
         ]
-        scores = score_answers([r["answer"] for r in records], refs)
+        scores = score_answers_as(self.config.eval.metrics, [r["answer"] for r in records], refs)
         return {k: None if math.isnan(v) else v for k, v in scores.items()}
 
     def primary_metric(self, task: int) -> str:

@@ -10,6 +10,7 @@ it builds on: ``olora`` to ``mslora``, ``ewc``/``lwf``/``modx`` to ``seq``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from mslora_jax.config import METHODS
 from mslora_jax.errors import ConfigError
@@ -105,6 +106,16 @@ _METHODS = {
     "modx": Method("modx", per_task_adapters=False, cumulative=False, term="modx"),
 }
 assert tuple(_METHODS) == METHODS
+
+
+def task_slots(granularity: str, modalities: Sequence[str]) -> tuple[int, ...] | None:
+    """Each task's adapter slot under ``lora.granularity`` for a stream of these modalities: None
+    for one slot per task; for one per modality, the modality's rank in order of first
+    appearance in the stream."""
+    if granularity == "task":
+        return None
+    order = list(dict.fromkeys(modalities))
+    return tuple(order.index(modality) for modality in modalities)
 
 
 def get_method(name: str, task_slots: tuple[int, ...] | None = None) -> Method:

@@ -40,6 +40,11 @@ def normalize_images(images: jax.Array, mean=None, std=None) -> jax.Array:
     return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
+def model_images(model: DualEncoder, images: jax.Array) -> jax.Array:
+    """uint8 images -> the dual encoder's input, normalized as its config says."""
+    return normalize_images(images, model.config.image_mean, model.config.image_std)
+
+
 @flax.struct.dataclass
 class PretrainContext:
     class_tokens: jax.Array  # [C, L] prompt tokens of every base class
@@ -53,7 +58,7 @@ def pretrain_loss(model: DualEncoder, clip_loss_fn: ClipLossFn):
         del rng
         tokens = context.class_tokens[batch["label"]]
         image_emb, text_emb, logit_scale = model.apply(
-            {"params": params}, normalize_images(batch["image"]), tokens
+            {"params": params}, model_images(model, batch["image"]), tokens
         )
         loss = clip_loss_fn(image_emb, text_emb, batch["label"], logit_scale)
         return loss, {"task_loss": loss}
@@ -199,7 +204,7 @@ def clip_task_loss(model: DualEncoder, clip_loss_fn: ClipLossFn) -> TaskLossFn:
 
     def task_loss(variables, trainable, context: AdapterContext, batch, rng):
         logit_scale = trainable.get("logit_scale", context.base_params["logit_scale"])
-        images = normalize_images(batch["image"])
+        images = model_images(model, batch["image"])
         # Each copy of a prompt draws its own dropout mask; and with more classes than
         # examples, encoding the batch's prompts is the smaller job.
         per_example = context.class_tokens.shape[0] >= batch["label"].shape[0]
@@ -238,7 +243,7 @@ def clip_distillation(model: DualEncoder, term: str, temperature: float = 2.0) -
     """
 
     def embed(variables, context, batch, tokens):
-        images = normalize_images(batch["image"])
+        images = model_images(model, batch["image"])
         weights = context.forward_weights
         image_emb = model.apply(variables, images, weights, method=DualEncoder.encode_image)
         text_emb = model.apply(variables, tokens, weights, method=DualEncoder.encode_text)

@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from mslora_jax.config import ExperimentConfig, to_json_dict
 from mslora_jax.data.pipeline import train_batches
+from mslora_jax.data.prompt_tokenizer import prompt_encoder
 from mslora_jax.data.registry import class_table, load_tasks, union_train_split
 from mslora_jax.errors import CheckpointError
 from mslora_jax.eval.evaluate import evaluate_accuracy, make_predict_fn
@@ -41,12 +42,7 @@ def pretrain_backbone(config: ExperimentConfig, mesh: Mesh, rng) -> tuple[dict, 
     """Fully train a fresh backbone on ``config.base_tasks``; returns (params, info)."""
     cfg = config.pretrain
     tasks = load_tasks(config, config.base_tasks)
-    table = class_table(
-        tasks,
-        config.prompt_template,
-        max_len=config.model.max_text_len,
-        vocab_size=config.model.vocab_size,
-    )
+    table = class_table(tasks, config.prompt_template, encode=prompt_encoder(config))
     images, labels = union_train_split(tasks, table, range(len(tasks)))
     check_divisible(cfg.batch_size, mesh, "pretrain.batch_size")
     model = DualEncoder(config.model)

@@ -246,6 +246,46 @@ def primary_row(exp: StreamExperiment, row: list[TaskMetrics | None]) -> list[fl
     return [None if m is None else exp.primary_value(m, task) for task, m in enumerate(row)]
 
 
+def save_stage(
+    checkpoints: StageCheckpoints,
+    exp: StreamExperiment,
+    method: Method,
+    stage: int,
+    state: TrainState,
+    row: list[float | None],
+    metric_row: list[TaskMetrics | None],
+    info: dict,
+    fingerprint: dict,
+    **meta,
+) -> None:
+    """Write ``stage``'s checkpoint: its adapter (``state.trainable["lora"]``) and train state,
+    its row of the matrices (``row``: primary metrics, ``metric_row``: every metric), ``info``'s
+    timing and final scalars, and the metadata ``run_method`` and ``inspect`` read, plus ``meta``
+    (e.g. where an imported adapter came from)."""
+    checkpoints.save(
+        stage,
+        adapter=state.trainable["lora"],
+        trainer=state,
+        metrics={
+            "row": row,
+            "task_metrics": metric_row,
+            "timing": info["timing"],
+            "final": info["final"],
+        },
+        meta={
+            "fingerprint": fingerprint,
+            "method": method.name,
+            "slot": method.slot(stage),
+            "task": stage_task_name(exp, method, stage),
+            "modality": "mixed" if method.joint else exp.tasks[stage].modality,
+            "rank": exp.config.lora.rank,
+            "alpha": exp.config.lora.alpha,
+            "targets": exp.targets,
+            **meta,
+        },
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodRun:
     """What learning the stream with one method produced.
@@ -325,27 +365,7 @@ def run_method(
         timings.append(info["timing"])
         log.info("%s stage %d: %s (final %s)", method.name, stage, row, info["final"])
         if checkpoints:
-            checkpoints.save(
-                stage,
-                adapter=state.trainable["lora"],
-                trainer=state,
-                metrics={
-                    "row": row,
-                    "task_metrics": metric_row,
-                    "timing": info["timing"],
-                    "final": info["final"],
-                },
-                meta={
-                    "fingerprint": fingerprint,
-                    "method": method.name,
-                    "slot": slot,
-                    "task": stage_task_name(exp, method, stage),
-                    "modality": "mixed" if method.joint else exp.tasks[stage].modality,
-                    "rank": exp.config.lora.rank,
-                    "alpha": exp.config.lora.alpha,
-                    "targets": exp.targets,
-                },
-            )
+            save_stage(checkpoints, exp, method, stage, state, row, metric_row, info, fingerprint)
         if in_stage is not None:
             in_stage.close()
             remove_tree(in_stage.directory)  # the stage's checkpoint above supersedes them

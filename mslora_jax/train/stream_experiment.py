@@ -21,7 +21,7 @@ from mslora_jax.lora.targets import get_by_path
 from mslora_jax.parallel.mesh import batch_shards, check_divisible
 from mslora_jax.parallel.rules import ShardingRules
 from mslora_jax.parallel.sharded_jit import ShardedOutputs, ShardedStep
-from mslora_jax.train.methods import Method, get_method
+from mslora_jax.train.methods import Method, get_method, task_slots
 from mslora_jax.train.objectives import regularized_adapter_loss
 from mslora_jax.train.optim import make_optimizer
 from mslora_jax.train.step import TrainState, init_train_state, make_train_step
@@ -174,12 +174,8 @@ class StreamExperiment:
 
     @property
     def task_slots(self) -> tuple[int, ...] | None:
-        """Each task's adapter slot under ``lora.granularity``: None for one slot per task; for
-        one per modality, the modality's rank in order of first appearance in the stream."""
-        if self.config.lora.granularity == "task":
-            return None
-        order = list(dict.fromkeys(task.modality for task in self.tasks))
-        return tuple(order.index(task.modality) for task in self.tasks)
+        """Each task's adapter slot under ``lora.granularity`` (``methods.task_slots``)."""
+        return task_slots(self.config.lora.granularity, [task.modality for task in self.tasks])
 
     @property
     def num_slots(self) -> int:
