@@ -1,10 +1,18 @@
 """The demo stream (configs/demo.py) on a released CLIP converted by ``mslora-jax convert-clip``.
 
 The argument is the converted folder: the model config is its ``meta.json``'s (so it matches the
-weights), the text tower is CLIP's and the class prompts are encoded with its tokenizer.json.
+weights), the text tower is CLIP's (or a BERT's) and the class prompts are encoded with its
+tokenizer.json.
 
     mslora-jax convert-clip --hf-dir /models/clip-vit-base-patch32 --out out/clip_b32
     mslora-jax run --config configs/clip_demo.py:out/clip_b32 --workdir out/clip_demo
+
+With a BERT text tower (``--text-hf-dir``: a BERT or sentence-transformers folder) the folder's
+meta.json says ``text_tower="bert"`` and the prompts are encoded with that BERT's WordPiece:
+
+    mslora-jax convert-clip --hf-dir /models/clip-vit-base-patch32 \
+        --text-hf-dir /models/all-MiniLM-L6-v2 --out out/clip_minilm
+    mslora-jax run --config configs/clip_demo.py:out/clip_minilm --workdir out/clip_minilm_demo
 """
 
 import importlib.util

@@ -75,7 +75,16 @@ def _convert_clip_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer(
         "max-text-len",
         None,
-        "Length the class prompts are padded to (default: CLIP's positions, 77).",
+        "Length the class prompts are padded to (default: CLIP's positions, 77; with "
+        "--text-hf-dir 77 or the BERT's positions if fewer).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "text-hf-dir",
+        None,
+        "A Hugging Face BERT or sentence-transformers folder (config.json, safetensors, "
+        "tokenizer.json) whose encoder is the text tower instead of CLIP's (model.text_tower="
+        "bert; BiomedCLIP-style).",
         flag_values=fv,
     )
 
@@ -83,7 +92,9 @@ def _convert_clip_flags(fv: flags.FlagValues) -> None:
 def _convert_clip(args: SimpleNamespace) -> None:
     from mslora_jax.interop.clip import convert_clip_backbone
 
-    count, _ = convert_clip_backbone(args.hf_dir, args.out, max_text_len=args.max_text_len)
+    count, _ = convert_clip_backbone(
+        args.hf_dir, args.out, max_text_len=args.max_text_len, text_hf_dir=args.text_hf_dir
+    )
     print(f"converted {count:,} parameters into {args.out}")
     print(f"run with --config configs/clip_demo.py:{args.out}")
 
@@ -91,7 +102,7 @@ def _convert_clip(args: SimpleNamespace) -> None:
 CONVERT_CLIP = Command(
     name="convert-clip",
     summary="Convert a Hugging Face CLIP into a dual-encoder backbone folder that runs load.",
-    usage="--hf-dir DIR --out DIR [--max-text-len N]",
+    usage="--hf-dir DIR --out DIR [--text-hf-dir DIR] [--max-text-len N]",
     run=_convert_clip,
     define_flags=_convert_clip_flags,
     required=("hf-dir", "out"),

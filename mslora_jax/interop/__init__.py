@@ -10,6 +10,8 @@ What can be loaded and written:
   (``mslora-jax export-peft``, ``mslora-jax import-peft``).
 - ``released`` / ``released_run``: the released MSLoRA-CR trainer's ``cl_lora.bin`` files into the
   finished stages of a run folder (``mslora-jax import-released``).
+- ``hf_bert``: a Hugging Face ``BertModel`` (or sentence-transformers) folder into the BERT text
+  tower ``models.bert.BertTextEncoder`` (``load_hf_bert``).
 
 Layering: ``interop`` sits beside ``train``'s callers (``cli/``, ``experiments/``): it may use
 ``train/`` (the backbone and run folders it writes are the ones runs read) and the lower layers,

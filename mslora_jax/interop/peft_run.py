@@ -36,6 +36,11 @@ def name_map_for(config: ExperimentConfig) -> NameMap:
     """The HF module names of ``config``'s backbone."""
     if config.model_kind == "llava":
         return hf_module_name
+    if config.model.text_tower == "bert":  # CLIP's names would misname the BERT text tower
+        raise CheckpointError(
+            'model.text_tower="bert": a dual encoder with a BERT text tower is no single Hugging '
+            "Face model, so its adapters have no PEFT module names"
+        )
     return clip_module_name
 
 

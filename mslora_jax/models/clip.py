@@ -6,7 +6,10 @@ Embeddings are L2-normalised; ``logit_scale`` is the log of the inverse temperat
 
 The text tower is chosen by ``ModelConfig.text_tower`` from ``TEXT_TOWERS``: this repo's own
 (bidirectional, [CLS] pooled, hashed-word ids) or ``"clip"``, the released CLIP text transformer
-(causal, pooled at the end-of-text token, BPE ids from the backbone folder's ``tokenizer.json``).
+(causal, pooled at the end-of-text token, BPE ids from the backbone folder's ``tokenizer.json``)
+or ``"bert"``, a BERT-family encoder (``models.bert``: post-LN, padding masked, mean/[CLS]/pooler
+pooled, WordPiece ids from the backbone folder's ``tokenizer.json``), as in BiomedCLIP-style
+pairings of a CLIP vision tower with a BERT text tower.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mslora_jax.models.bert import POOLINGS, BertTextConfig, BertTextEncoder
 from mslora_jax.models.transformer import ACTIVATIONS, Encoder
 
 PAD_ID = 0  # token id 0 is padding; see mslora_jax.data.tokenizer (kept equal)
@@ -60,6 +64,13 @@ class ModelConfig:
     # to max_text_len <= this), and the end-of-text id it pools at (HF eos_token_id; 2: argmax).
     text_positions: int | None = None
     text_eos_id: int | None = None
+    # "bert" tower (with text_positions, its position table's rows): its pooling (one of
+    # models.bert.POOLINGS), token-type table rows, and its own activation and LayerNorm epsilon
+    # (None: mlp_activation / layer_norm_eps, the vision tower's).
+    text_pooling: str | None = None
+    text_type_vocab_size: int | None = None
+    text_activation: str | None = None
+    text_layer_norm_eps: float | None = None
     # Image normalization per RGB channel, on [0, 1] pixels: (x - mean) / std (a released CLIP's
     # mean and std). None: x * 2 - 1, what the backbones trained here use.
     image_mean: tuple[float, float, float] | None = None
@@ -75,17 +86,7 @@ class ModelConfig:
                 f"model.text_tower={self.text_tower!r} is unknown; expected one of "
                 f"{[HASHED, *TEXT_TOWERS]}"
             )
-        if self.text_tower == "clip":
-            if self.text_positions is None or self.text_eos_id is None:
-                raise ConfigError(
-                    'model.text_tower="clip" needs model.text_positions and model.text_eos_id '
-                    "(written by mslora-jax convert-clip into the backbone's meta.json)"
-                )
-            if self.max_text_len > self.text_positions:
-                raise ConfigError(
-                    f"model.max_text_len={self.max_text_len} exceeds "
-                    f"model.text_positions={self.text_positions} (the position table's rows)"
-                )
+        _check_text_tower_fields(self)
         mean, std = check_image_stats(self.image_mean, self.image_std, "model")
         object.__setattr__(self, "image_mean", mean)  # lists from a ConfigDict -> tuples
         object.__setattr__(self, "image_std", std)
@@ -108,6 +109,70 @@ class ModelConfig:
         ):
             if width % heads:
                 raise ConfigError(f"model.{name}: {width} is not divisible by {heads}")
+
+
+# The text tower fields each tower reads, and those it cannot do without.
+_TOWER_FIELDS = {
+    "clip": ("text_positions", "text_eos_id"),
+    "bert": (
+        "text_positions",
+        "text_pooling",
+        "text_type_vocab_size",
+        "text_activation",
+        "text_layer_norm_eps",
+    ),
+}
+_REQUIRED_FIELDS = {
+    "clip": ("text_positions", "text_eos_id"),
+    "bert": ("text_positions", "text_pooling", "text_type_vocab_size"),
+}
+
+
+def _check_text_tower_fields(cfg: ModelConfig) -> None:
+    """ConfigError naming the key: a field the tower needs is None, one it does not read is set,
+    or a value is out of range."""
+    from mslora_jax.errors import ConfigError
+
+    tower = cfg.text_tower
+    name = HASHED if tower is None else tower
+    needed = [f for f in _REQUIRED_FIELDS.get(tower, ()) if getattr(cfg, f) is None]
+    if needed:
+        raise ConfigError(
+            f"model.text_tower={name!r} needs {', '.join('model.' + f for f in needed)} "
+            "(written by mslora-jax convert-clip into the backbone's meta.json)"
+        )
+    every = {f for fields in _TOWER_FIELDS.values() for f in fields}
+    unread = sorted(
+        f for f in every - set(_TOWER_FIELDS.get(tower, ())) if getattr(cfg, f) is not None
+    )
+    if unread:
+        raise ConfigError(
+            f"model.text_tower={name!r} does not read {', '.join('model.' + f for f in unread)}; "
+            "leave them None"
+        )
+    if cfg.text_positions is not None and cfg.max_text_len > cfg.text_positions:
+        raise ConfigError(
+            f"model.max_text_len={cfg.max_text_len} exceeds "
+            f"model.text_positions={cfg.text_positions} (the position table's rows)"
+        )
+    if tower != "bert":
+        return
+    if cfg.text_pooling not in POOLINGS:
+        raise ConfigError(
+            f"model.text_pooling={cfg.text_pooling!r} is unknown; expected one of {list(POOLINGS)}"
+        )
+    if not isinstance(cfg.text_type_vocab_size, int) or cfg.text_type_vocab_size < 1:
+        raise ConfigError(
+            f"model.text_type_vocab_size must be a positive integer, got "
+            f"{cfg.text_type_vocab_size!r}"
+        )
+    if cfg.text_activation is not None and cfg.text_activation not in ACTIVATIONS:
+        raise ConfigError(
+            f"model.text_activation={cfg.text_activation!r} is unknown; expected one of "
+            f"{sorted(ACTIVATIONS)}"
+        )
+    if cfg.text_layer_norm_eps is not None and not cfg.text_layer_norm_eps > 0:
+        raise ConfigError(f"model.text_layer_norm_eps must be > 0, got {cfg.text_layer_norm_eps}")
 
 
 def check_image_stats(mean, std, where: str) -> tuple[tuple | None, tuple | None]:
@@ -257,6 +322,47 @@ class ClipTextEncoder(nn.Module):
         return nn.Dense(cfg.embed_dim, use_bias=False, name="proj")(pooled)
 
 
+def bert_text_config(config: ModelConfig) -> BertTextConfig:
+    """The BERT tower of a ``text_tower="bert"`` config, projected to ``embed_dim``."""
+    return BertTextConfig(
+        vocab_size=config.vocab_size,
+        width=config.text_width,
+        depth=config.text_depth,
+        num_heads=config.text_num_heads,
+        mlp_dim=config.text_mlp_dim,
+        max_positions=config.text_positions,
+        type_vocab_size=config.text_type_vocab_size,
+        layer_norm_eps=config.text_layer_norm_eps or config.layer_norm_eps,
+        activation=config.text_activation or config.mlp_activation,
+        pooling=config.text_pooling,
+        embed_dim=config.embed_dim,
+    )
+
+
+def bert_text_fields(bert: BertTextConfig) -> dict:
+    """The ``ModelConfig`` text fields of the BERT tower ``bert`` (``bert_text_config``'s
+    inverse; ``embed_dim`` is the dual encoder's own and not among them)."""
+    return dict(
+        text_tower="bert",
+        vocab_size=bert.vocab_size,
+        text_width=bert.width,
+        text_depth=bert.depth,
+        text_num_heads=bert.num_heads,
+        text_mlp_dim=bert.mlp_dim,
+        text_positions=bert.max_positions,
+        text_eos_id=None,
+        text_type_vocab_size=bert.type_vocab_size,
+        text_layer_norm_eps=bert.layer_norm_eps,
+        text_activation=bert.activation,
+        text_pooling=bert.pooling,
+    )
+
+
+def bert_tower(config: ModelConfig, lora_dropout: float = 0.0) -> BertTextEncoder:
+    """The ``"bert"`` text tower: pooled BERT output, projected to ``embed_dim`` by ``proj``."""
+    return BertTextEncoder(bert_text_config(config), lora_dropout)
+
+
 # Text towers by ``ModelConfig.text_tower`` (None: the hashed-word tower). Each entry builds a
 # module from (config, lora_dropout) whose call is ``(tokens [B, L] int32, task_weights=None,
 # deterministic=True) -> [B, embed_dim]`` (not normalized); DualEncoder names it ``text``. Towers
@@ -264,7 +370,12 @@ class ClipTextEncoder(nn.Module):
 # (``mslora_jax.data.prompt_tokenizer``).
 TEXT_TOWERS = {
     "clip": ClipTextEncoder,
+    "bert": bert_tower,
 }
+# Towers whose attention masks padding as ``tokens != PAD_ID``: their tokenizer must pad with
+# PAD_ID and a prompt holding that id is refused (``data.prompt_tokenizer``). CLIP's tower needs
+# no mask (causal, padding follows the pooled end-of-text token), so it may pad with any id.
+PADDING_MASKED_TOWERS = ("bert",)
 
 
 def text_tower(config: ModelConfig, lora_dropout: float = 0.0) -> nn.Module:

@@ -1,4 +1,7 @@
-"""Pre-LN transformer blocks; attention (q, k, v, out) and MLP (fc1, fc2) are LoRA-targetable."""
+"""Pre-LN transformer blocks; attention (q, k, v, out) and MLP (fc1, fc2) are LoRA-targetable.
+
+``PostNormBlock`` is BERT's post-LN variant of ``Block``, with the same parameter names.
+"""
 
 from __future__ import annotations
 
@@ -95,6 +98,26 @@ class Block(nn.Module):
         h = nn.LayerNorm(epsilon=self.layer_norm_eps, name="ln_mlp")(x)
         mlp = Mlp(self.width, self.mlp_dim, self.lora_dropout, self.activation, name="mlp")
         return x + mlp(h, task_weights, deterministic)
+
+
+class PostNormBlock(Block):
+    """x = LN(x + attn(x)), then LN(x + mlp(x)): BERT's post-LN block (same parameter names).
+
+    ``ln_attn`` is BERT's ``attention.output.LayerNorm`` and ``ln_mlp`` its ``output.LayerNorm``.
+    """
+
+    @nn.compact
+    def __call__(self, x, mask, task_weights, deterministic: bool = True):
+        attn = SelfAttention(
+            self.width, self.num_heads, self.lora_dropout, self.causal, name="attn"
+        )
+        x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="ln_attn")(
+            x + attn(x, mask, task_weights, deterministic)
+        )
+        mlp = Mlp(self.width, self.mlp_dim, self.lora_dropout, self.activation, name="mlp")
+        return nn.LayerNorm(epsilon=self.layer_norm_eps, name="ln_mlp")(
+            x + mlp(x, task_weights, deterministic)
+        )
 
 
 class Encoder(nn.Module):

@@ -5,7 +5,8 @@
    rules also place the copies of a parameter inside other trees: its Adam moments
    (``opt_state/0/mu/decoder/...``), the frozen backbone inside a train context
    (``base_params/decoder/...``). The first matching rule wins. Every backbone parameter must match
-   a rule and every rule must match some parameter (``check_rules``): a typo or a new layer is an
+   a rule and every rule (but the ``OPTIONAL_RULES`` of layers only some text towers have) must
+   match some parameter (``check_rules``): a typo or a new layer is an
    error naming the path, never a silently replicated 7B model.
 2. ``LOGICAL_TO_MESH``: logical axis -> mesh axes. ``embed`` goes to ``fsdp`` (every frozen
    weight is split over the FSDP devices), heads / MLP / vocabulary to ``tensor``; the rest
@@ -80,11 +81,26 @@ _DECODER_RULES: tuple[Rule, ...] = (
     (r"projector/linear_\d/bias", ("embed",)),
 )
 
+# The dual encoder's text towers (models.clip.TEXT_TOWERS) differ in their embeddings: the
+# hashed and CLIP towers have ``pos_embed``, BERT's (models.bert) position, token-type and
+# LayerNorm'd embeddings and, with "pooler" pooling, a pooler. These rules match only with the
+# tower that has the layer, so they are in OPTIONAL_RULES: ``check_rules`` lets them match
+# nothing (a parameter that none matches is still an error).
+_TEXT_TOWER_RULES: tuple[Rule, ...] = (
+    (r"text/pos_embed", ("positions", "embed")),
+    (r"text/position_embed/embedding", ("positions", "embed")),
+    (r"text/type_embed/embedding", ("token_types", "embed")),
+    (r"text/ln_embed/(scale|bias)", ("norm",)),
+    (r"text/pooler/kernel", ("embed", "mlp")),
+    (r"text/pooler/bias", ("mlp",)),
+)
+OPTIONAL_RULES = frozenset(pattern for pattern, _ in _TEXT_TOWER_RULES)
+
 PARAM_RULES: dict[str, tuple[Rule, ...]] = {
     "dual_encoder": _TRANSFORMER_RULES
+    + _TEXT_TOWER_RULES
     + (
         (r"text/token_embed/embedding", ("vocab", "embed")),
-        (r"text/pos_embed", ("positions", "embed")),
         (r"(image|text)/proj/kernel", ("embed", "proj")),
         (r"logit_scale", ()),
     ),
@@ -163,7 +179,11 @@ class ShardingRules:
                     f"parameter {path} {tuple(leaf.shape)} matches no {self.family} sharding "
                     "rule (mslora_jax.parallel.rules.PARAM_RULES)"
                 )
-        unused = [self.rules[i][0] for i in range(len(self.rules)) if i not in used]
+        unused = [
+            self.rules[i][0]
+            for i in range(len(self.rules))
+            if i not in used and self.rules[i][0] not in OPTIONAL_RULES
+        ]
         # A decoder is scanned or unrolled: the other layout's rules may match nothing.
         absent = [
             p for p in _LAYOUT_PREFIXES if not any(self.rules[i][0].startswith(p) for i in used)
