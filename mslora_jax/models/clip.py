@@ -251,6 +251,21 @@ class ImageEncoder(nn.Module):
         return nn.Dense(cfg.embed_dim, use_bias=False, name="proj")(x[:, 0])
 
 
+def text_encoder(cfg: ModelConfig, lora_dropout: float, causal: bool = False) -> Encoder:
+    """The pre-LN block stack (named ``encoder``) of the hashed and CLIP text towers."""
+    return Encoder(
+        cfg.text_width,
+        cfg.text_depth,
+        cfg.text_num_heads,
+        cfg.text_mlp_dim,
+        lora_dropout,
+        activation=cfg.mlp_activation,
+        layer_norm_eps=cfg.layer_norm_eps,
+        causal=causal,
+        name="encoder",
+    )
+
+
 class TextEncoder(nn.Module):
     """Transformer over token ids; position 0 holds the [CLS] token whose output is pooled."""
 
@@ -263,16 +278,7 @@ class TextEncoder(nn.Module):
         x = nn.Embed(cfg.vocab_size, cfg.text_width, name="token_embed")(tokens)
         x = x + self.param("pos_embed", nn.initializers.normal(0.02), x.shape[1:])
         mask = tokens != PAD_ID
-        x = Encoder(
-            cfg.text_width,
-            cfg.text_depth,
-            cfg.text_num_heads,
-            cfg.text_mlp_dim,
-            self.lora_dropout,
-            activation=cfg.mlp_activation,
-            layer_norm_eps=cfg.layer_norm_eps,
-            name="encoder",
-        )(x, mask, task_weights, deterministic)
+        x = text_encoder(cfg, self.lora_dropout)(x, mask, task_weights, deterministic)
         return nn.Dense(cfg.embed_dim, use_bias=False, name="proj")(x[:, 0])
 
 
@@ -307,17 +313,7 @@ class ClipTextEncoder(nn.Module):
         )
         x = x + pos[:length]
         # No padding mask: padding follows the end-of-text token, which (causal) never sees it.
-        x = Encoder(
-            cfg.text_width,
-            cfg.text_depth,
-            cfg.text_num_heads,
-            cfg.text_mlp_dim,
-            self.lora_dropout,
-            activation=cfg.mlp_activation,
-            layer_norm_eps=cfg.layer_norm_eps,
-            causal=True,
-            name="encoder",
-        )(x, None, task_weights, deterministic)
+        x = text_encoder(cfg, self.lora_dropout, causal=True)(x, None, task_weights, deterministic)
         pooled = x[jnp.arange(x.shape[0]), eos_positions(tokens, cfg.text_eos_id)]
         return nn.Dense(cfg.embed_dim, use_bias=False, name="proj")(pooled)
 
