@@ -19,8 +19,10 @@ What can be loaded and written:
 - ``hf_bert``: a Hugging Face ``BertModel`` (or sentence-transformers) folder into the BERT text
   tower ``models.bert.BertTextEncoder`` (``load_hf_bert``, ``convert-clip --text-hf-dir``).
 
-The released evaluator's answer metrics are in ``eval/released_metrics.py`` (``mslora-jax
-score``): they are a metric definition, not a file format.
+Not here, though they concern the released code: its evaluator's answer metrics are
+``eval/released_metrics.py`` (a metric definition, chosen by ``eval.metrics``), and its
+``answer-file.jsonl`` is read by ``data/answer_file.py``, which reads this library's own answer
+files too (``mslora-jax score`` scores either).
 
 Layering: ``interop`` sits beside ``train``'s callers (``cli/``, ``experiments/``): it may use
 ``train/`` (the backbone and run folders it writes are the ones runs read) and the lower layers,
