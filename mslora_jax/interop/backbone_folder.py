@@ -6,27 +6,21 @@ atomic write of params + ``meta.json`` + extra files.
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mslora_jax.errors import CheckpointError
-from mslora_jax.io_utils import atomic_folder, atomic_write_text
+from mslora_jax.io_utils import atomic_folder, atomic_write_text, read_json
 from mslora_jax.train.checkpoints import save_backbone
 
 
 def read_hf_config(directory: Path, required: bool = False) -> dict:
     """``directory/config.json`` as a dict ({} if absent and not ``required``)."""
     path = directory / "config.json"
-    if not path.exists():
-        if required:
-            raise CheckpointError(f"{path}: not found (a Hugging Face model folder is expected)")
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from e
+    if not path.exists() and required:
+        raise CheckpointError(f"{path}: not found (a Hugging Face model folder is expected)")
+    return read_json(path, "Hugging Face config") if path.exists() else {}
 
 
 def save_backbone_atomically(

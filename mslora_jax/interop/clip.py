@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 from pathlib import Path
@@ -49,7 +48,7 @@ from mslora_jax.interop.hf_clip import (
 )
 from mslora_jax.interop.hf_names import convert_tensors
 from mslora_jax.interop.safetensors_folder import SafetensorsFolder
-from mslora_jax.io_utils import check_new_folder
+from mslora_jax.io_utils import check_new_folder, read_json
 from mslora_jax.models.bert import BertTextConfig
 from mslora_jax.models.clip import ModelConfig, bert_text_fields, eos_positions, init_backbone
 
@@ -64,10 +63,10 @@ def _pixel_stats(hf_dir: Path) -> tuple[tuple, tuple]:
     path = hf_dir / "preprocessor_config.json"
     if not path.exists():
         return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    config = read_json(path, "Hugging Face image processor config")
     try:
-        config = json.loads(path.read_text())
         return tuple(config["image_mean"]), tuple(config["image_std"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: no readable image_mean/image_std ({e!r})") from e
 
 
@@ -75,10 +74,7 @@ def _pad_token(hf_dir: Path) -> str:
     path = hf_dir / "tokenizer_config.json"
     if not path.exists():
         return DEFAULT_PAD_TOKEN
-    try:
-        token = json.loads(path.read_text()).get("pad_token", DEFAULT_PAD_TOKEN)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from e
+    token = read_json(path, "Hugging Face tokenizer config").get("pad_token", DEFAULT_PAD_TOKEN)
     return token["content"] if isinstance(token, dict) else token or DEFAULT_PAD_TOKEN
 
 

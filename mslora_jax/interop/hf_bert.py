@@ -37,7 +37,12 @@ import numpy as np
 
 from mslora_jax.data.prompt_tokenizer import TOKENIZER_FILE, load_prompt_tokenizer
 from mslora_jax.errors import CheckpointError, DataError
-from mslora_jax.interop.hf_names import NameTable, check_settings, convert_tensors
+from mslora_jax.interop.hf_names import (
+    HF_ACTIVATIONS,
+    NameTable,
+    check_settings,
+    convert_tensors,
+)
 from mslora_jax.interop.safetensors_folder import SafetensorsFolder, TensorSource
 from mslora_jax.io_utils import read_json
 from mslora_jax.models.bert import PAD_ID, BertTextConfig, init_bert
@@ -62,13 +67,6 @@ BERT_NAMES = NameTable(
     ignored=(r"(^|\.)embeddings\.(position_ids|token_type_ids)$",),  # index buffers
 )
 _ANCHOR = "embeddings.word_embeddings.weight"
-# HF's hidden_act -> ours (transformer.ACTIVATIONS).
-HF_ACTIVATIONS = {
-    "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "quick_gelu": "quick_gelu",
-}
 # sentence-transformers modules whose effect the tower (plus DualEncoder's L2 normalization)
 # reproduces; any other module in modules.json would change the embedding.
 _ST_MODULES = ("Transformer", "Pooling", "Normalize")

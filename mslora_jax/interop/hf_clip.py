@@ -20,7 +20,13 @@ from collections.abc import Mapping
 
 from mslora_jax.errors import CheckpointError
 from mslora_jax.interop.hf_llava import vision_tower_names
-from mslora_jax.interop.hf_names import SAME, NameTable, check_settings, module_name
+from mslora_jax.interop.hf_names import (
+    HF_ACTIVATIONS,
+    SAME,
+    NameTable,
+    check_settings,
+    module_name,
+)
 from mslora_jax.models.clip import ModelConfig
 
 VISION_PREFIX = "vision_model."
@@ -89,13 +95,6 @@ HF_DEFAULTS = {
     },
     "projection_dim": 512,
 }
-# HF activation names (ACT2FN) -> transformer.ACTIVATIONS.
-_ACTIVATIONS = {
-    "quick_gelu": "quick_gelu",
-    "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-}
 
 
 def _section(hf_config: Mapping, name: str) -> dict:
@@ -133,10 +132,10 @@ def model_config_from_hf(
             f"{where}: text_config.hidden_act={acts['text']!r} but vision_config.hidden_act="
             f"{acts['vision']!r}; the dual encoder's towers share model.mlp_activation"
         )
-    if acts["text"] not in _ACTIVATIONS:
+    if acts["text"] not in HF_ACTIVATIONS:
         raise CheckpointError(
             f"{where}: hidden_act={acts['text']!r} is not supported; expected one of "
-            f"{sorted(_ACTIVATIONS)}"
+            f"{sorted(HF_ACTIVATIONS)}"
         )
     if text["layer_norm_eps"] != vision["layer_norm_eps"]:
         raise CheckpointError(
@@ -165,7 +164,7 @@ def model_config_from_hf(
         embed_dim=hf_config.get("projection_dim", HF_DEFAULTS["projection_dim"]),
         patch_bias=False,
         pre_norm=True,
-        mlp_activation=_ACTIVATIONS[acts["text"]],
+        mlp_activation=HF_ACTIVATIONS[acts["text"]],
         layer_norm_eps=float(text["layer_norm_eps"]),
         text_tower="clip",
         text_positions=positions,

@@ -43,6 +43,13 @@ CONV = Layout(  # [D, 3, p, p] -> [p, p, 3, D]
 )
 CLS = Layout(lambda a: a.reshape(1, 1, -1), lambda s: tuple(s)[2:])  # [D] -> [1, 1, D]
 
+# Hugging Face's ``hidden_act`` names (transformers' ACT2FN) -> ``transformer.ACTIVATIONS``.
+HF_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "quick_gelu": "quick_gelu",
+}
 # Leaf name of flax's Dense/Conv/LayerNorm/RMSNorm/Embed -> HF's.
 LEAF_NAMES = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}
 
