@@ -7,11 +7,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from mslora_jax.config import ExperimentConfig, from_mapping
 from mslora_jax.errors import CheckpointError
-from mslora_jax.io_utils import read_json
 from mslora_jax.lora.compare import cr_similarity
-from mslora_jax.train.checkpoints import load_stage_adapters
+from mslora_jax.train.checkpoints import load_stage_adapters, read_workdir_config
 
 
 def _norm(leaves, name: str) -> float:
@@ -20,7 +18,7 @@ def _norm(leaves, name: str) -> float:
 
 
 def inspect_adapters(workdir: str | Path, method: str, task: str | None = None) -> str:
-    config = from_mapping(ExperimentConfig, read_json(Path(workdir) / "config.json", "workdir"))
+    config = read_workdir_config(workdir)
     stages = load_stage_adapters(workdir, method)
     if task is not None:
         index = config.task_index(task)

@@ -16,14 +16,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mslora_jax.config import ExperimentConfig, from_mapping
+from mslora_jax.config import ExperimentConfig
 from mslora_jax.errors import CheckpointError
 from mslora_jax.interop.hf_clip import clip_module_name
 from mslora_jax.interop.hf_llava import hf_module_name
 from mslora_jax.interop.peft import NameMap, merged_adapter, read_peft_adapter, write_peft_adapter
 from mslora_jax.io_utils import read_json
 from mslora_jax.lora.adapter import LoraAdapter
-from mslora_jax.train.checkpoints import load_stage_adapters
+from mslora_jax.train.checkpoints import load_stage_adapters, read_workdir_config
 from mslora_jax.train.dry_run import abstract_backbone
 from mslora_jax.train.methods import get_method, task_slots
 
@@ -42,10 +42,6 @@ def name_map_for(config: ExperimentConfig) -> NameMap:
             "Face model, so its adapters have no PEFT module names"
         )
     return clip_module_name
-
-
-def _run_config(workdir: Path) -> ExperimentConfig:
-    return from_mapping(ExperimentConfig, read_json(workdir / "config.json", "workdir"))
 
 
 def _base_model_name(config: ExperimentConfig) -> str | None:
@@ -69,13 +65,6 @@ def _stage_of(config: ExperimentConfig, stages: list[tuple[dict, dict]], task: s
     return names.index(name)
 
 
-def _adapter(meta: dict, params: dict) -> LoraAdapter:
-    """A stage checkpoint's adapter with the metadata its meta records."""
-    return LoraAdapter(
-        params, int(meta["rank"]), float(meta["alpha"]), meta["modality"], meta["task"]
-    )
-
-
 def run_adapter(
     workdir: os.PathLike | str, method: str, task: str, *, merged: bool = False
 ) -> tuple[LoraAdapter, dict]:
@@ -84,16 +73,19 @@ def run_adapter(
     ``merged``: the sum of every adapter the method's forward uses for the task after that
     stage, as one exact LoRA; else the stage's own adapter."""
     workdir = Path(workdir).absolute()
-    config = _run_config(workdir)
+    config = read_workdir_config(workdir)
     stages = load_stage_adapters(workdir, method)
     stage = _stage_of(config, stages, task)
     meta, params = stages[stage]
     info = {"method": method, "stage": stage, "slot": meta["slot"], "model_kind": config.model_kind}
-    own = _adapter(meta, params)
+    own = LoraAdapter.from_metadata(params, meta)
     if not merged:
         return own, info
     # Each slot as it was after ``stage`` (a slot per modality goes on training later).
-    slots = {meta["slot"]: _adapter(meta, params) for meta, params in stages[: stage + 1]}
+    slots = {
+        meta["slot"]: LoraAdapter.from_metadata(params, meta)
+        for meta, params in stages[: stage + 1]
+    }
     modalities = [t.modality for t in config.stream]
     used = get_method(method, task_slots(config.lora.granularity, modalities)).eval_slots(stage)
     parts = [slots[s] for s in used]
@@ -110,7 +102,7 @@ def export_run_adapter(
     merged: bool = False,
 ) -> LoraAdapter:
     """Write ``task``'s adapter of ``method`` (see ``run_adapter``) as the PEFT folder ``out``."""
-    config = _run_config(Path(workdir).absolute())
+    config = read_workdir_config(Path(workdir).absolute())
     adapter, info = run_adapter(workdir, method, task, merged=merged)
     write_peft_adapter(
         out,

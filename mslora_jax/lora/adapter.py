@@ -44,6 +44,18 @@ class LoraAdapter:
             "task": self.task,
         }
 
+    @classmethod
+    def from_metadata(cls, params: dict, meta: Mapping) -> LoraAdapter:
+        """The adapter of ``params`` with the metadata ``metadata()`` wrote (extra keys, e.g. a
+        stage checkpoint's, are ignored)."""
+        return cls(
+            params,
+            int(meta["rank"]),
+            float(meta["alpha"]),
+            str(meta["modality"]),
+            str(meta["task"]),
+        )
+
     def num_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
 

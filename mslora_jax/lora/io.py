@@ -40,10 +40,4 @@ def load_adapter(directory: os.PathLike | str) -> LoraAdapter:
         params = ocp.StandardCheckpointer().restore(directory / "params")
     except Exception as e:  # orbax raises many types for a damaged folder
         raise CheckpointError(f"{directory}/params is unreadable: {e}") from e
-    return LoraAdapter(
-        jax.tree.map(np.asarray, params),
-        int(meta["rank"]),
-        float(meta["alpha"]),
-        str(meta["modality"]),
-        str(meta["task"]),
-    )
+    return LoraAdapter.from_metadata(jax.tree.map(np.asarray, params), meta)

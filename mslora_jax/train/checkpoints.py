@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from mslora_jax.config import ExperimentConfig, from_mapping
 from mslora_jax.errors import CheckpointError
 from mslora_jax.io_utils import atomic_write_json, read_json
 from mslora_jax.parallel.distributed import is_primary, sync_processes
@@ -234,6 +235,11 @@ def load_backbone(directory: os.PathLike | str, abstract_params, model_config: d
     except Exception as e:
         raise CheckpointError(f"backbone {directory}/params is unreadable: {e}") from e
     return params, meta
+
+
+def read_workdir_config(workdir: str | Path) -> ExperimentConfig:
+    """The config a run recorded in ``workdir`` (``config.json``, written by ``claim_workdir``)."""
+    return from_mapping(ExperimentConfig, read_json(Path(workdir) / "config.json", "workdir"))
 
 
 def load_stage_adapters(workdir: str | Path, method: str) -> list[tuple[dict, dict]]:

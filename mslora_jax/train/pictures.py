@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mslora_jax.config import METHODS, ExperimentConfig, from_mapping
-from mslora_jax.io_utils import atomic_savefig, read_json
+from mslora_jax.config import METHODS, ExperimentConfig
+from mslora_jax.io_utils import atomic_savefig
 from mslora_jax.lora.compare import cr_similarity_matrix, delta_w_cosine_matrix
 from mslora_jax.parallel.distributed import is_primary
 from mslora_jax.report.pictures import plot_adapter_similarity, plot_loss_curves
 from mslora_jax.report.training_log import read_step_records
-from mslora_jax.train.checkpoints import load_stage_adapters
+from mslora_jax.train.checkpoints import load_stage_adapters, read_workdir_config
 from mslora_jax.train.methods import get_method
 
 PLOTS_DIR = "plots"
@@ -55,7 +55,7 @@ def write_pictures(
     no similarity picture; a method without logged steps has no loss picture. Every process of
     a run calls it; off process 0 it only reads the checkpoints and returns nothing."""
     workdir = Path(workdir)
-    config = from_mapping(ExperimentConfig, read_json(workdir / "config.json", "workdir"))
+    config = read_workdir_config(workdir)
     if methods is None:
         methods = [m for m in METHODS if (workdir / "checkpoints" / m).is_dir()]
     records = read_step_records(workdir / "logs")
