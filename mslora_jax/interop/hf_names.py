@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -152,7 +152,8 @@ def hf_targets(
     return targets
 
 
-def _listing(names: list[str], limit: int = 5) -> str:
+def listing(names: Sequence[str], limit: int = 5) -> str:
+    """The first ``limit`` of ``names`` for an error message, and how many there are in all."""
     more = f" ... ({len(names)} in all)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
@@ -172,7 +173,7 @@ def check_tensor_names(
     missing = sorted(set(targets) - set(shapes))
     if missing:
         raise CheckpointError(
-            f"{where}: {len(missing)} tensor(s) missing: {_listing(missing)}"
+            f"{where}: {len(missing)} tensor(s) missing: {listing(missing)}"
             f"{table.missing_hint(missing)}"
         )
     unexpected = sorted(
@@ -183,7 +184,7 @@ def check_tensor_names(
     if unexpected:
         raise CheckpointError(
             f"{where}: {len(unexpected)} tensor(s) the model has no place for: "
-            f"{_listing(unexpected)} (does the config match these weights?)"
+            f"{listing(unexpected)} (does the config match these weights?)"
         )
     for name, target in targets.items():
         if tuple(shapes[name]) != target.hf_shape:

@@ -40,6 +40,7 @@ import numpy as np
 from mslora_jax.config import ExperimentConfig
 from mslora_jax.errors import CheckpointError, ConfigError
 from mslora_jax.interop.hf_llava import check_hf_config, hf_module_name
+from mslora_jax.interop.hf_names import listing
 from mslora_jax.io_utils import read_json
 from mslora_jax.lora.adapter import unrolled_path
 from mslora_jax.lora.targets import get_by_path, set_by_path
@@ -156,7 +157,8 @@ def read_released_file(bin_path: str | Path) -> ReleasedFile:
     if unknown:
         raise CheckpointError(
             f"{path}: {len(unknown)} tensor(s) that are not released LoRA factors "
-            f"(<module>.cl_lora_pool.task_<i>_lora.lora_A/B): {_listing(sorted(unknown))}"
+            "(<module>.cl_lora_pool.task_<i>_lora.lora_A/B): "
+            f"{listing(sorted(unknown), limit=4)}"
         )
     if not factors:
         raise CheckpointError(f"{path}: holds no LoRA factors (cl_lora_pool.task_<i>_lora)")
@@ -168,11 +170,6 @@ def read_released_file(bin_path: str | Path) -> ReleasedFile:
             f"{max_task} (tasks 0..{max_task - 1})"
         )
     return ReleasedFile(path, factors, hf_config)
-
-
-def _listing(names: Sequence[str], limit: int = 4) -> str:
-    more = f" ... ({len(names)} in all)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 def _differs(a: float, b: float) -> bool:
@@ -295,14 +292,14 @@ def _task_tree(
     unknown = sorted(given - set(modules))
     if unknown:
         raise CheckpointError(
-            f"{where}: module(s) the config does not adapt: {_listing(unknown)} (lora.targets and "
-            "llava.decoder.depth must cover what the released run adapted)"
+            f"{where}: module(s) the config does not adapt: {listing(unknown, limit=4)} "
+            "(lora.targets and llava.decoder.depth must cover what the released run adapted)"
         )
     missing = sorted(set(modules) - given)
     if missing:
         raise CheckpointError(
-            f"{where}: no factors for {_listing(missing)}, which the config adapts (lora.targets; "
-            "a released run with mslora_cfg.adding_layers adapts only those layers)"
+            f"{where}: no factors for {listing(missing, limit=4)}, which the config adapts "
+            "(lora.targets; a released run with mslora_cfg.adding_layers adapts only those layers)"
         )
     flat: dict[str, np.ndarray] = {}
     for name, slot in modules.items():
