@@ -11,6 +11,7 @@ from PIL import Image
 
 from mslora_jax.config import TaskConfig, experiment_config
 from mslora_jax.data.medmnist import resize_images
+from mslora_jax.data.prompt_tokenizer import prompt_encoder
 from mslora_jax.data.registry import class_table, load_task, load_tasks
 from mslora_jax.data.tfds_source import load_tfds_task
 from mslora_jax.data.tokenizer import tokenize
@@ -269,12 +270,7 @@ def test_shipped_config_reads_its_tfds_tasks(prepared):
     assert tasks[1].class_names == ("parasitized", "uninfected")  # the feature's own names
     assert [(t.num_train, len(t.test_labels)) for t in tasks] == [(8, 8), (8, 2), (8, 2)]
     assert {t.image_shape for t in tasks} == {(32, 32, 3)}
-    table = class_table(
-        tasks,
-        config.prompt_template,
-        max_len=config.model.max_text_len,
-        vocab_size=config.model.vocab_size,
-    )
+    table = class_table(tasks, config.prompt_template, prompt_encoder(config))
     assert table.sizes == (2, 2, 8)
     prompts = ["a pathology image of lymph node metastasis", "a microscopy image of parasitized"]
     expected = tokenize(prompts, max_len=10, vocab_size=1024)

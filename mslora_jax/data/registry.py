@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from collections.abc import Callable, Sequence
 
@@ -14,7 +13,7 @@ from mslora_jax.data.medmnist import load_medmnist_task
 from mslora_jax.data.synthetic import SyntheticTaskSpec, make_synthetic_task
 from mslora_jax.data.task import TaskData
 from mslora_jax.data.tfds_source import load_tfds_task
-from mslora_jax.data.tokenizer import prompt, tokenize
+from mslora_jax.data.tokenizer import prompt
 
 
 def load_task(task: TaskConfig, *, image_size: int, data_dir: str = "", seed: int = 0) -> TaskData:
@@ -87,20 +86,13 @@ class ClassTable:
 
 
 def class_table(
-    tasks: Sequence[TaskData],
-    template: str,
-    *,
-    max_len: int = 0,
-    vocab_size: int = 0,
-    encode: Callable[[Sequence[str]], np.ndarray] | None = None,
+    tasks: Sequence[TaskData], template: str, encode: Callable[[Sequence[str]], np.ndarray]
 ) -> ClassTable:
-    """The class prompts' ids: ``encode(prompts)`` (e.g. ``prompt_tokenizer.prompt_encoder``),
-    by default the hashed-word ``tokenize`` with ``max_len`` and ``vocab_size``."""
+    """The class prompts' ids, ``encode(prompts)`` (``prompt_tokenizer.prompt_encoder``: the
+    tokenizer the run's text tower reads)."""
     prompts = [prompt(template, t.modality, name) for t in tasks for name in t.class_names]
     sizes = tuple(t.num_classes for t in tasks)
     offsets = tuple(int(x) for x in np.concatenate([[0], np.cumsum(sizes)[:-1]]))
-    if encode is None:
-        encode = functools.partial(tokenize, max_len=max_len, vocab_size=vocab_size)
     return ClassTable(encode(prompts), offsets, sizes)
 
 

@@ -7,8 +7,8 @@ BLEU-1..4, ...); for the dual encoder it is classification accuracy. Schema::
 
     {"tasks": [{"name": str, "modality": str, "primary_metric": str}, ...],
      "zero_shot": [{metric: value | null}, ...],          # frozen backbone, no adapter
-     "methods": {"<method>": [[{metric: value | null} | null, ...], ...]}}
-                                                           # [stage][task]; null: not yet see,
+     "methods": {"<method>": [[{metric: value | null} | null, ...], ...]},
+                                                           # [stage][task]; null: not yet seen
      "answer_metrics": "released" | "clean"}              # optional (generative runs): whose
                                                            # definitions (``eval.metrics``)
 

@@ -137,6 +137,6 @@ def build_experiment(
     config: ExperimentConfig, tasks: list[TaskData], mesh: Mesh, base_params: dict
 ) -> Experiment:
     """Bundle a stream's tasks with the frozen backbone; checks the LoRA target patterns."""
-    table = class_table(tasks, config.prompt_template, encode=prompt_encoder(config))
+    table = class_table(tasks, config.prompt_template, prompt_encoder(config))
     targets = select_targets(base_params, config.lora.targets)
     return Experiment(config, tasks, table, mesh, base_params, targets)

@@ -42,7 +42,7 @@ def pretrain_backbone(config: ExperimentConfig, mesh: Mesh, rng) -> tuple[dict, 
     """Fully train a fresh backbone on ``config.base_tasks``; returns (params, info)."""
     cfg = config.pretrain
     tasks = load_tasks(config, config.base_tasks)
-    table = class_table(tasks, config.prompt_template, encode=prompt_encoder(config))
+    table = class_table(tasks, config.prompt_template, prompt_encoder(config))
     images, labels = union_train_split(tasks, table, range(len(tasks)))
     check_divisible(cfg.batch_size, mesh, "pretrain.batch_size")
     model = DualEncoder(config.model)
