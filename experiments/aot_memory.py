@@ -41,7 +41,7 @@ from ml_collections import config_flags  # noqa: E402
 from mslora_jax.config import experiment_config  # noqa: E402
 from mslora_jax.errors import ConfigError  # noqa: E402
 from mslora_jax.parallel import aot  # noqa: E402
-from mslora_jax.train.aot import (  # noqa: E402
+from mslora_jax.run.aot import (
     abstract_experiment,
     lower_generation,
     lower_train_step,

@@ -38,7 +38,7 @@ from mslora_jax.config import ExperimentConfig, experiment_config
 from mslora_jax.models.generate import llava_generate
 from mslora_jax.parallel.mesh import process_rows, replicate, to_global_batch
 from mslora_jax.parallel.sharded_jit import ShardedOutputs, sharding_context
-from mslora_jax.train.experiment import random_backbone_experiment
+from mslora_jax.run.experiment import random_backbone_experiment
 from mslora_jax.train.stream_experiment import StreamExperiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Experiment config.")
@@ -77,7 +77,7 @@ def forward_fn(exp: StreamExperiment, rows: int) -> tuple[Callable, int, str]:
     """``(fn(variables) -> device output, items per call, unit)`` on one fixed device batch."""
     config, mesh, weights = exp.config, exp.mesh, exp.weights(list(range(exp.num_tasks)))
     if config.model_kind == "llava":
-        from mslora_jax.train.generative import pixels
+        from mslora_jax.families.llava.experiment import pixels
 
         cfg = config.llava.model_config()
         length = _PROMPT.value or config.llava.max_len

@@ -41,7 +41,7 @@ from mslora_jax.data.pipeline import train_batches
 from mslora_jax.data.registry import union_train_split
 from mslora_jax.data.vqa_pipeline import vqa_train_batches
 from mslora_jax.parallel.mesh import process_row_range, to_global_batch
-from mslora_jax.train.experiment import random_backbone_experiment
+from mslora_jax.run.experiment import random_backbone_experiment
 from mslora_jax.train.methods import get_method
 from mslora_jax.train.stream import stage_context
 from mslora_jax.train.stream_experiment import StreamExperiment

@@ -32,12 +32,12 @@ from ml_collections import config_flags
 from tokenizers import Tokenizer, models
 
 from mslora_jax.config import experiment_config
+from mslora_jax.families.llava.experiment import GenerativeExperiment, VqaTask, cast_floating
 from mslora_jax.lora.targets import select_targets
 from mslora_jax.models.llava import init_llava
 from mslora_jax.parallel.mesh import make_mesh
-from mslora_jax.train.generative import GenerativeExperiment, VqaTask, cast_floating
+from mslora_jax.train.adapter_loss import regularized_adapter_loss
 from mslora_jax.train.methods import get_method
-from mslora_jax.train.objectives import regularized_adapter_loss
 from mslora_jax.train.step import init_train_state
 from mslora_jax.train.stream import stage_context
 from mslora_jax.train.stream_experiment import initial_trainable

@@ -48,7 +48,7 @@ from ml_collections import config_flags
 
 from mslora_jax.config import MeshConfig, experiment_config
 from mslora_jax.parallel.mesh import to_global_batch
-from mslora_jax.train.experiment import random_backbone_experiment
+from mslora_jax.run.experiment import random_backbone_experiment
 from mslora_jax.train.methods import get_method
 from mslora_jax.train.stream import stage_context
 from mslora_jax.train.stream_experiment import StreamExperiment

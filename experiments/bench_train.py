@@ -18,10 +18,10 @@ from ml_collections import config_flags
 
 from mslora_jax.config import experiment_config
 from mslora_jax.data.registry import load_tasks
+from mslora_jax.families.dual_encoder.backbone import init_backbone_sharded
+from mslora_jax.families.dual_encoder.experiment import build_experiment
 from mslora_jax.parallel.mesh import make_mesh
-from mslora_jax.train.dual_encoder import build_experiment
 from mslora_jax.train.methods import get_method
-from mslora_jax.train.pretrain import init_backbone_sharded
 from mslora_jax.train.stream import train_stage
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Experiment config.")

@@ -36,11 +36,11 @@ from torch import nn
 
 from mslora_jax.config import ExperimentConfig, experiment_config, synthetic_task
 from mslora_jax.data.registry import load_tasks
+from mslora_jax.families.dual_encoder.backbone import init_backbone_sharded
+from mslora_jax.families.dual_encoder.experiment import Experiment, build_experiment
 from mslora_jax.models.clip import ModelConfig
 from mslora_jax.parallel.mesh import make_mesh, to_global_batch
-from mslora_jax.train.dual_encoder import Experiment, build_experiment
 from mslora_jax.train.methods import get_method
-from mslora_jax.train.pretrain import init_backbone_sharded
 from mslora_jax.train.stream import stage_context
 
 _TASKS = flags.DEFINE_multi_integer("tasks", [1, 4, 8, 16], "Numbers of tasks T (repeatable).")

@@ -41,7 +41,7 @@ from mslora_jax.losses.regularizers import (
     contrastive_regularizer,
 )
 from mslora_jax.models.lora_dense import LORA_A, LORA_B
-from mslora_jax.train.experiment import random_backbone_experiment
+from mslora_jax.run.experiment import random_backbone_experiment
 from mslora_jax.train.methods import get_method
 from mslora_jax.train.stream import stage_context
 from mslora_jax.train.stream_experiment import StreamExperiment

@@ -12,10 +12,10 @@ import numpy as np
 
 from mslora_jax.config import ExperimentConfig, experiment_config
 from mslora_jax.data.registry import load_tasks
+from mslora_jax.families.dual_encoder.backbone import init_backbone_sharded
+from mslora_jax.families.dual_encoder.experiment import Experiment, build_experiment
 from mslora_jax.models.clip import ModelConfig
 from mslora_jax.parallel.mesh import make_mesh
-from mslora_jax.train.dual_encoder import Experiment, build_experiment
-from mslora_jax.train.pretrain import init_backbone_sharded
 
 # A tiny ViT in the layout of OpenAI's released CLIP towers (LLaVA's vision tower).
 TINY_CLIP_VIT = ModelConfig(

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation for a TPU topology (parallel.aot, train.aot) on a CPU-only machine.
+"""Ahead-of-time compilation for a TPU topology (parallel.aot, run.aot) on a CPU-only machine.
 
 The compile tests need ``libtpu`` (the ``tpu-aot`` extra) and skip, saying so, without it; the
 parsing of the compiler's out-of-memory message is tested everywhere.
@@ -9,7 +9,7 @@ import pytest
 from mslora_jax.config import experiment_config
 from mslora_jax.models.llava import LLAVA_LORA_TARGETS
 from mslora_jax.parallel import aot
-from mslora_jax.train.aot import abstract_experiment, lower_generation, lower_train_step
+from mslora_jax.run.aot import abstract_experiment, lower_generation, lower_train_step
 
 GIB = 2**30
 

@@ -18,7 +18,7 @@ from mslora_jax.losses.continual import (
     modx_loss,
     olora_penalty,
 )
-from mslora_jax.train.experiment import fingerprint
+from mslora_jax.run.experiment import fingerprint
 from mslora_jax.train.methods import get_method
 from mslora_jax.train.stream import stage_context, stage_fisher, train_stage
 from tests.helpers import random_backbone_experiment, smoke_dict
@@ -168,7 +168,8 @@ def test_distillation_terms_match_the_models_outputs(exp):
     their in-batch similarities; both 0 when the trained adapter is the previous one."""
     from mslora_jax.models.clip import DualEncoder
     from mslora_jax.models.lora_dense import LORA_ACTIVE
-    from mslora_jax.train.objectives import normalize_images, with_layer_weight
+    from mslora_jax.models.pixels import normalize_images
+    from mslora_jax.train.adapter_loss import with_layer_weight
 
     slots = {0: _random_adapter(exp, 1)}
     trainable = {"lora": _random_adapter(exp, 3)}
@@ -260,7 +261,7 @@ def test_ewc_resume_recomputes_the_fisher(tmp_path):
     saved adapter) ends with the results of the uninterrupted run."""
     import shutil
 
-    from mslora_jax.train.experiment import run_experiment
+    from mslora_jax.run.experiment import run_experiment
 
     stream = smoke_dict()["stream"][:2]
     overrides = {

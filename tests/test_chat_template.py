@@ -19,13 +19,13 @@ from mslora_jax.data.conversation import (
 )
 from mslora_jax.data.vqa import VqaExample
 from mslora_jax.errors import ConfigError, DataError
+from mslora_jax.families.llava.experiment import GenerativeExperiment, load_vqa_task
+from mslora_jax.families.llava.setup import obtain_tokenizer
 from mslora_jax.lora.targets import select_targets
 from mslora_jax.models.llava import init_llava
+from mslora_jax.models.pixels import normalize_images
 from mslora_jax.parallel.mesh import make_mesh
-from mslora_jax.train.generative import GenerativeExperiment, load_vqa_task
-from mslora_jax.train.generative_run import obtain_tokenizer
 from mslora_jax.train.methods import get_method
-from mslora_jax.train.objectives import normalize_images
 from mslora_jax.train.stream import run_method
 from tests.test_generative import _tiny_llava_config, _write_tasks
 

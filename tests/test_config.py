@@ -60,8 +60,8 @@ def test_bad_values_and_types():
 def test_cr_distance_is_checked_and_defines_results():
     """regularizer.cr_distance: released by default, a bad value named; a non-default one is part
     of the fingerprint, while a workdir written before the key (no such key) still matches."""
+    from mslora_jax.run.experiment import fingerprint
     from mslora_jax.train.checkpoints import check_same_config
-    from mslora_jax.train.experiment import fingerprint
 
     cfg = load_config_file("demo.py")
     assert experiment_config(cfg).regularizer.cr_distance == "released"

@@ -584,7 +584,7 @@ def test_answer_only_loss_equals_the_full_loss(chunk):
 def test_llava_answer_loss_and_last_position_logits(llava_params):
     """The training loss of LLaVA (answer positions only) equals the full-logit loss, and a
     decoder asked for logits at some positions returns those of the full forward."""
-    from mslora_jax.train.generative import answer_loss
+    from mslora_jax.families.llava.experiment import answer_loss
 
     model = Llava(LLAVA)
     rng = np.random.default_rng(3)

@@ -4,8 +4,8 @@ import pytest
 
 from mslora_jax.config import experiment_config
 from mslora_jax.errors import DataError
-from mslora_jax.train.dry_run import dry_run
-from mslora_jax.train.experiment import run_experiment
+from mslora_jax.run.dry_run import dry_run
+from mslora_jax.run.experiment import run_experiment
 from tests.helpers import load_config_file
 from tests.test_run import _cli
 

@@ -14,19 +14,19 @@ from mslora_jax.data.conversation import build_tokenizer, render_conversation
 from mslora_jax.data.synthetic import SyntheticTaskSpec
 from mslora_jax.data.synthetic_vqa import write_synthetic_vqa_task
 from mslora_jax.errors import ConfigError, DataError
-from mslora_jax.lora.adapter import stack_params
-from mslora_jax.lora.targets import select_targets
-from mslora_jax.models.llava import LLAVA_LORA_TARGETS, init_llava
-from mslora_jax.parallel.mesh import make_mesh
-from mslora_jax.train.checkpoints import save_backbone
-from mslora_jax.train.generative import (
+from mslora_jax.families.llava.experiment import (
     GenerativeExperiment,
     answer_loss,
     load_vqa_task,
     pixels,
     pretrain_llava,
 )
-from mslora_jax.train.generative_run import llava_model_json, obtain_tokenizer, prepare_generative
+from mslora_jax.families.llava.setup import llava_model_json, obtain_tokenizer, prepare_generative
+from mslora_jax.lora.adapter import stack_params
+from mslora_jax.lora.targets import select_targets
+from mslora_jax.models.llava import LLAVA_LORA_TARGETS, init_llava
+from mslora_jax.parallel.mesh import make_mesh
+from mslora_jax.train.checkpoints import save_backbone
 from mslora_jax.train.methods import get_method
 from mslora_jax.train.stream import run_method
 

@@ -8,8 +8,8 @@ from mslora_jax.config import experiment_config, synthetic_task
 from mslora_jax.eval.scoring import score_answer_file
 from mslora_jax.report.results import load_results
 from mslora_jax.report.task_metrics import validate_task_metrics
+from mslora_jax.run.experiment import ZERO_SHOT_DIR, run_experiment
 from mslora_jax.train import stream
-from mslora_jax.train.experiment import ZERO_SHOT_DIR, run_experiment
 from tests.helpers import load_config_file
 
 METHODS = ("seq", "mslora_cr")

@@ -8,10 +8,10 @@ from mslora_jax.cli.inspect import load_stage_adapters
 from mslora_jax.config import experiment_config
 from mslora_jax.errors import ConfigError
 from mslora_jax.io_utils import atomic_write_json
+from mslora_jax.run.experiment import fingerprint
+from mslora_jax.run.pictures import final_slot_adapters, write_pictures
 from mslora_jax.train.checkpoints import StageCheckpoints
-from mslora_jax.train.experiment import fingerprint
 from mslora_jax.train.methods import get_method
-from mslora_jax.train.pictures import final_slot_adapters, write_pictures
 from mslora_jax.train.stream import run_method, stage_context
 from tests.helpers import random_backbone_experiment, smoke_dict
 

@@ -46,8 +46,8 @@ from mslora_jax.models.clip import (  # noqa: E402
     bert_text_config,
     bert_text_fields,
 )
+from mslora_jax.run.experiment import run_experiment
 from mslora_jax.train.checkpoints import load_backbone, load_stage_adapters  # noqa: E402
-from mslora_jax.train.experiment import run_experiment  # noqa: E402
 from tests.helpers import load_config_file  # noqa: E402
 
 torch = pytest.importorskip("torch", reason="torch (test extra) is the reference")

@@ -31,8 +31,8 @@ from mslora_jax.interop.clip import convert_clip_backbone  # noqa: E402
 from mslora_jax.interop.hf_clip import CLIP_NAMES, clip_module_name  # noqa: E402
 from mslora_jax.interop.hf_names import hf_targets  # noqa: E402
 from mslora_jax.models.clip import DualEncoder, ModelConfig, init_backbone  # noqa: E402
+from mslora_jax.run.experiment import run_experiment  # noqa: E402
 from mslora_jax.train.checkpoints import load_backbone  # noqa: E402
-from mslora_jax.train.experiment import run_experiment  # noqa: E402
 from tests.helpers import load_config_file  # noqa: E402
 
 MAX_LEN = 12  # prompt length of the converted backbones (CLIP's table has POSITIONS rows)

@@ -15,6 +15,7 @@ from safetensors.numpy import save_file
 
 from mslora_jax.config import experiment_config
 from mslora_jax.errors import CheckpointError
+from mslora_jax.families.llava.setup import llava_model_json, prepare_generative
 from mslora_jax.interop.hf_llava import (
     CLIP_VISION_PREFIX,
     LLAVA_VISION_PREFIX,
@@ -28,7 +29,6 @@ from mslora_jax.models.decoder import DecoderConfig
 from mslora_jax.models.llava import Llava, LlavaConfig, init_llava
 from mslora_jax.parallel.mesh import make_mesh
 from mslora_jax.train.checkpoints import abstract_like, load_backbone
-from mslora_jax.train.generative_run import llava_model_json, prepare_generative
 from tests.helpers import TINY_CLIP_VIT, clip_vision_hidden_states, load_config_file, softmax
 from tests.test_run import _cli
 

@@ -32,8 +32,8 @@ from mslora_jax.lora.targets import get_by_path, select_targets, set_by_path
 from mslora_jax.models.decoder import positions_from_mask
 from mslora_jax.models.llava import LLAVA_LORA_TARGETS, Llava
 from mslora_jax.models.lora_dense import LORA_A, LORA_B
+from mslora_jax.run.experiment import claim_workdir
 from mslora_jax.train.checkpoints import StageCheckpoints
-from mslora_jax.train.experiment import claim_workdir
 from tests.test_interop_llava_med import CONFIG, DictSource, _tiny_run_config, abstract, hf_weights
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

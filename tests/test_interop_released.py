@@ -21,14 +21,14 @@ from mslora_jax.cli.inspect import inspect_adapters  # noqa: E402
 from mslora_jax.cli.parse import parse_command_line  # noqa: E402
 from mslora_jax.config import experiment_config, synthetic_task  # noqa: E402
 from mslora_jax.errors import CheckpointError, ConfigError  # noqa: E402
+from mslora_jax.families.llava.setup import prepare_generative  # noqa: E402
 from mslora_jax.interop import released_run  # noqa: E402
 from mslora_jax.interop.released_run import import_released  # noqa: E402
 from mslora_jax.models.lora_dense import LORA_COLLECTION  # noqa: E402
 from mslora_jax.report.results import load_results  # noqa: E402
+from mslora_jax.run.experiment import run_experiment  # noqa: E402
 from mslora_jax.train import stream  # noqa: E402
 from mslora_jax.train.checkpoints import load_stage_adapters  # noqa: E402
-from mslora_jax.train.experiment import run_experiment  # noqa: E402
-from mslora_jax.train.generative_run import prepare_generative  # noqa: E402
 from tests.helpers import ROOT, load_config_file  # noqa: E402
 
 METHOD = "mslora_cr_ortho"

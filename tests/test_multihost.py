@@ -22,8 +22,8 @@ from mslora_jax.config import TaskConfig, experiment_config, synthetic_task
 from mslora_jax.data.synthetic import SyntheticTaskSpec
 from mslora_jax.data.synthetic_vqa import write_synthetic_vqa_task
 from mslora_jax.errors import ConfigError
+from mslora_jax.families.llava import setup as generative_run
 from mslora_jax.parallel import distributed
-from mslora_jax.train import generative_run
 from mslora_jax.train.checkpoints import read_tree_on_one_device
 from tests.helpers import ROOT, load_config_file, smoke_dict
 

@@ -11,8 +11,8 @@ from matplotlib.figure import Figure
 from mslora_jax.lora.compare import cr_similarity_matrix, delta_w_cosine_matrix
 from mslora_jax.report.pictures import modality_order, plot_adapter_similarity, plot_loss_curves
 from mslora_jax.report.training_log import read_step_records
-from mslora_jax.train.experiment import run_experiment
-from mslora_jax.train.pictures import final_slot_adapters, write_pictures
+from mslora_jax.run.experiment import run_experiment
+from mslora_jax.run.pictures import final_slot_adapters, write_pictures
 from tests.helpers import smoke_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from mslora_jax.errors import TrainingDivergedError
+from mslora_jax.run.experiment import run_experiment
 from mslora_jax.train.checkpoints import StageCheckpoints, read_tree_on_one_device
-from mslora_jax.train.experiment import run_experiment
 from mslora_jax.train.preemption import EXIT_CODE
 from tests.helpers import ROOT, smoke_config, smoke_dict
 

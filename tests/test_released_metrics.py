@@ -225,8 +225,8 @@ def test_answer_file_errors_name_the_file_and_line(tmp_path):
 def test_eval_metrics_key_is_checked_and_defines_results():
     """eval.metrics: clean by default, released in the paper config, a bad value named; released
     is part of the fingerprint, while a workdir written before the key still matches."""
+    from mslora_jax.run.experiment import fingerprint
     from mslora_jax.train.checkpoints import check_same_config
-    from mslora_jax.train.experiment import fingerprint
 
     cfg = load_config_file("demo.py")
     clean = experiment_config(cfg)

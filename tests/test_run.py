@@ -15,9 +15,9 @@ from mslora_jax.cli.inspect import inspect_adapters, load_stage_adapters
 from mslora_jax.errors import CheckpointError, ConfigError, DataError
 from mslora_jax.report.results import load_results
 from mslora_jax.report.task_metrics import validate_task_metrics
+from mslora_jax.run.experiment import run_experiment
 from mslora_jax.train import stream
 from mslora_jax.train.checkpoints import StageCheckpoints
-from mslora_jax.train.experiment import run_experiment
 from tests.helpers import ROOT, smoke_config
 
 METHODS = ("seq", "mslora_cr")
@@ -124,7 +124,7 @@ def test_training_log_jsonl_and_tensorboard(full_run):
 
 def test_run_time_knobs_may_change_on_resume(full_run):
     """Evaluation batch size, accumulation, logging cadence: a rerun resumes every stage."""
-    from mslora_jax.train.experiment import fingerprint
+    from mslora_jax.run.experiment import fingerprint
 
     workdir, results = full_run
     knobs = {"train.eval_batch_size": 16, "train.micro_batch_size": 16, "train.log_every_steps": 5}

@@ -13,13 +13,13 @@ from tokenizers import Tokenizer, models
 from mslora_jax.data.pipeline import train_batches
 from mslora_jax.data.registry import load_tasks, union_train_split
 from mslora_jax.errors import ConfigError
+from mslora_jax.families.dual_encoder.experiment import build_experiment
+from mslora_jax.families.llava.experiment import GenerativeExperiment, VqaTask
 from mslora_jax.lora.targets import select_targets
 from mslora_jax.models.llava import init_llava
 from mslora_jax.parallel.mesh import make_mesh, resolve_mesh_shape, to_global_batch
 from mslora_jax.parallel.rules import ShardingRules
 from mslora_jax.train.checkpoints import StageCheckpoints, load_backbone, save_backbone
-from mslora_jax.train.dual_encoder import build_experiment
-from mslora_jax.train.generative import GenerativeExperiment, VqaTask
 from mslora_jax.train.methods import get_method
 from mslora_jax.train.stream import stage_context
 from tests.helpers import random_backbone_experiment, smoke_config

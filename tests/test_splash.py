@@ -94,7 +94,7 @@ def test_llava_loss_with_splash_equals_xla(tmp_path):
 
 def test_splash_on_cpu_devices_is_refused_by_name():
     from mslora_jax.config import LlavaSettings
-    from mslora_jax.train.generative import attention_kernel
+    from mslora_jax.families.llava.experiment import attention_kernel
     from tests.helpers import load_config_file
 
     config = experiment_config(load_config_file("demo_generative.py"))

@@ -27,8 +27,8 @@ from mslora_jax.report.sweep import (
     t_quantile_975,
     write_summary,
 )
-from mslora_jax.train import experiment
-from mslora_jax.train.sweep import parse_seeds, run_sweep
+from mslora_jax.run import experiment
+from mslora_jax.run.sweep import parse_seeds, run_sweep
 from tests.helpers import ROOT
 
 SMOKE = str(ROOT / "configs" / "smoke.py")
@@ -230,7 +230,7 @@ def _stand_in(calls):
 
 def test_run_sweep_runs_each_seed_into_its_folder(tmp_path):
     from mslora_jax.config import experiment_config
-    from mslora_jax.train.sweep import seed_workdir
+    from mslora_jax.run.sweep import seed_workdir
 
     invocation = parse_command_line(["run", "--config", SMOKE, "--workdir", "x"], COMMANDS)
     config = experiment_config(invocation.args.config)

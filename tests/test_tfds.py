@@ -16,9 +16,9 @@ from mslora_jax.data.registry import class_table, load_task, load_tasks
 from mslora_jax.data.tfds_source import load_tfds_task
 from mslora_jax.data.tokenizer import tokenize
 from mslora_jax.errors import ConfigError, DataError
+from mslora_jax.run.dry_run import dry_run
+from mslora_jax.run.experiment import fingerprint
 from mslora_jax.train.checkpoints import check_same_config
-from mslora_jax.train.dry_run import dry_run
-from mslora_jax.train.experiment import fingerprint
 from tests.helpers import load_config_file, smoke_config
 
 NAMES = ["benign", "malignant", "normal"]

@@ -68,8 +68,8 @@ def test_only_the_active_adapter_changes_and_has_optimizer_state():
 def test_folded_stage_equals_the_stacked_forward():
     """Merging the frozen adapters into the kernels (``lora.fold_frozen=merge``) gives the loss
     and gradients of summing the stack in every layer (``stack``)."""
+    from mslora_jax.families.dual_encoder.objectives import adapter_loss
     from mslora_jax.losses.contrastive import clip_loss
-    from mslora_jax.train.objectives import adapter_loss
 
     folded = random_backbone_experiment(**{"train.learn_temperature": False})
     stacked = random_backbone_experiment(
@@ -207,6 +207,7 @@ def test_trained_adapter_outside_the_stack_equals_inserting_it():
     stack with the adapter inserted into its slot, in value and gradients."""
     import jax.numpy as jnp
 
+    from mslora_jax.families.dual_encoder.objectives import adapter_loss, clip_task_loss
     from mslora_jax.lora.adapter import insert_params
     from mslora_jax.losses.contrastive import clip_loss
     from mslora_jax.losses.regularizers import (
@@ -214,7 +215,6 @@ def test_trained_adapter_outside_the_stack_equals_inserting_it():
         orthogonality_per_slot,
         orthogonality_regularizer,
     )
-    from mslora_jax.train.objectives import adapter_loss, clip_task_loss
 
     exp = random_backbone_experiment(**{"train.learn_temperature": False})
     method = get_method("seq")  # one slot, trained again: its old value sits in the stack

@@ -72,11 +72,11 @@ def _run(args: SimpleNamespace) -> None:
     from mslora_jax.config import experiment_config
     from mslora_jax.parallel.distributed import is_primary
     from mslora_jax.report.results import format_report
-    from mslora_jax.train.experiment import run_experiment
+    from mslora_jax.run.experiment import run_experiment
 
     config = experiment_config(args.config)
     if args.dry_run:
-        from mslora_jax.train.dry_run import dry_run
+        from mslora_jax.run.dry_run import dry_run
 
         print(dry_run(config))
         return
@@ -115,7 +115,7 @@ def _sweep_flags(fv: flags.FlagValues) -> None:
 
 
 def _sweep(args: SimpleNamespace) -> None:
-    from mslora_jax.train.sweep import parse_seeds
+    from mslora_jax.run.sweep import parse_seeds
 
     seeds = parse_seeds(args.seeds)  # bad seeds fail before anything starts
     _start_processes(args)
@@ -123,7 +123,7 @@ def _sweep(args: SimpleNamespace) -> None:
     from mslora_jax.config import experiment_config
     from mslora_jax.parallel.distributed import is_primary
     from mslora_jax.report.sweep import SUMMARY_FILES, format_summary_markdown
-    from mslora_jax.train.sweep import run_sweep
+    from mslora_jax.run.sweep import run_sweep
 
     summary = run_sweep(experiment_config(args.config), seeds, args.workdir)
     if not is_primary():
@@ -166,7 +166,7 @@ def _inspect(args: SimpleNamespace) -> None:
 
     print(inspect_adapters(args.workdir, args.method, args.task))
     if args.plots:
-        from mslora_jax.train.pictures import write_pictures
+        from mslora_jax.run.pictures import write_pictures
 
         for path in write_pictures(args.workdir, [args.method]).values():
             print(f"wrote {path}")

@@ -11,8 +11,8 @@ from jax.sharding import Mesh
 from mslora_jax.data.pipeline import eval_batches
 from mslora_jax.models.clip import DualEncoder
 from mslora_jax.models.lora_dense import LORA_COLLECTION
+from mslora_jax.models.pixels import model_images
 from mslora_jax.parallel.mesh import process_rows, to_global_batch
-from mslora_jax.train.objectives import model_images
 
 
 def make_predict_fn(model: DualEncoder):

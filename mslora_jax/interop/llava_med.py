@@ -18,6 +18,7 @@ import numpy as np
 
 from mslora_jax.config import ExperimentConfig
 from mslora_jax.errors import ConfigError
+from mslora_jax.families.llava.setup import llava_model_json
 from mslora_jax.interop.backbone_folder import (
     read_hf_config,
     save_backbone_atomically,
@@ -32,7 +33,6 @@ from mslora_jax.interop.hf_llava import (
 from mslora_jax.interop.safetensors_folder import MergedSource, SafetensorsFolder
 from mslora_jax.io_utils import check_new_folder
 from mslora_jax.models.llava import init_llava
-from mslora_jax.train.generative_run import llava_model_json
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from mslora_jax.interop.hf_llava import hf_module_name
 from mslora_jax.interop.peft import NameMap, merged_adapter, read_peft_adapter, write_peft_adapter
 from mslora_jax.io_utils import read_json
 from mslora_jax.lora.adapter import LoraAdapter
+from mslora_jax.run.dry_run import abstract_backbone
 from mslora_jax.train.checkpoints import load_stage_adapters, read_workdir_config
-from mslora_jax.train.dry_run import abstract_backbone
 from mslora_jax.train.methods import get_method, task_slots
 
 # PEFT's task_type per model kind: the LLaVA decoder is a causal LM; a CLIPModel has no PEFT

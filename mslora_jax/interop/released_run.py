@@ -22,6 +22,7 @@ import jax
 
 from mslora_jax.config import ExperimentConfig
 from mslora_jax.errors import ConfigError
+from mslora_jax.families.llava.setup import prepare_generative
 from mslora_jax.interop.released import (
     ReleasedFile,
     check_released_settings,
@@ -32,9 +33,8 @@ from mslora_jax.io_utils import atomic_folder, check_new_folder
 from mslora_jax.lora.targets import select_targets
 from mslora_jax.models.llava import init_llava
 from mslora_jax.parallel.mesh import make_mesh
+from mslora_jax.run.experiment import claim_workdir, fingerprint, read_inputs
 from mslora_jax.train.checkpoints import StageCheckpoints
-from mslora_jax.train.experiment import claim_workdir, fingerprint, read_inputs
-from mslora_jax.train.generative_run import prepare_generative
 from mslora_jax.train.methods import get_method
 from mslora_jax.train.stream import evaluate_row, primary_row, save_stage
 

@@ -12,7 +12,7 @@ recompiles.
 The bracketed term is the *trainable* adapter while a task is trained: the collection
 ``"lora_active"`` holds one unstacked ``{lora_a [r, in], lora_b [out, r], weight []}`` per layer,
 so the backward pass differentiates one ``r``-row product per layer, never the ``[T, ...]``
-stack (whose slot for that task then has weight 0; see ``train.objectives``).
+stack (whose slot for that task then has weight 0; see ``train.adapter_loss``).
 """
 
 from __future__ import annotations

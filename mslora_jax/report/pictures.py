@@ -2,7 +2,7 @@
 training loss of every stage.
 
 Pure functions: they take arrays and records and return a matplotlib ``Figure`` drawn with Agg
-(pyplot's global backend is never touched). Reading a workdir is ``train.pictures``'s job.
+(pyplot's global backend is never touched). Reading a workdir is ``run.pictures``'s job.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ with the baseline takes, seed by seed, ``X − baseline`` and gives the same int
 differences; where it excludes 0 the difference is significant at the 5% level (two-sided
 paired t-test), seed-to-seed noise that both methods share cancelling out.
 
-Pure: no jax, no training; ``mslora_jax.train.sweep`` runs the seeds and calls the writers.
+Pure: no jax, no training; ``mslora_jax.run.sweep`` runs the seeds and calls the writers.
 """
 
 from __future__ import annotations

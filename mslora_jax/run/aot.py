@@ -20,13 +20,18 @@ from jax.sharding import Mesh
 from tokenizers import Tokenizer, models
 
 from mslora_jax.config import ExperimentConfig
+from mslora_jax.families.llava.experiment import (
+    GenerativeExperiment,
+    VqaTask,
+    cast_floating,
+    pixels,
+)
 from mslora_jax.lora.targets import select_targets
 from mslora_jax.models.generate import llava_generate
 from mslora_jax.models.llava import init_llava
 from mslora_jax.parallel.aot import per_device_bytes
 from mslora_jax.parallel.mesh import batch_sharding, replicated
 from mslora_jax.parallel.sharded_jit import sharding_context
-from mslora_jax.train.generative import GenerativeExperiment, VqaTask, cast_floating, pixels
 from mslora_jax.train.step import init_train_state
 from mslora_jax.train.stream import stage_context
 from mslora_jax.train.stream_experiment import initial_trainable

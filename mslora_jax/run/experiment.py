@@ -12,32 +12,24 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import jax
 from jax.sharding import Mesh
 
 from mslora_jax.config import BackboneConfig, ExperimentConfig, to_json_dict
-from mslora_jax.data.prompt_tokenizer import prompt_encoder
-from mslora_jax.data.registry import load_tasks
 from mslora_jax.errors import ConfigError
+from mslora_jax.families import family_of
 from mslora_jax.io_utils import atomic_write_json, atomic_write_text, read_json
 from mslora_jax.parallel.distributed import is_primary
 from mslora_jax.parallel.mesh import make_mesh
 from mslora_jax.report.results import validate_results, write_results
 from mslora_jax.report.task_metrics import validate_task_metrics, write_task_metrics
 from mslora_jax.report.training_log import TrainingLog
+from mslora_jax.run.pictures import write_pictures
 from mslora_jax.train.checkpoints import StageCheckpoints, check_same_config
-from mslora_jax.train.dual_encoder import build_experiment
 from mslora_jax.train.methods import get_method
-from mslora_jax.train.pictures import write_pictures
 from mslora_jax.train.preemption import stop_on_sigterm
-from mslora_jax.train.pretrain import init_backbone_sharded, obtain_backbone
 from mslora_jax.train.stream import run_method
-
-if TYPE_CHECKING:
-    from mslora_jax.data.task import TaskData
-    from mslora_jax.train.generative_run import GenerativeInputs
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +120,7 @@ def claim_workdir(config: ExperimentConfig, workdir: Path) -> None:
 
 def run_experiment(config: ExperimentConfig, workdir: str | os.PathLike) -> dict:
     """Run (or resume) every configured method; write results.json, tables and plots (also
-    ``plots/``: adapter similarity and loss curves per method, ``train.pictures``).
+    ``plots/``: adapter similarity and loss curves per method, ``run.pictures``).
 
     Beside them, task_metrics.json/.md/.csv hold every metric of every task (see
     ``mslora_jax.report.task_metrics``); results.json holds each task's primary metric. A
@@ -145,22 +137,13 @@ def run_experiment(config: ExperimentConfig, workdir: str | os.PathLike) -> dict
         return _run_experiment(config, workdir, mesh, inputs)
 
 
-def read_inputs(config: ExperimentConfig) -> list[TaskData] | GenerativeInputs:
-    """What a run reads from outside its workdir, read and checked (it only reads): the dual
-    encoder's stream tasks, or a generative run's VQA files and tokenizer file."""
-    if config.model_kind == "llava":
-        from mslora_jax.train import generative_run
-
-        inputs = generative_run.read_inputs(config)
-        sizes = [
-            len(inputs.tasks[t.name].examples) if t.source == "vqa" else t.num_train
-            for t in config.stream
-        ]
-    else:
-        prompt_encoder(config)  # the backbone's tokenizer.json, if its text tower needs one
-        inputs = load_tasks(config, config.stream)
-        sizes = [len(t.train_labels) for t in inputs]
-    check_train_sizes(config, sizes)
+def read_inputs(config: ExperimentConfig):
+    """What a run reads from outside its workdir, read and checked by the config's model family
+    (it only reads): the dual encoder's stream tasks, or a generative run's VQA files and
+    tokenizer file."""
+    family = family_of(config)
+    inputs = family.read_inputs(config)
+    check_train_sizes(config, family.train_sizes(config, inputs))
     return inputs
 
 
@@ -182,16 +165,8 @@ def check_train_sizes(config: ExperimentConfig, sizes: list[int]) -> None:
             )
 
 
-def _run_experiment(
-    config: ExperimentConfig, workdir: Path, mesh: Mesh, inputs: list[TaskData] | GenerativeInputs
-) -> dict:
-    if config.model_kind == "llava":
-        from mslora_jax.train.generative_run import prepare_generative
-
-        exp, backbone_info = prepare_generative(config, workdir, mesh, inputs)
-    else:
-        base_params, backbone_info = obtain_backbone(config, workdir, mesh)
-        exp = build_experiment(config, inputs, mesh, base_params)
+def _run_experiment(config: ExperimentConfig, workdir: Path, mesh: Mesh, inputs) -> dict:
+    exp, backbone_info = family_of(config).build_experiment(config, workdir, mesh, inputs)
     tasks = exp.tasks
     zero_shot_metrics = [exp.task_metrics({}, [], t) for t in range(exp.num_tasks)]
     zero_shot = [exp.primary_value(m, t) for t, m in enumerate(zero_shot_metrics)]
@@ -294,9 +269,4 @@ def random_backbone_experiment(config: ExperimentConfig, workdir: str | os.PathL
         config, backbone=BackboneConfig(source="random"), base_tasks=(), progress=False
     )
     mesh = make_mesh(config.num_devices, config.mesh.shape)
-    if config.model_kind == "llava":
-        from mslora_jax.train.generative_run import prepare_generative
-
-        return prepare_generative(config, Path(workdir), mesh)[0]
-    params = init_backbone_sharded(config.model, mesh, jax.random.PRNGKey(0))
-    return build_experiment(config, load_tasks(config, config.stream), mesh, params)
+    return family_of(config).random_experiment(config, Path(workdir), mesh)

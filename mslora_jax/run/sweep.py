@@ -67,7 +67,7 @@ def run_sweep(
     stand-in). The seeds run one after another, in the order given.
     """
     if run is None:
-        from mslora_jax.train.experiment import run_experiment as run
+        from mslora_jax.run.experiment import run_experiment as run
     seeds = list(seeds)
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {seeds}")

@@ -20,11 +20,11 @@ from mslora_jax.parallel.distributed import is_primary
 from mslora_jax.report.results import method_summary
 from mslora_jax.report.training_log import TrainingLog
 from mslora_jax.train import faults
+from mslora_jax.train.adapter_loss import AdapterContext
 from mslora_jax.train.baselines import add_fisher, diagonal_fisher, term_fields
 from mslora_jax.train.checkpoints import StageCheckpoints, StepCheckpoints, remove_tree
 from mslora_jax.train.loop import LoopStats, run_steps
 from mslora_jax.train.methods import Method
-from mslora_jax.train.objectives import AdapterContext
 from mslora_jax.train.optim import Schedule
 from mslora_jax.train.preemption import stop_if_preempted
 from mslora_jax.train.step import TrainState, init_train_state

@@ -1,8 +1,8 @@
 """The part of a stream experiment that every model shares: tasks, frozen backbone, mesh, the
 compiled train step, and the adapter stack it trains one slot at a time.
 
-Model-specific experiments subclass ``StreamExperiment`` (``train.dual_encoder``,
-``train.generative``); ``train.stream`` learns the stream with one method over any of them.
+Model-specific experiments subclass ``StreamExperiment`` (``families.dual_encoder.experiment``,
+``families.llava.experiment``); ``train.stream`` learns the stream with one method over any of them.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from mslora_jax.lora.targets import get_by_path
 from mslora_jax.parallel.mesh import batch_shards, check_divisible
 from mslora_jax.parallel.rules import ShardingRules
 from mslora_jax.parallel.sharded_jit import ShardedOutputs, ShardedStep
+from mslora_jax.train.adapter_loss import regularized_adapter_loss
 from mslora_jax.train.methods import Method, get_method, task_slots
-from mslora_jax.train.objectives import regularized_adapter_loss
 from mslora_jax.train.optim import make_optimizer
 from mslora_jax.train.step import TrainState, init_train_state, make_train_step
 

@@ -1,4 +1,5 @@
-"""Obtain the frozen backbone: random init, full pretraining on base tasks, or a saved one."""
+"""The dual encoder's frozen backbone: random init born sharded, full pretraining on the base
+tasks (CLIP InfoNCE against class prompts), or a saved one (``train.backbone``)."""
 
 from __future__ import annotations
 
@@ -6,28 +7,23 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
 from jax.sharding import Mesh
 
-from mslora_jax.config import ExperimentConfig, to_json_dict
+from mslora_jax.config import ExperimentConfig
 from mslora_jax.data.pipeline import train_batches
 from mslora_jax.data.prompt_tokenizer import prompt_encoder
 from mslora_jax.data.registry import class_table, load_tasks, union_train_split
-from mslora_jax.errors import CheckpointError
 from mslora_jax.eval.evaluate import evaluate_accuracy, make_predict_fn
+from mslora_jax.families.dual_encoder.objectives import pretrain_loss
 from mslora_jax.losses.contrastive import sharded_clip_loss
 from mslora_jax.models.clip import DualEncoder, ModelConfig, init_backbone
 from mslora_jax.parallel.mesh import batch_shards, check_divisible, process_row_range
 from mslora_jax.parallel.rules import ShardingRules
-from mslora_jax.parallel.sharded_jit import ShardedStep, born_sharded
-from mslora_jax.train.checkpoints import load_backbone, save_backbone
-from mslora_jax.train.loop import run_steps
-from mslora_jax.train.objectives import PretrainContext, pretrain_loss
-from mslora_jax.train.optim import Schedule, make_optimizer
-from mslora_jax.train.step import init_train_state, make_train_step
+from mslora_jax.parallel.sharded_jit import born_sharded
+from mslora_jax.train.backbone import obtain_frozen_backbone, pretrain_provenance, train_all_params
 
 log = logging.getLogger(__name__)
 
@@ -93,95 +89,10 @@ def pretrain_backbone(config: ExperimentConfig, mesh: Mesh, rng) -> tuple[dict, 
     return state.trainable, info
 
 
-def train_all_params(
-    config: ExperimentConfig,
-    rules: ShardingRules,
-    params,
-    loss_fn,
-    batches,
-    rng,
-    *,
-    class_tokens,
-    desc,
-):
-    """Full training (every backbone parameter) for ``config.pretrain.steps`` steps.
-
-    ``loss_fn(params, context, batch, rng)`` reads ``context.class_tokens`` if it needs them.
-    Parameters and Adam moments are sharded by ``rules``. Returns the final train state and loop
-    stats.
-    """
-    cfg = config.pretrain
-    optimizer = make_optimizer(cfg.weight_decay, grad_clip_norm=1.0)
-    step = ShardedStep(make_train_step(loss_fn, optimizer), rules)
-    init = lambda p, key: init_train_state(p, optimizer, key)
-    state = born_sharded(init, rules, rules.place(params), rng)
-    schedule = Schedule.create(cfg.learning_rate, cfg.steps, cfg.warmup_ratio)
-    context = rules.place(PretrainContext(class_tokens, schedule))
-    return run_steps(
-        step,
-        state,
-        context,
-        batches,
-        rules.mesh,
-        num_steps=cfg.steps,
-        desc=desc,
-        progress=config.progress,
-    )
-
-
 def _eval_batch(config: ExperimentConfig, mesh: Mesh) -> int:
     # Round up to a multiple of the batch shards so eval batches shard evenly.
     shards = batch_shards(mesh)
     return math.ceil(config.train.eval_batch_size / shards) * shards
-
-
-def obtain_frozen_backbone(
-    config: ExperimentConfig,
-    workdir: Path,
-    *,
-    abstract,
-    model_json: dict,
-    provenance: dict,
-    init_fn: Callable[[jax.Array], dict],
-    pretrain_fn: Callable[[jax.Array], tuple[dict, dict]],
-) -> tuple[dict, dict]:
-    """The frozen backbone of a run (any model), saved once under ``workdir/backbone``.
-
-    ``random``: ``init_fn(rng)``; ``load``: restored from ``backbone.path``; ``pretrain``:
-    restored from the workdir if a previous run saved one with the same ``provenance`` (how it
-    was pretrained), otherwise ``pretrain_fn(rng) -> (params, info)`` and saved.
-    """
-    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 10_000)
-    if config.backbone.source == "load":
-        params, meta = load_backbone(config.backbone.path, abstract, model_json)
-        return params, meta.get("info", {})
-    if config.backbone.source == "random":
-        return init_fn(rng), {"source": "random"}
-    directory = workdir / "backbone"
-    if (directory / "meta.json").exists():
-        params, meta = load_backbone(directory, abstract, model_json)
-        if meta.get("provenance") != provenance:
-            raise CheckpointError(
-                f"backbone {directory} was pretrained with different pretrain/base_tasks settings;"
-                " use a new --workdir"
-            )
-        log.info("loaded the pretrained backbone from %s", directory)
-        return params, meta.get("info", {})
-    params, info = pretrain_fn(rng)
-    info = {**info, "source": "pretrain"}
-    save_backbone(directory, params, {"model": model_json, "provenance": provenance, "info": info})
-    return params, info
-
-
-def pretrain_provenance(config: ExperimentConfig, **extra) -> dict:
-    """What a pretrained backbone depends on besides its model config."""
-    cfg = to_json_dict(config)
-    return {
-        "pretrain": cfg["pretrain"],
-        "base_tasks": cfg["base_tasks"],
-        "seed": config.seed,
-        **extra,
-    }
 
 
 def obtain_backbone(config: ExperimentConfig, workdir: Path, mesh: Mesh) -> tuple[dict, dict]:

@@ -23,12 +23,12 @@ from mslora_jax.eval.evaluate import (
     predict_classes,
 )
 from mslora_jax.eval.router import PrototypeRouter, fit_router, router_accuracy
+from mslora_jax.families.dual_encoder.objectives import clip_distillation, clip_task_loss
 from mslora_jax.lora.targets import select_targets
 from mslora_jax.losses.contrastive import sharded_clip_loss
 from mslora_jax.models.clip import DualEncoder
 from mslora_jax.parallel.mesh import process_row_range
 from mslora_jax.train.methods import Method
-from mslora_jax.train.objectives import clip_distillation, clip_task_loss
 from mslora_jax.train.stream_experiment import StreamExperiment, TaskMetrics
 
 

@@ -33,11 +33,11 @@ from mslora_jax.eval.scoring import score_answers_as
 from mslora_jax.losses.answer import answer_cross_entropy
 from mslora_jax.models.generate import llava_generate
 from mslora_jax.models.llava import Llava, init_llava
+from mslora_jax.models.pixels import normalize_images
 from mslora_jax.parallel.mesh import process_row_range, to_global_batch
 from mslora_jax.parallel.rules import ShardingRules
 from mslora_jax.parallel.sharded_jit import born_sharded, sharding_context
-from mslora_jax.train.objectives import normalize_images
-from mslora_jax.train.pretrain import train_all_params
+from mslora_jax.train.backbone import train_all_params
 from mslora_jax.train.stream_experiment import StreamExperiment, TaskMetrics
 
 

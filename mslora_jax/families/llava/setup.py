@@ -32,13 +32,8 @@ from mslora_jax.data.conversation import (
 from mslora_jax.data.synthetic import SyntheticTaskSpec
 from mslora_jax.data.synthetic_vqa import write_synthetic_vqa_task
 from mslora_jax.errors import ConfigError, DataError
-from mslora_jax.io_utils import atomic_write_text
-from mslora_jax.lora.targets import select_targets
-from mslora_jax.models.llava import init_llava
-from mslora_jax.parallel.distributed import is_primary
-from mslora_jax.parallel.rules import ShardingRules
-from mslora_jax.parallel.sharded_jit import born_sharded
-from mslora_jax.train.generative import (
+from mslora_jax.families import Family
+from mslora_jax.families.llava.experiment import (
     GenerativeExperiment,
     VqaTask,
     cast_floating,
@@ -46,7 +41,13 @@ from mslora_jax.train.generative import (
     load_vqa_task,
     pretrain_llava,
 )
-from mslora_jax.train.pretrain import obtain_frozen_backbone, pretrain_provenance
+from mslora_jax.io_utils import atomic_write_text
+from mslora_jax.lora.targets import select_targets
+from mslora_jax.models.llava import init_llava
+from mslora_jax.parallel.distributed import is_primary
+from mslora_jax.parallel.rules import ShardingRules
+from mslora_jax.parallel.sharded_jit import born_sharded
+from mslora_jax.train.backbone import obtain_frozen_backbone, pretrain_provenance
 
 log = logging.getLogger(__name__)
 
@@ -213,3 +214,26 @@ def prepare_generative(
         max_new_tokens=config.llava.max_new_tokens,
     )
     return exp, info
+
+
+def train_sizes(config: ExperimentConfig, inputs: GenerativeInputs) -> list[int]:
+    """Training examples per stream task: a VQA task's as read, a synthetic task's as configured
+    (it is written into the workdir later)."""
+    return [
+        len(inputs.tasks[t.name].examples) if t.source == "vqa" else t.num_train
+        for t in config.stream
+    ]
+
+
+def random_experiment(config: ExperimentConfig, workdir: Path, mesh: Mesh) -> GenerativeExperiment:
+    """The experiment over a seeded random backbone (``backbone.source="random"`` in ``config``);
+    its synthetic task folders and tokenizer are written under ``workdir``."""
+    return prepare_generative(config, workdir, mesh)[0]
+
+
+FAMILY = Family(
+    read_inputs=read_inputs,
+    train_sizes=train_sizes,
+    build_experiment=prepare_generative,
+    random_experiment=random_experiment,
+)
