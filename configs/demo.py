@@ -15,7 +15,8 @@ from mslora_jax.config import synthetic_base_tasks, synthetic_task
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    # The paper's six methods, then the continual-learning baselines (README, "The method").
+    # The paper's six methods, then the continual-learning baselines (docs/method.md,
+    # "Methods and baselines").
     c.methods = (
         *("each", "seq", "mslora", "mslora_cr", "mslora_cr_ortho", "joint"),
         *("olora", "ewc", "lwf", "modx"),

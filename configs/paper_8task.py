@@ -10,13 +10,13 @@ batch size per task 24, 24, 24, 24, 24, 16, 16, 16 (one device, no gradient accu
 alpha_cr 0.1, beta_ortho 0.01; LoRA dropout 0, no weight decay, gradient clipping at 1.0 (the
 Hugging Face Trainer's default max_grad_norm), bf16, gradient checkpointing; model_max_length
 2048; greedy answers of up to 100 new tokens. Where this config still departs from the released
-scripts: the README's "The paper's generative setting".
+scripts: docs/generative.md, "Where the config departs from the released scripts".
 
 Data root: one folder per dataset, each in the paper's format: ``train.json`` (a JSON list of
 {"id", "image", "conversations"}), ``test.jsonl`` ({"question_id", "image", "text", "gt",
 "answer_type"} per line) and ``images/``. The real run needs an accelerator, a LLaVA-Med v1.5
 backbone converted from the released weights under ``<data_root>/llava_med_v15_backbone``
-(``mslora-jax convert-llava-med``, see the README) and Mistral's ``tokenizer.json`` in that
+(``mslora-jax convert-llava-med``, see docs/generative.md) and Mistral's ``tokenizer.json`` in that
 folder; the dry run needs none of them and checks the layout.
 """
 
@@ -104,10 +104,10 @@ def get_config(data_root: str = "data/paper_8task") -> ml_collections.ConfigDict
         max_new_tokens=_MAX_NEW_TOKENS,
         remat=True,  # recompute decoder blocks in the backward pass (activation memory)
         # Attention scores 512 queries at a time: the float32 [heads, 2623, 2623] scores of one
-        # layer are what overflows a 16 GiB chip otherwise (README, "Proof of fit").
+        # layer are what overflows a 16 GiB chip otherwise (docs/scaling.md, "Proof of fit").
         attention_chunk=512,
         # None: XLA's attention. On TPUs, --config.llava.attention_kernel=splash uses the Pallas
-        # flash-attention kernel for training instead (README, "How a stage computes"); a
+        # flash-attention kernel for training instead (docs/method.md, "How a stage computes"); a
         # placeholder so that the command line may set a string.
         attention_kernel=ml_collections.config_dict.placeholder(str),
         dtype="bfloat16",  # frozen backbone and activations (LLaVA trains with --bf16)
@@ -127,13 +127,13 @@ def get_config(data_root: str = "data/paper_8task") -> ml_collections.ConfigDict
         weight_decay=0.0,
         grad_clip_norm=1.0,  # the HF Trainer's default max_grad_norm, unchanged by the scripts
         # Greedy answers for 64 prompts of 2048 tokens at a time: 9.34 GiB per v5e chip on an
-        # all-fsdp v5e-8 (README, "Proof of fit"; 256 prompts needed 28.7 GiB, unrolled).
+        # all-fsdp v5e-8 (docs/scaling.md, "Proof of fit"; 256 prompts needed 28.7 GiB, unrolled).
         eval_batch_size=64,
     )
     c.backbone = dict(source="load", path=f"{data_root}/llava_med_v15_backbone")
-    # Every device on fsdp: each holds 1/N of the frozen 7B backbone and of each batch (the
-    # README's "Proof of fit" sizes this on TPU v5e-8 and v4-8): on a v5e-8 (16 GiB a chip) a
-    # step of batch 24 needs 7.56 GiB, of batch 16 6.27 GiB.
+    # Every device on fsdp: each holds 1/N of the frozen 7B backbone and of each batch
+    # (docs/scaling.md, "Proof of fit", sizes this on TPU v5e-8 and v4-8): on a v5e-8 (16 GiB a
+    # chip) a step of batch 24 needs 7.56 GiB, of batch 16 6.27 GiB.
     c.num_devices = 0
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     # Preemptible TPUs: save the stage in progress every 200 steps too (and always at a

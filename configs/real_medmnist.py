@@ -24,7 +24,7 @@ biomedical foundation model; expect a frozen-backbone zero-shot accuracy near ch
 
 Budget: 28 px images with 7 px patches (16 image tokens), train sets capped at 3000 and test sets
 at 1500 (seeded subsets), 150 steps per task. The six paper methods: 3 min 7 s on 2 CPU cores;
-three seeds of all ten methods, about 20 min on a shared 2-core CPU (README, "Real data").
+three seeds of all ten methods, about 20 min on a shared 2-core CPU (docs/results.md, "Real data").
 """
 
 import ml_collections
@@ -54,7 +54,8 @@ def get_config(data_dir: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.data_dir = data_dir
-    # The paper's six methods, then the continual-learning baselines (README, "The method").
+    # The paper's six methods, then the continual-learning baselines (docs/method.md,
+    # "Methods and baselines").
     c.methods = (
         *("each", "seq", "mslora", "mslora_cr", "mslora_cr_ortho", "joint"),
         *("olora", "ewc", "lwf", "modx"),

@@ -5,7 +5,8 @@ Each case builds its bad input under ``tmp_path`` and runs ``mslora-jax run`` or
 this process through ``cli.main.main``, the installed command's parsing and exit codes (a
 subprocess would add seconds of imports per case). Almost every case fails while the config or
 the data is read, before anything is compiled; those on an existing workdir work on a copy of
-one small finished run (``good_run``). README ("Checkpoints and resuming") quotes the count.
+one small finished run (``good_run``). docs/command_line.md ("Checkpoints and resuming") quotes
+the count.
 """
 
 from __future__ import annotations
@@ -633,7 +634,7 @@ def test_bad_input_is_one_clear_line_and_leaves_the_workdir(bad: Case, tmp_path,
         assert _snapshot(work) == before
 
 
-def test_readme_states_the_number_of_cases():
-    text = (ROOT / "README.md").read_text()
+def test_docs_state_the_number_of_cases():
+    text = (ROOT / "docs" / "command_line.md").read_text()
     (count,) = re.findall(r"`tests/test_bad_input\.py`\s+runs\s+(\d+)", text)
     assert int(count) == len(CASES)
