@@ -11,8 +11,9 @@ import dataclasses
 
 from mslora_jax.data.chat_template import ChatTemplate
 from mslora_jax.errors import ConfigError
+from mslora_jax.models.attention import ATTENTION_KERNELS
 from mslora_jax.models.clip import ModelConfig, check_image_stats
-from mslora_jax.models.decoder import ATTENTION_KERNELS, DecoderConfig
+from mslora_jax.models.decoder import DecoderConfig
 from mslora_jax.models.llava import LlavaConfig
 
 DTYPES = ("float32", "bfloat16")
