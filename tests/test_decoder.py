@@ -12,19 +12,18 @@ import pytest
 from mslora_jax.errors import ConfigError, DataError
 from mslora_jax.lora.adapter import init_adapter_params, stack_params
 from mslora_jax.lora.targets import lora_capable_paths, select_targets
+from mslora_jax.models.attention import Attention, apply_rope
 from mslora_jax.models.clip import ImageEncoder, ModelConfig, init_backbone
 from mslora_jax.models.decoder import (
-    Attention,
     Decoder,
     DecoderConfig,
-    apply_rope,
-    init_cache,
     init_decoder,
     positions_from_mask,
     scan_blocks,
-    unscan_blocks,
 )
+from mslora_jax.models.decoder_config import unscan_blocks
 from mslora_jax.models.generate import greedy_generate, greedy_generate_uncached, llava_generate
+from mslora_jax.models.kv_cache import init_cache
 from mslora_jax.models.llava import (
     LLAVA_LORA_TARGETS,
     Llava,
@@ -521,7 +520,7 @@ def test_remat_keeps_parameters_values_and_lora_gradients(llava_params):
 
 def test_chunked_attention_equals_full_attention_values_and_gradients():
     """``attend`` in query chunks (padded to a multiple) gives the same outputs and gradients."""
-    from mslora_jax.models.decoder import attend
+    from mslora_jax.models.attention import attend
 
     rng = np.random.default_rng(0)
     b, length, kv, groups, dh = 2, 11, 2, 2, 8

@@ -176,13 +176,15 @@ def test_commands_are_real(page):
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_rel)
-def test_named_configs_and_experiments_exist(page):
+def test_named_files_exist(page):
+    """configs/*.py, experiments/*.py and package paths (``mslora_jax/run/``, ``.../sweep.py``)."""
     text = page.read_text()
+    named = r"(?<![\w./-])((?:configs|experiments|mslora_jax)/[\w/-]*(?:\.py\b|/|(?=[`)\s])))"
     missing = sorted(
         {
             f"{_rel(page)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(1)} does not exist"
-            for m in re.finditer(r"(?<![\w./-])((?:configs|experiments)/[\w./-]*?\.py)\b", text)
-            if not (ROOT / m.group(1)).is_file()
+            for m in re.finditer(named, text)
+            if not (ROOT / m.group(1)).exists()
         }
     )
     assert not missing, "\n".join(missing)

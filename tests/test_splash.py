@@ -1,6 +1,6 @@
 """The Pallas splash-attention path against XLA attention (the kernel in the Pallas interpreter).
 
-Real tokens must get the same outputs and gradients as ``decoder.attend``; padding rows are
+Real tokens must get the same outputs and gradients as ``attention.attend``; padding rows are
 never read, so they are not compared. Tiny shapes: the interpreter is slow.
 """
 
@@ -14,7 +14,7 @@ import pytest
 
 from mslora_jax.config import experiment_config
 from mslora_jax.errors import ConfigError
-from mslora_jax.models.decoder import attend
+from mslora_jax.models.attention import attend
 from mslora_jax.models.splash import splash_attention
 from mslora_jax.parallel.mesh import make_mesh
 

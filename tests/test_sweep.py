@@ -15,16 +15,18 @@ from mslora_jax.cli import main as cli_main
 from mslora_jax.cli.commands import COMMANDS
 from mslora_jax.cli.parse import parse_command_line
 from mslora_jax.errors import CommandLineError, DataError
-from mslora_jax.report import sweep as report_sweep
 from mslora_jax.report.sweep import (
     aggregate,
     aggregate_final_acc,
-    format_summary_csv,
-    format_summary_markdown,
     interval,
     paired_differences,
     summarize,
     t_quantile_975,
+)
+from mslora_jax.report.sweep_files import (
+    SUMMARY_FILES,
+    format_summary_csv,
+    format_summary_markdown,
     write_summary,
 )
 from mslora_jax.run import experiment
@@ -257,7 +259,7 @@ def test_sweep_command(tmp_path, capsys, monkeypatch):
     assert [c.seed for c, _ in calls] == [0, 1, 2]  # --seeds wins over config.seed
     assert all(c.lora.rank == 3 for c, _ in calls)  # overrides as run takes them
     assert "## Paired difference against mslora" in out and f"wrote {workdir}/summary.json" in out
-    assert {p.name for p in (tmp_path / "w").iterdir()} == set(report_sweep.SUMMARY_FILES)
+    assert {p.name for p in (tmp_path / "w").iterdir()} == set(SUMMARY_FILES)
 
 
 @pytest.mark.parametrize(
@@ -283,7 +285,8 @@ def test_sweep_command_bad_seeds_is_one_line(tmp_path, capsys, seeds, want):
 
 def test_the_summary_has_the_routers_accuracy_over_seeds():
     from mslora_jax.report.results import method_summary
-    from mslora_jax.report.sweep import format_summary_markdown, summarize
+    from mslora_jax.report.sweep import summarize
+    from mslora_jax.report.sweep_files import format_summary_markdown
 
     tasks = [{"name": "a", "modality": "m"}, {"name": "b", "modality": "m"}]
     runs = []

@@ -122,7 +122,7 @@ def _sweep(args: SimpleNamespace) -> None:
 
     from mslora_jax.config import experiment_config
     from mslora_jax.parallel.distributed import is_primary
-    from mslora_jax.report.sweep import SUMMARY_FILES, format_summary_markdown
+    from mslora_jax.report.sweep_files import SUMMARY_FILES, format_summary_markdown
     from mslora_jax.run.sweep import run_sweep
 
     summary = run_sweep(experiment_config(args.config), seeds, args.workdir)

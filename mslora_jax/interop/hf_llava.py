@@ -12,7 +12,7 @@ saved with the model, the CLIP tower under ``LLAVA_VISION_PREFIX``; OpenAI's own
 (``openai/clip-vit-large-patch14-336``) has the tower under ``CLIP_VISION_PREFIX``.
 
 A scanned decoder's leaf ``decoder/blocks/...`` ``[depth, ...]`` is filled from
-``model.layers.{i}`` for every i. q and k need no permutation: ``decoder.apply_rope`` uses HF's
+``model.layers.{i}`` for every i. q and k need no permutation: ``attention.apply_rope`` uses HF's
 "rotate half" pairing (checked by tests/test_interop_llava_med.py against HF's formulas).
 """
 

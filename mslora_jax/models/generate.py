@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from mslora_jax.errors import ConfigError
-from mslora_jax.models.decoder import Decoder, init_cache, positions_from_mask
+from mslora_jax.models.decoder import Decoder, positions_from_mask
+from mslora_jax.models.kv_cache import init_cache
 from mslora_jax.models.llava import Llava, check_image_tokens, decoder_variables
 
 

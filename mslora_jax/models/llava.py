@@ -199,8 +199,8 @@ class Llava(nn.Module):
     config: LlavaConfig
     lora_dropout: float = 0.0
     remat: bool = False
-    query_chunk: int = 0  # decoder attention this many queries at a time (``decoder.attend``)
-    attention_kernel: str = "xla"  # ``decoder.ATTENTION_KERNELS``
+    query_chunk: int = 0  # decoder attention this many queries at a time (``attention.attend``)
+    attention_kernel: str = "xla"  # ``attention.ATTENTION_KERNELS``
 
     def setup(self):
         cfg = self.config

@@ -5,7 +5,7 @@ never materialises the ``[B, H, L, L]`` scores, skips the masked-out (upper) hal
 blocks and has its own backward kernels. Here it serves the cache-free forward (training, the
 uncached reference): queries and keys are the same L tokens, padding is a segment (real tokens
 1, padding 0), so a real query sees exactly the real keys at or before it, as in
-``decoder.attend``. Padding queries see padding keys instead of nothing; their outputs are never
+``attention.attend``. Padding queries see padding keys instead of nothing; their outputs are never
 read (no loss, no real query attends to them). The kernel runs on per-device shards: under a
 mesh (``jax.set_mesh``) it is wrapped in ``jax.shard_map`` with the batch split like the
 residual stream and heads like the ``tensor`` axis. ``interpret=True`` runs the same kernel in

@@ -19,7 +19,8 @@ from typing import Any
 from mslora_jax.config import ExperimentConfig
 from mslora_jax.errors import CommandLineError
 from mslora_jax.parallel.distributed import is_primary
-from mslora_jax.report.sweep import summarize, write_summary
+from mslora_jax.report.sweep import summarize
+from mslora_jax.report.sweep_files import write_summary
 
 log = logging.getLogger(__name__)
 
