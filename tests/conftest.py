@@ -1,14 +1,31 @@
-"""Test setup: 8 simulated CPU devices, so sharded code paths run (never skip) in CI.
+"""Test setup: 8 simulated CPU devices, so sharded code paths run (never skip) in CI; one
+compilation cache shared by every test of the session.
 
 XLA_FLAGS must be set before jax is imported anywhere, which is why it lives here.
+
+The cache: many tests compile the very same programs (the smoke config's train step, its
+evaluation, the tiny LLaVA's forward), in both xdist workers and in the subprocesses that the CLI,
+multi-host and notebook tests start. JAX's persistent compilation cache, in a fresh temporary
+folder per session (set in the controller before the workers start, so they and every subprocess
+inherit it), compiles each once. The key is the program and its compile options, so a hit is the
+executable a compile would have made; nothing carries over between sessions, so a run's timing is
+what CI sees.
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mslora-jax-test-xla-")
+    # Cache every program, however small or quick to compile (the defaults skip those).
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402
 
@@ -20,3 +37,9 @@ def pytest_configure(config):
         f"expected 8 simulated CPU devices, got {jax.device_count()}: was jax imported before "
         "tests/conftest.py set XLA_FLAGS?"
     )
+
+
+def pytest_unconfigure(config):
+    # The controller (not an xdist worker) made the cache folder; it removes it.
+    if _OWN_CACHE and not hasattr(config, "workerinput"):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

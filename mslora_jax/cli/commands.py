@@ -8,11 +8,13 @@ anything touches jax, and ``--help`` stays fast.
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 from absl import flags
 
 from mslora_jax.cli.command import CONFIG_HELP, Command, define_workdir
+from mslora_jax.cli.console import PACKAGE_LOGGER
 from mslora_jax.cli.interop_commands import INTEROP_COMMANDS
 
 
@@ -63,7 +65,8 @@ def _start_processes(args: SimpleNamespace) -> None:
     initialize_distributed(
         args.coordinator_address, args.num_processes, args.process_id, mode=args.distributed
     )
-    label_logs_with_process()
+    label_logs_with_process()  # absl's handler (the libraries' logs)
+    label_logs_with_process(logging.getLogger(PACKAGE_LOGGER))  # cli.console's
 
 
 def _run(args: SimpleNamespace) -> None:

@@ -15,14 +15,13 @@ stderr and exit code 2, or the error's own ``exit_code``.
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 
 from absl import app
-from absl import logging as absl_logging
 
 from mslora_jax.cli.commands import COMMANDS
+from mslora_jax.cli.console import absl_verbosity, configure_console
 from mslora_jax.cli.parse import Invocation, Usage, parse_command_line
 from mslora_jax.errors import MsloraError
 from mslora_jax.train.preemption import RunPreempted
@@ -46,9 +45,7 @@ def _parse(argv: list[str]) -> Invocation:
 
 
 def _dispatch(invocation: Invocation) -> None:
-    # Our own progress lines at INFO; orbax's very chatty INFO logs (absl) only from WARNING.
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger("mslora_jax").setLevel(logging.INFO)
+    configure_console(absl_verbosity())  # cli.console: what --verbosity shows
     try:
         invocation.command.run(invocation.args)
     except MsloraError as e:

@@ -22,7 +22,7 @@ from mslora_jax.families import family_of
 from mslora_jax.io_utils import atomic_write_json, atomic_write_text, read_json
 from mslora_jax.parallel.distributed import is_primary
 from mslora_jax.parallel.mesh import make_mesh
-from mslora_jax.report.results import validate_results, write_results
+from mslora_jax.report.results import format_percent, validate_results, write_results
 from mslora_jax.report.task_metrics import validate_task_metrics, write_task_metrics
 from mslora_jax.report.training_log import TrainingLog
 from mslora_jax.run.pictures import write_pictures
@@ -170,7 +170,7 @@ def _run_experiment(config: ExperimentConfig, workdir: Path, mesh: Mesh, inputs)
     tasks = exp.tasks
     zero_shot_metrics = [exp.task_metrics({}, [], t) for t in range(exp.num_tasks)]
     zero_shot = [exp.primary_value(m, t) for t, m in enumerate(zero_shot_metrics)]
-    log.info("frozen backbone, no adapter: %s", zero_shot)
+    log.info("frozen backbone, no adapter: %s", " ".join(format_percent(x) for x in zero_shot))
     training_log = TrainingLog(workdir / "logs")
     try:
         outcomes = {

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from tqdm.auto import tqdm
 
 from mslora_jax.losses.regularizers import orthogonality_per_slot
-from mslora_jax.parallel.distributed import is_primary
-from mslora_jax.report.results import method_summary
+from mslora_jax.report.results import format_percent, method_summary
 from mslora_jax.report.training_log import TrainingLog
 from mslora_jax.train import faults
 from mslora_jax.train.adapter_loss import AdapterContext
@@ -286,6 +284,23 @@ def save_stage(
     )
 
 
+def stage_line(
+    exp: StreamExperiment,
+    method: Method,
+    stage: int,
+    row: list[float | None],
+    loss: float | None = None,
+) -> str:
+    """One readable console line for a finished stage: method, stage, task, its row of primary
+    metrics (percent; ``–`` for tasks not evaluated yet) and the final training loss."""
+    names = {exp.primary_metric(task) for task in range(exp.num_tasks)}
+    metric = names.pop() if len(names) == 1 else "primary metrics"
+    cells = " ".join(format_percent(x) for x in row)
+    tail = "" if loss is None else f"  loss {loss:.4f}"
+    where = f"{stage + 1}/{method.num_stages(exp.num_tasks)}"
+    return f"{method.name} {where} {stage_task_name(exp, method, stage)}: {metric} {cells}{tail}"
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodRun:
     """What learning the stream with one method produced.
@@ -318,9 +333,7 @@ def run_method(
     rows, timings, metric_rows = [], [], []
     finished = set(checkpoints.finished_stages()) if checkpoints else set()
     num_stages = method.num_stages(exp.num_tasks)
-    show = exp.config.progress and is_primary()
-    stages = tqdm(range(num_stages), desc=method.name, disable=not show)
-    for stage in stages:
+    for stage in range(num_stages):  # each stage's training shows its own bar (train.loop)
         slot = method.slot(stage)
         if stage in finished:
             # Restored straight into the rules' shardings (each host reads only its shards).
@@ -337,7 +350,8 @@ def run_method(
             ]
             metric_rows.append(metrics.get("task_metrics", primary_only))
             timings.append(metrics["timing"])
-            log.info("%s: restored stage %d from %s", method.name, stage, checkpoints.directory)
+            log.info("%s (restored from %s)", stage_line(exp, method, stage, metrics["row"]),
+                     checkpoints.directory)  # fmt: skip
             if steps_dir is not None and (steps_dir / str(stage)).exists():
                 remove_tree(steps_dir / str(stage))  # left by a kill after the stage's save
             if method.term == "ewc" and stage + 1 < num_stages:
@@ -363,7 +377,9 @@ def run_method(
         rows.append(row)
         metric_rows.append(metric_row)
         timings.append(info["timing"])
-        log.info("%s stage %d: %s (final %s)", method.name, stage, row, info["final"])
+        log.info("%s", stage_line(exp, method, stage, row, info["final"].get("loss")))
+        log.debug("%s stage %d: every metric %s, final scalars %s, timing %s", method.name, stage,
+                  metric_row, info["final"], info["timing"])  # fmt: skip
         if checkpoints:
             save_stage(checkpoints, exp, method, stage, state, row, metric_row, info, fingerprint)
         if in_stage is not None:

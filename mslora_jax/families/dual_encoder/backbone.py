@@ -85,7 +85,10 @@ def pretrain_backbone(config: ExperimentConfig, mesh: Mesh, rng) -> tuple[dict, 
         "steps_per_s": stats.steps_per_s,
         "base_task_acc": accs,
     }
-    log.info("pretrained backbone: %s", info)
+    loss = info["final_loss"]
+    log.info("pretrained the backbone: %d steps, final loss %s", cfg.steps,
+             "–" if loss is None else f"{loss:.4f}")  # fmt: skip
+    log.debug("pretrained backbone: %s", info)
     return state.trainable, info
 
 
