@@ -118,6 +118,15 @@ def test_killed_and_preempted_run_ends_bit_identical(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "resuming at step 6 of 6" in done.stderr
     assert not any(steps.iterdir())  # every stage's in-stage checkpoints were removed
+    # A calm console (cli.console): restored stages and the resumed one each get one readable
+    # line; no raw metric dicts, no absl-style prefixes, no orbax warnings about metadata.
+    lines = done.stderr.splitlines()
+    for stage, task in enumerate(("path_a", "rad_a", "path_b")):
+        line = next(x for x in lines if x.startswith(f"{METHOD} {stage + 1}/3 {task}: accuracy "))
+        assert ("restored from" in line) == (stage < 2), line
+    assert not [
+        x for x in lines if "{'" in x or "Metadata file" in x or x[:1] in "IWE" and x[1:5].isdigit()
+    ]
     results = json.loads((workdir / "results.json").read_text())
     assert _numbers(results) == _numbers(reference)
     for stage, adapter in _adapters(workdir).items():

@@ -24,7 +24,7 @@ from mslora_jax.eval.answer_metrics import METRIC_NAMES
 from mslora_jax.models.clip import ModelConfig
 
 # The paper's methods (run when a config names none) and the continual-learning baselines
-# (``train.methods``, README "The method in a paragraph"); ``methods`` may name any of them.
+# (``train.methods``, docs/method.md, "Methods and baselines"); ``methods`` may name any of them.
 PAPER_METHODS = ("each", "seq", "mslora", "mslora_cr", "mslora_cr_ortho", "joint")
 BASELINE_METHODS = ("olora", "ewc", "lwf", "modx")
 METHODS = PAPER_METHODS + BASELINE_METHODS

@@ -61,7 +61,7 @@ class RegularizerConfig:
     # B matrix's Frobenius distance, as released), "normalized" (each divided by sqrt(numel)) or
     # "delta_w" (per layer, ||s B_c A_c - s B_t A_t||_F with s = alpha / rank).
     cr_distance: str = "released"
-    # The baselines' weights (mslora_jax.losses.continual; README, "The method in a paragraph").
+    # The baselines' weights (mslora_jax.losses.continual; docs/method.md, "Methods and baselines").
     # O-LoRA: lambda_1 of sum |A_c A_i^T| (0.5, O-LoRA's released lamda_1).
     olora_lambda: float = 0.5
     # EWC: lambda of (lambda / 2) sum F (theta - theta*)^2; F from this many batches per task.

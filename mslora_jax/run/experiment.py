@@ -38,9 +38,9 @@ ZERO_SHOT_DIR = "frozen_backbone"  # answers/ folder of the model without adapte
 # Run-time knobs: keys that may change between a run and its resumption without invalidating
 # checkpoints (how the results are computed, or what the run shows, not what they are); every
 # other key defines the results and a resume must match it (``fingerprint``). Dotted keys are
-# nested. Two knobs change numbers (README, "Checkpoints and resuming"): gradient accumulation
-# (each micro-batch's loss is its own mean; the dual encoder's negatives are its micro-batch's)
-# and the generation length (answers of stages evaluated after the change).
+# nested. Two knobs change numbers (docs/command_line.md, "What a resume must match"): gradient
+# accumulation (each micro-batch's loss is its own mean; the dual encoder's negatives are its
+# micro-batch's) and the generation length (answers of stages evaluated after the change).
 RESUMABLE_KEYS = (
     "methods",
     "progress",

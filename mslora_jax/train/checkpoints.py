@@ -200,10 +200,12 @@ def read_tree_on_one_device(path: os.PathLike | str) -> dict:
     """An orbax array tree (e.g. ``checkpoints/<method>/<stage>/adapter``) as numpy, restored
     onto one local device whatever mesh or process count wrote it."""
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    checkpointer = ocp.StandardCheckpointer()
-    shapes = checkpointer.metadata(path).item_metadata.tree
+    # The item's handler, not a Checkpointer: an item folder has no checkpoint-level metadata
+    # file of its own (that sits in the step folder), and a Checkpointer warns about it.
+    handler, path = ocp.StandardCheckpointHandler(), Path(path)
+    shapes = handler.metadata(path).tree
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), shapes)
-    return jax.tree.map(np.asarray, checkpointer.restore(path, target))
+    return jax.tree.map(np.asarray, handler.restore(path, args=ocp.args.StandardRestore(target)))
 
 
 def save_backbone(directory: os.PathLike | str, params, meta: dict) -> None:
