@@ -22,7 +22,7 @@ from mslora_jax.config import TaskConfig, experiment_config, synthetic_task
 from mslora_jax.data.synthetic import SyntheticTaskSpec
 from mslora_jax.data.synthetic_vqa import write_synthetic_vqa_task
 from mslora_jax.errors import ConfigError
-from mslora_jax.families.llava import setup as generative_run
+from mslora_jax.families.llava import setup as llava_setup
 from mslora_jax.parallel import distributed
 from mslora_jax.train.checkpoints import read_tree_on_one_device
 from tests.helpers import ROOT, load_config_file, smoke_dict
@@ -185,7 +185,7 @@ def test_synthetic_task_written_by_another_process_meanwhile_is_used(tmp_path, m
         real(spec, target, **kwargs)  # the other process renames its copy into place first
         return real(spec, target, **kwargs)  # ours then finds the folder full
 
-    monkeypatch.setattr(generative_run, "write_synthetic_vqa_task", racing)
-    (loaded,) = generative_run.load_generative_tasks(config, [task], tmp_path)
+    monkeypatch.setattr(llava_setup, "write_synthetic_vqa_task", racing)
+    (loaded,) = llava_setup.load_generative_tasks(config, [task], tmp_path)
     assert len(loaded.examples) == 4
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # temp removed

@@ -2,7 +2,7 @@
 
 The folder written is what ``backbone.source="load"`` with ``backbone.path`` reads: orbax
 ``params`` plus ``meta.json`` whose ``model`` is the LLaVA architecture (the json the run
-compares, ``generative_run.llava_model_json``), with provenance naming the HF folders.
+compares, ``families.llava.setup.llava_model_json``), with provenance naming the HF folders.
 """
 
 from __future__ import annotations
