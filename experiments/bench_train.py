@@ -17,9 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mslora_jax.config import experiment_config
-from mslora_jax.data.registry import load_tasks
-from mslora_jax.families.dual_encoder.backbone import init_backbone_sharded
-from mslora_jax.families.dual_encoder.experiment import build_experiment
+from mslora_jax.families.dual_encoder.setup import random_experiment
 from mslora_jax.parallel.mesh import make_mesh
 from mslora_jax.train.methods import get_method
 from mslora_jax.train.stream import train_stage
@@ -35,8 +33,7 @@ def main(argv):
     train = dataclasses.replace(config.train, steps_per_task=_STEPS.value)
     config = dataclasses.replace(config, progress=False, train=train)
     mesh = make_mesh(config.num_devices)
-    params = init_backbone_sharded(config.model, mesh, jax.random.PRNGKey(0))
-    exp = build_experiment(config, load_tasks(config, config.stream), mesh, params)
+    exp = random_experiment(config, None, mesh)
     method = get_method(_METHOD.value)
     stage = min(1, exp.num_tasks - 1)
     slots = {0: exp.fresh_adapter(0)}
@@ -66,7 +63,9 @@ def main(argv):
                 "lora_params_per_task": int(
                     sum(np.prod(x.shape) for x in jax.tree.leaves(slots[0]))
                 ),
-                "backbone_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
+                "backbone_params": int(
+                    sum(np.prod(x.shape) for x in jax.tree.leaves(exp.base_params))
+                ),
             },
             indent=2,
         )

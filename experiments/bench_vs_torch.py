@@ -35,9 +35,8 @@ from absl import app, flags
 from torch import nn
 
 from mslora_jax.config import ExperimentConfig, experiment_config, synthetic_task
-from mslora_jax.data.registry import load_tasks
-from mslora_jax.families.dual_encoder.backbone import init_backbone_sharded
-from mslora_jax.families.dual_encoder.experiment import Experiment, build_experiment
+from mslora_jax.families.dual_encoder.experiment import Experiment
+from mslora_jax.families.dual_encoder.setup import random_experiment
 from mslora_jax.models.clip import ModelConfig
 from mslora_jax.parallel.mesh import make_mesh, to_global_batch
 from mslora_jax.train.methods import get_method
@@ -281,8 +280,7 @@ def bench(num_tasks: int, steps: int, warmup: int, rounds: int, tol: float, fold
     config = bench_config(num_tasks, total_steps, fold)
     method, stage = get_method(METHOD), num_tasks - 1
     mesh = make_mesh(config.num_devices)
-    params = init_backbone_sharded(config.model, mesh, jax.random.PRNGKey(0))
-    exp = build_experiment(config, load_tasks(config, config.stream), mesh, params)
+    exp = random_experiment(config, None, mesh)
     adapters = [random_adapter(exp, t) for t in range(num_tasks)]
     context = stage_context(exp, method, stage, dict(enumerate(adapters[:stage])), [stage])
     state = exp.init_state(method, adapters[stage], jax.random.PRNGKey(1))

@@ -6,14 +6,12 @@ import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 
-import jax
 import ml_collections
 import numpy as np
 
 from mslora_jax.config import ExperimentConfig, experiment_config
-from mslora_jax.data.registry import load_tasks
-from mslora_jax.families.dual_encoder.backbone import init_backbone_sharded
-from mslora_jax.families.dual_encoder.experiment import Experiment, build_experiment
+from mslora_jax.families.dual_encoder.experiment import Experiment
+from mslora_jax.families.dual_encoder.setup import random_experiment
 from mslora_jax.models.clip import ModelConfig
 from mslora_jax.parallel.mesh import make_mesh
 
@@ -64,8 +62,7 @@ def random_backbone_experiment(
     ``(data, fsdp, tensor)`` mesh of ``num_devices`` devices."""
     config = smoke_config(**{"backbone.source": "random", **overrides})
     mesh = make_mesh(num_devices, mesh_shape)
-    params = init_backbone_sharded(config.model, mesh, jax.random.PRNGKey(0))
-    return build_experiment(config, load_tasks(config, config.stream), mesh, params)
+    return random_experiment(config, None, mesh)
 
 
 # NumPy references of Hugging Face modules, written from HF's code over HF-named weights

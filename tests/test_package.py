@@ -28,3 +28,14 @@ def test_moved_module_still_imports_with_a_warning(old):
         alias = importlib.import_module(old)
     assert alias is new
     assert new.__spec__.name == new.__name__  # the module keeps its own spec
+
+
+def test_every_model_kind_has_a_family():
+    """The config accepts exactly the model kinds a family plugs in (``families.FAMILY_MODULES``);
+    each module defines its ``FAMILY``."""
+    from mslora_jax.config import MODEL_KINDS
+    from mslora_jax.families import FAMILY_MODULES, Family
+
+    assert set(MODEL_KINDS) == set(FAMILY_MODULES)
+    for module in FAMILY_MODULES.values():
+        assert isinstance(importlib.import_module(module).FAMILY, Family)

@@ -37,7 +37,10 @@ def experiment(
     return build_experiment(config, tasks, mesh, base_params), backbone_info
 
 
-def random_experiment(config: ExperimentConfig, workdir: Path, mesh: Mesh) -> Experiment:
+def random_experiment(config: ExperimentConfig, workdir: Path | None, mesh: Mesh) -> Experiment:
+    """The experiment over a seeded random backbone born sharded on ``mesh`` (benchmarks and
+    tests: speed and shapes do not depend on the weights' values); ``workdir`` is unused, the
+    dual encoder writes nothing before training."""
     del workdir
     params = init_backbone_sharded(config.model, mesh, jax.random.PRNGKey(0))
     return build_experiment(config, load_tasks(config, config.stream), mesh, params)
