@@ -13,6 +13,7 @@ with explicit collectives is the contrastive loss, written with ``shard_map``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -91,6 +92,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_shards(mesh: Mesh) -> int:
     """How many ways a batch is split: ``data * fsdp``."""
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def round_up_to_batch_shards(rows: int, mesh: Mesh) -> int:
+    """``rows`` rounded up to a multiple of the batch shards, so a batch of that size (e.g. an
+    evaluation batch) shards evenly."""
+    shards = batch_shards(mesh)
+    return math.ceil(rows / shards) * shards
 
 
 def check_divisible(batch_size: int, mesh: Mesh, what: str) -> None:

@@ -18,7 +18,7 @@ from mslora_jax.errors import ConfigError
 from mslora_jax.lora.adapter import init_adapter_params, stack_params
 from mslora_jax.lora.merge import merge_stack, with_kernels
 from mslora_jax.lora.targets import get_by_path
-from mslora_jax.parallel.mesh import batch_shards, check_divisible
+from mslora_jax.parallel.mesh import check_divisible, round_up_to_batch_shards
 from mslora_jax.parallel.rules import ShardingRules
 from mslora_jax.parallel.sharded_jit import ShardedOutputs, ShardedStep
 from mslora_jax.train.adapter_loss import regularized_adapter_loss
@@ -64,8 +64,7 @@ class StreamExperiment:
         self._term_steps: dict[str, ShardedStep] = {}
         self._fisher_fn = None  # EWC's compiled Fisher step (``train.baselines``), when needed
         self._sharded_builders()
-        shards = batch_shards(mesh)
-        self.eval_batch_size = math.ceil(config.train.eval_batch_size / shards) * shards
+        self.eval_batch_size = round_up_to_batch_shards(config.train.eval_batch_size, mesh)
 
     # --- supplied by subclasses -------------------------------------------------------------
     def task_loss(self):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 from pathlib import Path
 
 import jax
@@ -20,7 +19,7 @@ from mslora_jax.eval.evaluate import evaluate_accuracy, make_predict_fn
 from mslora_jax.families.dual_encoder.objectives import pretrain_loss
 from mslora_jax.losses.contrastive import sharded_clip_loss
 from mslora_jax.models.clip import DualEncoder, ModelConfig, init_backbone
-from mslora_jax.parallel.mesh import batch_shards, check_divisible, process_row_range
+from mslora_jax.parallel.mesh import check_divisible, process_row_range, round_up_to_batch_shards
 from mslora_jax.parallel.rules import ShardingRules
 from mslora_jax.parallel.sharded_jit import born_sharded
 from mslora_jax.train.backbone import obtain_frozen_backbone, pretrain_provenance, train_all_params
@@ -77,7 +76,7 @@ def pretrain_backbone(config: ExperimentConfig, mesh: Mesh, rng) -> tuple[dict, 
             task.test_labels,
             tokens,
             valid,
-            _eval_batch(config, mesh),
+            round_up_to_batch_shards(config.train.eval_batch_size, mesh),
         )
     info = {
         "steps": cfg.steps,
@@ -90,12 +89,6 @@ def pretrain_backbone(config: ExperimentConfig, mesh: Mesh, rng) -> tuple[dict, 
              "–" if loss is None else f"{loss:.4f}")  # fmt: skip
     log.debug("pretrained backbone: %s", info)
     return state.trainable, info
-
-
-def _eval_batch(config: ExperimentConfig, mesh: Mesh) -> int:
-    # Round up to a multiple of the batch shards so eval batches shard evenly.
-    shards = batch_shards(mesh)
-    return math.ceil(config.train.eval_batch_size / shards) * shards
 
 
 def obtain_backbone(config: ExperimentConfig, workdir: Path, mesh: Mesh) -> tuple[dict, dict]:
