@@ -83,6 +83,18 @@ def check_same_config(saved: dict, current: dict, what: str) -> None:
         raise CheckpointError(f"{what} was written with a different config ({shown}); {hint}")
 
 
+def host_tree(tree):
+    """``tree`` as numpy arrays when this is the only process, else unchanged.
+
+    orbax saves host numpy leaves at about a third of the cost of device arrays (no per-array
+    device-to-host slicing machinery): 90 ms instead of 215 ms for a demo stage checkpoint, which
+    a run writes after every stage. With several processes a leaf may have shards this process
+    cannot read, so each process hands orbax its device arrays and writes its own shards. The
+    files are the same either way: restoring gives device arrays in the target's shardings.
+    """
+    return jax.device_get(tree) if jax.process_count() == 1 else tree
+
+
 class StageCheckpoints:
     """One method's per-stage checkpoints under ``directory``."""
 
@@ -100,8 +112,8 @@ class StageCheckpoints:
         self._manager.save(
             stage,
             args=ocp.args.Composite(
-                adapter=ocp.args.StandardSave(adapter),
-                trainer=ocp.args.StandardSave(trainer),
+                adapter=ocp.args.StandardSave(host_tree(adapter)),
+                trainer=ocp.args.StandardSave(host_tree(trainer)),
                 metrics=ocp.args.JsonSave(metrics),
                 meta=ocp.args.JsonSave(meta),
             ),
@@ -156,7 +168,7 @@ class StepCheckpoints:
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                trainer=ocp.args.StandardSave(trainer), meta=ocp.args.JsonSave(meta)
+                trainer=ocp.args.StandardSave(host_tree(trainer)), meta=ocp.args.JsonSave(meta)
             ),
         )
 
