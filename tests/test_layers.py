@@ -3,8 +3,9 @@ included) and fail on one that climbs to a higher layer, naming the file and the
 
 From the top (``../shared/CONVENTIONS.md``, "Layers point down"): the command line; readers and
 writers of outside formats; whole runs; the model families; the continual trainer; the library
-(data, evaluation, reports, adapters, losses, configs); the ground (models, sharding, atomic
-files, errors). A module imports its own layer or any below it, and a family no other family.
+(data, evaluation, the retrieval index and search, reports, adapters, losses, configs); the
+ground (models, sharding, atomic files, errors). A module imports its own layer or any below it,
+and a family no other family.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ LAYERS = (  # top first
     {"run"},
     {"families"},
     {"train"},
-    {"data", "eval", "report", "lora", "losses", "config"},
+    {"data", "eval", "retrieval", "report", "lora", "losses", "config"},
     {"models", "parallel", "io_utils", "errors"},
 )
 # The package's front door (``mslora_jax/__init__.py``) and the old import paths it keeps
