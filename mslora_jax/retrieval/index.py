@@ -108,7 +108,7 @@ def _problem(index: Index) -> str | None:
     if n and not (0 <= index.versions.min() and index.versions.max() < len(index.encoder_versions)):
         return f"version numbers must be in [0, {len(index.encoder_versions)}) (the versions)"
     norms = np.linalg.norm(e.astype(np.float32), axis=1)
-    tolerance = NORM_TOLERANCE[next(k for k, dt in DTYPES.items() if dt == e.dtype)]
+    tolerance = NORM_TOLERANCE[index.dtype_name]
     if n and not np.all(np.abs(norms - 1.0) <= tolerance):
         worst = int(np.argmax(np.abs(norms - 1.0)))
         return f"row {worst} (id {index.ids[worst]!r}) has norm {norms[worst]:.4f}, not 1"
@@ -164,16 +164,17 @@ def concat_indexes(indexes: Sequence[Index]) -> Index:
     return Index(
         embeddings=np.concatenate([x.embeddings for x in indexes]),
         ids=tuple(i for x in indexes for i in x.ids),
+        # Each part's numbers go through a small table of its own names, not row by row.
         tasks=np.concatenate(
             [
-                np.array([task_names.index(x.task_names[t]) for t in x.tasks], np.int32)
+                np.array([task_names.index(t) for t in x.task_names], np.int32)[x.tasks]
                 for x in indexes
             ]
         ),  # fmt: skip
         labels=np.concatenate([x.labels for x in indexes]).astype(np.int32),
         versions=np.concatenate(
             [
-                np.array([versions.index(x.encoder_versions[v]) for v in x.versions], np.int32)
+                np.array([versions.index(v) for v in x.encoder_versions], np.int32)[x.versions]
                 for x in indexes
             ]
         ),  # fmt: skip
