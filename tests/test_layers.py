@@ -20,7 +20,7 @@ LAYERS = (  # top first
     {"cli"},
     {"interop"},
     {"run"},
-    {"families"},
+    {"families", "continual_retrieval"},
     {"train"},
     {"data", "eval", "retrieval", "report", "lora", "losses", "config"},
     {"models", "parallel", "io_utils", "errors"},

@@ -15,6 +15,8 @@ module per group:
 - ``lora``: ``LoraConfig`` (``FOLD_MODES``, ``GRANULARITIES``) and ``RegularizerConfig``;
 - ``training``: ``TrainConfig``, ``CheckpointConfig``, ``PretrainConfig``, ``BackboneConfig``
   (``BACKBONE_SOURCES``), ``MeshConfig``, ``EvalConfig``;
+- ``retrieval``: ``RetrievalConfig`` (``INDEX_POLICIES``, ``GALLERIES``, ``DIRECTIONS``), the
+  continual retrieval protocol a run adds after training;
 - ``llava``: ``LlavaSettings`` (``DTYPES``), the generative model's settings;
 - ``convert``: ``experiment_config``, ``from_mapping`` and ``to_json_dict``, the edge between
   config files and these dataclasses.
@@ -34,6 +36,7 @@ from mslora_jax.config.experiment import (
 )
 from mslora_jax.config.llava import DTYPES, LlavaSettings
 from mslora_jax.config.lora import FOLD_MODES, GRANULARITIES, LoraConfig, RegularizerConfig
+from mslora_jax.config.retrieval import DIRECTIONS, GALLERIES, INDEX_POLICIES, RetrievalConfig
 from mslora_jax.config.tasks import (
     TASK_SOURCES,
     TaskConfig,
@@ -61,6 +64,9 @@ __all__ = [
     "MODEL_KINDS",
     "PAPER_METHODS",
     "TASK_SOURCES",
+    "DIRECTIONS",
+    "GALLERIES",
+    "INDEX_POLICIES",
     "BackboneConfig",
     "CheckpointConfig",
     "EvalConfig",
@@ -70,6 +76,7 @@ __all__ = [
     "MeshConfig",
     "PretrainConfig",
     "RegularizerConfig",
+    "RetrievalConfig",
     "TaskConfig",
     "TrainConfig",
     "experiment_config",

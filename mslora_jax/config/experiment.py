@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from mslora_jax.config.llava import LlavaSettings
 from mslora_jax.config.lora import LoraConfig, RegularizerConfig
+from mslora_jax.config.retrieval import RetrievalConfig
 from mslora_jax.config.tasks import TaskConfig
 from mslora_jax.config.training import (
     BackboneConfig,
@@ -56,6 +57,7 @@ class ExperimentConfig:
     mesh: MeshConfig = MeshConfig()
     progress: bool = True
     eval: EvalConfig = EvalConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
 
     def __post_init__(self):
         if self.model_kind not in MODEL_KINDS:
@@ -90,6 +92,11 @@ class ExperimentConfig:
         if self.backbone.source == "pretrain" and not self.base_tasks:
             raise ConfigError('backbone.source="pretrain" needs config.base_tasks')
         if self.model_kind == "llava":
+            if self.retrieval.enabled:
+                raise ConfigError(
+                    "retrieval.enabled needs image and text embeddings: it runs with "
+                    "model_kind='dual_encoder', not 'llava'"
+                )
             for method in self.methods:
                 if method in DUAL_ENCODER_ONLY:
                     raise ConfigError(

@@ -44,6 +44,15 @@ def make_embed_fn(model: DualEncoder):
     return jax.jit(embed)
 
 
+def make_text_embed_fn(model: DualEncoder):
+    """``embed(variables, weights, tokens) -> [N, D]`` unit text embeddings."""
+
+    def embed(variables, weights, tokens):
+        return model.apply(variables, tokens, weights, method=DualEncoder.encode_text)
+
+    return jax.jit(embed)
+
+
 def map_batches(mesh: Mesh, images: np.ndarray, batch_size: int, fn) -> np.ndarray:
     """``fn(global_images)`` over ``images`` in padded batches of ``batch_size``; the outputs'
     real rows, in order, gathered on every host."""

@@ -31,11 +31,17 @@ class PrototypeRouter:
     prototypes: np.ndarray
     tasks: np.ndarray
 
-    def route(self, features: np.ndarray) -> np.ndarray:
-        """The task of the nearest prototype of each row of ``features`` (``[N, D]``)."""
+    def route(self, features: np.ndarray, among: Sequence[int] | None = None) -> np.ndarray:
+        """The task of the nearest prototype of each row of ``features`` (``[N, D]``); with
+        ``among``, of the nearest prototype of those tasks only (e.g. the tasks seen so far)."""
         if len(features) == 0:
             return np.zeros((0,), np.int64)
         scores = _unit(np.asarray(features, np.float64)) @ self.prototypes.T
+        if among is not None:
+            allowed = np.isin(self.tasks, np.asarray(among))
+            if not allowed.any():
+                raise DataError(f"route: no prototype belongs to the tasks {list(among)}")
+            scores = np.where(allowed[None, :], scores, -np.inf)
         return self.tasks[np.argmax(scores, axis=-1)]
 
 

@@ -37,6 +37,11 @@ from matplotlib.figure import Figure
 from mslora_jax.errors import DataError
 from mslora_jax.eval import metrics
 from mslora_jax.io_utils import atomic_savefig, atomic_write_json, atomic_write_text
+from mslora_jax.report.retrieval_results import (
+    format_retrieval,
+    retrieval_heatmap_results,
+    validate_retrieval,
+)
 
 METHOD_KEYS = (
     "acc_matrix",
@@ -49,7 +54,8 @@ METHOD_KEYS = (
 # Keys newer runs add; checked when present (see ``_derived``).
 OPTIONAL_METHOD_KEYS = ("forgetting", "fwt", "mft", "mfn", "maa", "routed_acc", "routed_avg_acc")
 # Free-form extras: "backbone" describes the frozen backbone (source, zero-shot accuracy, ...).
-OPTIONAL_TOP_KEYS = ("backbone",)
+# "retrieval": the continual retrieval protocol's matrices (``report.retrieval_results``).
+OPTIONAL_TOP_KEYS = ("backbone", "retrieval")
 # Tolerance when checking that the stored derived numbers match the ones recomputed from the matrix.
 _DERIVED_ATOL = 1e-6
 
@@ -182,6 +188,8 @@ def validate_results(obj: Any) -> None:
             raise DataError(
                 f"{where}['train_steps_per_s']: expected a finite number >= 0, got {speed!r}"
             )
+    if "retrieval" in obj:
+        validate_retrieval(obj["retrieval"], len(tasks))
 
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
@@ -210,7 +218,22 @@ def write_results(workdir: str | os.PathLike, results: dict[str, Any]) -> dict[s
     atomic_write_text(paths["results.md"], format_report(results) + "\n")
     atomic_write_text(paths["results.csv"], format_csv(results))
     atomic_savefig(plot_acc_matrices(results), paths["acc_matrices.png"], dpi=150)
+    if "retrieval" in results:
+        paths["retrieval_matrices.png"] = workdir / "retrieval_matrices.png"
+        atomic_savefig(plot_retrieval_matrices(results), paths["retrieval_matrices.png"], dpi=120)
     return paths
+
+
+def plot_retrieval_matrices(results: dict[str, Any]) -> Figure:
+    """The retrieval mAP matrices (one panel per method and index policy) of the unified
+    database, else the first one, for the first direction."""
+    first = next(iter(results["retrieval"]["methods"].values()))["policies"]
+    galleries = {g for by_gallery in first.values() for g in by_gallery}
+    gallery = "unified" if "unified" in galleries else sorted(galleries)[0]
+    direction = next(d for by_gallery in first.values() for d in by_gallery.get(gallery, {}))
+    panels = retrieval_heatmap_results(results, gallery, direction)
+    label = f"mAP, {direction.replace('_', ' ')}, {gallery} database"
+    return plot_acc_matrices(panels, label=label)
 
 
 # Summary columns of the tables: key, Markdown header, whether it is a fraction shown in percent.
@@ -256,7 +279,8 @@ def format_markdown_table(results: dict[str, Any]) -> str:
 
 def format_report(results: dict[str, Any]) -> str:
     """``results.md``: the table, then the router's accuracy when there is one."""
-    return "\n\n".join(filter(None, [format_markdown_table(results), format_router(results)]))
+    parts = [format_markdown_table(results), format_router(results), format_retrieval(results)]
+    return "\n\n".join(filter(None, parts))
 
 
 def format_router(results: dict[str, Any]) -> str:
@@ -286,7 +310,7 @@ def format_csv(results: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-def plot_acc_matrices(results: dict[str, Any]) -> Figure:
+def plot_acc_matrices(results: dict[str, Any], label: str = "accuracy") -> Figure:
     """One annotated heatmap per method on a shared 0-1 colour scale; unseen cells stay blank."""
     tasks = [f"{t['name']}\n({t['modality']})" for t in results["tasks"]]
     methods = list(results["methods"].items())
@@ -319,7 +343,7 @@ def plot_acc_matrices(results: dict[str, Any]) -> Figure:
         ax.set_ylabel("after training on")
     for ax in axes[len(methods) :]:
         ax.set_visible(False)
-    fig.colorbar(image, ax=axes[: len(methods)].tolist(), label="accuracy", shrink=0.8)
+    fig.colorbar(image, ax=axes[: len(methods)].tolist(), label=label, shrink=0.8)
     return fig
 
 

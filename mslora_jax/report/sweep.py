@@ -13,12 +13,8 @@ with the baseline takes, seed by seed, ``X − baseline`` and gives the same int
 differences; where it excludes 0 the difference is significant at the 5% level (two-sided
 paired t-test), seed-to-seed noise that both methods share cancelling out.
 
-<<<<<<< HEAD
-Pure: no jax, no training; ``mslora_jax.run.sweep`` runs the seeds and calls the writers.
-=======
-Pure: no jax, no training; ``mslora_jax.train.sweep`` runs the seeds and calls the writers
+Pure: no jax, no training; ``mslora_jax.run.sweep`` runs the seeds and calls the writers
 (``mslora_jax.report.sweep_files``: summary.md, .csv and .png).
->>>>>>> splits
 """
 
 from __future__ import annotations
@@ -33,6 +29,7 @@ import numpy as np
 
 from mslora_jax.errors import DataError
 from mslora_jax.report.results import is_number
+from mslora_jax.report.retrieval_sweep import summarize_retrieval
 
 BASELINE = "mslora"
 CONFIDENCE = 0.95
@@ -224,8 +221,10 @@ def summarize(
         m: {t: iv.to_json() for t, iv in per_task.items()}
         for m, per_task in aggregate_final_acc(runs, seeds).items()
     }
+    retrieval = summarize_retrieval(runs, interval)
     return {
         **_router_summary(runs, [t["name"] for t in tasks]),
+        **({"retrieval": retrieval} if retrieval else {}),
         "seeds": seeds,
         "confidence": CONFIDENCE,
         "interval": "mean ± t_{0.975, n-1} · std / sqrt(n) over seeds (std with ddof=1)",

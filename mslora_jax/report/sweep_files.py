@@ -141,7 +141,48 @@ def format_summary_markdown(summary: dict[str, Any]) -> str:
         lines += _table(header, rows)
     elif baseline is None:
         lines += ["", f"No paired comparison: no seed ran {BASELINE}."]
-    return "\n".join(lines)
+    return "\n".join(lines + _retrieval_lines(summary))
+
+
+def _retrieval_lines(summary: dict[str, Any]) -> list[str]:
+    """summary.md's retrieval section: per database and direction, each method's final mAP
+    (forgetting in brackets) under each policy, then the paired policy differences."""
+    retrieval = summary.get("retrieval")
+    if not retrieval:
+        return []
+    n = len(summary["seeds"])
+    methods = retrieval["methods"]
+    wheres = list(dict.fromkeys(w for m in methods.values() for p in m.values() for w in p))
+    lines = ["", f"## Retrieval ({retrieval['metric']}), n = {n} seeds", "",
+             "Final mAP (%), forgetting (pp) in brackets; docs/retrieval.md."]  # fmt: skip
+    for where in wheres:
+        policies = list(dict.fromkeys(p for m in methods.values() for p in m if where in m[p]))
+        rows = []
+        for method, by_policy in methods.items():
+            cells = []
+            for policy in policies:
+                stat = by_policy.get(policy, {}).get(where)
+                cells.append("–" if stat is None else f"{_cell(stat['avg'], True, n)} "
+                             f"({_cell(stat['forgetting'], True, n)})")  # fmt: skip
+            rows.append([md_escape(method), *cells])
+        lines += ["", f"**{where.replace('_', ' ')}**", "", *_table(["method", *policies], rows)]
+    paired = retrieval["paired"]
+    if paired:
+        labels = list(dict.fromkeys(label for m in paired.values() for label in m))
+        header = ["method"] + [f"{a}, {w.replace('_', ' ')}" for a in labels for w in wheres]
+        rows = []
+        for method, by_label in paired.items():
+            cells = []
+            for label in labels:
+                for where in wheres:
+                    stat = by_label.get(label, {}).get(where)
+                    cells.append("–" if stat is None else f"{_cell(stat['avg'], True, n)} "
+                                 f"({_cell(stat['forgetting'], True, n)})")  # fmt: skip
+            rows.append([md_escape(method), *cells])
+        lines += ["", "Paired differences between policies, seed by seed: final mAP (pp), "
+                  "forgetting (pp) in brackets; * marks an interval that excludes 0.", "",
+                  *_table(header, rows)]  # fmt: skip
+    return lines
 
 
 _CSV_HEADER = ("method", "metric", "mean", "std", "n", "ci95_low", "ci95_high")

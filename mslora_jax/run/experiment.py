@@ -17,6 +17,7 @@ import jax
 from jax.sharding import Mesh
 
 from mslora_jax.config import BackboneConfig, ExperimentConfig, to_json_dict
+from mslora_jax.continual_retrieval.protocol import evaluate_run
 from mslora_jax.errors import ConfigError
 from mslora_jax.families import family_of
 from mslora_jax.io_utils import atomic_write_json, atomic_write_text, read_json
@@ -59,6 +60,7 @@ RESUMABLE_KEYS = (
     "llava.attention_kernel",
     "llava.remat",
     "llava.max_new_tokens",
+    "retrieval",  # evaluated after training from the stage checkpoints; trains nothing
 )
 
 
@@ -212,6 +214,9 @@ def _run_experiment(config: ExperimentConfig, workdir: Path, mesh: Mesh, inputs)
         # the same under either).
         **({"answer_metrics": config.eval.metrics} if config.model_kind == "llava" else {}),
     }
+    if config.retrieval.enabled:
+        # After training, from the stage checkpoints: indexing and querying are decoupled from it.
+        results["retrieval"] = evaluate_run(exp, workdir, config.methods, config.retrieval)
     # Both reports are validated before either is written, so bad numbers leave no half set;
     # every process validates, so all of them fail alike.
     validate_results(results)

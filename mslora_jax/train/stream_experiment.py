@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from mslora_jax.config import ExperimentConfig
@@ -110,6 +111,18 @@ class StreamExperiment:
         evaluated as its routed task (that task's evaluation adapters and label set); an input
         routed to another task counts as wrong. None: this model has no router."""
         return None
+
+    def embed_images(self, slots: dict[int, dict], active: list[int], images) -> np.ndarray:
+        """Unit embeddings ``[N, D]`` of ``images`` with the adapters ``active`` (of ``slots``)
+        summed (continual retrieval, ``mslora_jax.continual_retrieval``)."""
+        raise ConfigError(f"{type(self).__name__} has no image embeddings for retrieval")
+
+    def embed_class_prompts(
+        self, slots: dict[int, dict], active: list[int], task: int
+    ) -> np.ndarray:
+        """Unit embeddings ``[C, D]`` of ``task``'s class prompts, one per class in label order,
+        with the adapters ``active`` (of ``slots``) summed."""
+        raise ConfigError(f"{type(self).__name__} has no text embeddings for retrieval")
 
     def distillation(self, term: str):
         """The ``DistillFn`` of the output-distilling baselines (``lwf``, ``modx``)."""

@@ -20,6 +20,7 @@ from mslora_jax.eval.evaluate import (
     image_features,
     make_embed_fn,
     make_predict_fn,
+    make_text_embed_fn,
     predict_classes,
 )
 from mslora_jax.eval.router import PrototypeRouter, fit_router, router_accuracy
@@ -43,6 +44,8 @@ class Experiment(StreamExperiment):
         self.table = table
         self.model = DualEncoder(config.model, lora_dropout=config.lora.dropout)
         self.predict_fn = make_predict_fn(self.model)
+        self.embed_fn = make_embed_fn(self.model)
+        self.text_embed_fn = make_text_embed_fn(self.model)
         self.max_classes = max(table.sizes)
         super().__init__(config, tasks, mesh, base_params, targets)
 
@@ -84,7 +87,7 @@ class Experiment(StreamExperiment):
     @functools.cached_property
     def routes(self) -> list[np.ndarray]:
         """The router's task for each test image of each task (see ``eval.router``)."""
-        embed, weights = make_embed_fn(self.model), self.weights([])
+        embed, weights = self.embed_fn, self.weights([])
         params = self.inference_params({}, [])
 
         def features(images):
@@ -108,6 +111,22 @@ class Experiment(StreamExperiment):
             preds = self._predictions(slots, method.eval_slots(task), task, data.test_images[kept])
             accuracies.append(float(np.sum(preds == data.test_labels[kept]) / len(routes)))
         return accuracies
+
+    def embed_images(self, slots: dict[int, dict], active: list[int], images) -> np.ndarray:
+        params = self.inference_params(slots, active)
+        weights = self.weights(active)
+        return image_features(
+            self.embed_fn, self.mesh, params, weights, images, self.eval_batch_size
+        )
+
+    def embed_class_prompts(
+        self, slots: dict[int, dict], active: list[int], task: int
+    ) -> np.ndarray:
+        # Padded to the largest task's class count: one compilation serves every task.
+        tokens, valid = self.table.task_tokens(task, self.max_classes)
+        params = self.inference_params(slots, active)
+        embeddings = self.text_embed_fn({"params": params}, self.weights(active), tokens)
+        return np.asarray(embeddings)[valid]
 
     def task_metrics(self, slots: dict[int, dict], active: list[int], task: int) -> TaskMetrics:
         data = self.tasks[task]
