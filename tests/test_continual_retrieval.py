@@ -9,8 +9,8 @@ import pytest
 
 from mslora_jax.config import RetrievalConfig, experiment_config
 from mslora_jax.continual_retrieval.encoders import StageEncoders
-from mslora_jax.continual_retrieval.items import TaskItems, draw, task_items
-from mslora_jax.continual_retrieval.protocol import evaluate_method, full_ranking
+from mslora_jax.continual_retrieval.items import TaskItems, directions, draw, task_items
+from mslora_jax.continual_retrieval.protocol import evaluate_method, full_ranking, task_scores
 from mslora_jax.errors import CheckpointError, ConfigError, DataError
 from mslora_jax.eval.router import fit_router
 from mslora_jax.report.results import load_results, validate_results
@@ -67,6 +67,11 @@ class FakeExperiment:
     def embed_class_prompts(self, slots, active, task):
         return self._transform(slots, active, self.prompts[task])
 
+    def embed_texts(self, slots, active, texts):
+        # A caption "item <i>" embeds as image i does: a perfect pairing.
+        rows = [int(text.split()[1]) for text in texts]
+        return self._transform(slots, active, np.concatenate(self.bases)[rows])
+
 
 def _world(seed=0, tasks=3, classes=2, per_class=6, queries_per_class=3):
     """Bases and items of ``tasks`` tasks with class clusters in DIM dimensions."""
@@ -83,9 +88,11 @@ def _world(seed=0, tasks=3, classes=2, per_class=6, queries_per_class=3):
         keys = labels + t * classes
         bases.append(x)
         prompts.append(centres[t])
+        captions = tuple(f"item {i}" for i in ids[is_query])
         items.append(
             TaskItems(images[~is_query], keys[~is_query], images[is_query], keys[is_query],
-                      np.arange(classes) + t * classes)
+                      np.arange(classes) + t * classes, captions,
+                      np.array([int(c.split()[1]) for c in captions]))
         )  # fmt: skip
     return bases, items, prompts
 
@@ -138,7 +145,7 @@ def test_an_encoder_that_keeps_inner_products_gives_the_frozen_rankings_when_sid
 @pytest.mark.parametrize("method", ["seq", "mslora", "each"])
 def test_versioned_never_forgets_on_a_task_database(method):
     results, _, _ = _evaluate(method, "mix")
-    for direction in ("image_to_image", "text_to_image"):
+    for direction in ("image_to_image", "prompt_to_image"):
         cell = results["policies"]["versioned"]["task"][direction]["map"]
         matrix = cell["matrix"]
         for j in range(3):
@@ -171,7 +178,7 @@ def test_routed_search_reads_only_the_routed_part():
 
     class WrongRouter:  # sends every query to task 0
         def routes(self, direction, task, seen):
-            n = len(items[task].query_keys if direction == "image_to_image" else prompts[task])
+            n = len(prompts[task] if direction == "prompt_to_image" else items[task].query_keys)
             return np.zeros(n, np.int64)
 
     config = RetrievalConfig(index_policy=("versioned", "versioned_routed"), galleries=("unified",))
@@ -203,7 +210,7 @@ def test_item_draws_are_seeded_and_keep_the_class_table_layout():
             self.train_images = np.zeros((n, 2, 2, 3), np.uint8)
             self.test_images = np.zeros((n, 2, 2, 3), np.uint8)
             self.train_labels = self.test_labels = np.arange(n) % classes
-            self.num_classes = classes
+            self.num_classes, self.has_captions = classes, False
 
     config = RetrievalConfig(gallery_per_task=4, queries_per_task=2)
     items = task_items([Data(10, 3), Data(8, 2)], config, seed=0)
@@ -245,13 +252,15 @@ def test_a_generative_run_refuses_retrieval():
 @pytest.fixture(scope="module")
 def retrieval_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("retrieval")
-    config = smoke_config(
+    cfg = smoke_dict(
         methods=("seq", "mslora", "joint"),
         num_devices=1,
         retrieval={"enabled": True, "gallery_per_task": 48, "queries_per_task": 24},
-        **{"train.steps_per_task": 8, "pretrain.steps": 10},
+        **{"train.steps_per_task": 8, "pretrain.steps": 10, "model.max_text_len": 12},
     )
-    return workdir, run_experiment(config, workdir)
+    for task in cfg["stream"]:  # captioned: trained on image-caption pairs
+        task["captions"] = True
+    return workdir, run_experiment(experiment_config(cfg), workdir)
 
 
 def test_a_run_writes_retrieval_matrices_tables_and_heatmaps(retrieval_run):
@@ -270,6 +279,10 @@ def test_a_run_writes_retrieval_matrices_tables_and_heatmaps(retrieval_run):
     assert methods["seq"]["cost"]["versioned"]["extra_adapter_copies"] == 2
     assert methods["mslora"]["cost"]["versioned"]["extra_adapter_copies"] == 0
     assert len(results["retrieval"]["router_acc"]) == 3
+    assert results["retrieval"]["settings"]["directions"] == [
+        "image_to_image", "prompt_to_image", "text_to_image", "image_to_text"
+    ]  # fmt: skip
+    assert "**text to image, unified database**" in report
 
 
 def test_retrieval_results_are_checked(retrieval_run):
@@ -302,3 +315,39 @@ def test_a_sweep_summarizes_retrieval_with_paired_policy_differences(retrieval_r
     text = (tmp_path / "summary.md").read_text()
     assert "## Retrieval (map), n = 2 seeds" in text
     assert "keep - reindex, task/image to image" in text
+
+
+def test_instance_directions_find_each_images_own_caption():
+    # Captions embed exactly as their images (FakeExperiment.embed_texts): with versioned
+    # encoders every caption finds its image first, and every image its caption.
+    bases, items, prompts = _world()
+    exp = FakeExperiment(bases, prompts)
+    encoders = StageEncoders(exp, exp.method("mslora"), _adapters("mix", 3), items)
+    config = RetrievalConfig(index_policy=("versioned", "keep"))
+    results = evaluate_method(encoders, config, directions=("text_to_image", "image_to_text"))
+    for direction in ("text_to_image", "image_to_text"):
+        for gallery in ("task", "unified"):
+            recall = results["policies"]["versioned"][gallery][direction]["recall@1"]["matrix"]
+            assert all(x == 1.0 for row in recall for x in row if x is not None)
+    # keep embeds the two sides with different encoders: no longer a perfect pairing.
+    keep = results["policies"]["keep"]["task"]["text_to_image"]["recall@1"]["avg"]
+    assert keep < 1.0
+    # The database of text_to_image holds test images: their count, not the gallery's.
+    scores, keys = task_scores(encoders, "keep", "task", "text_to_image", 2, 1)
+    assert scores.shape == (len(items[1].captions), len(items[1].query_keys))
+    np.testing.assert_array_equal(keys, items[1].caption_keys)
+
+
+def test_the_directions_follow_the_streams_captions():
+    class Task:
+        def __init__(self, name, captioned):
+            self.name, self.has_captions = name, captioned
+
+    both = [Task("a", True), Task("b", True)]
+    mixed = [Task("a", True), Task("b", False)]
+    assert directions(both, RetrievalConfig()) == (
+        "image_to_image", "prompt_to_image", "text_to_image", "image_to_text"
+    )  # fmt: skip
+    assert directions(mixed, RetrievalConfig()) == ("image_to_image", "prompt_to_image")
+    with pytest.raises(DataError, match="task 'b' has no captions"):
+        directions(mixed, RetrievalConfig(directions=("text_to_image",)))

@@ -36,7 +36,14 @@ from mslora_jax.config.experiment import (
 )
 from mslora_jax.config.llava import DTYPES, LlavaSettings
 from mslora_jax.config.lora import FOLD_MODES, GRANULARITIES, LoraConfig, RegularizerConfig
-from mslora_jax.config.retrieval import DIRECTIONS, GALLERIES, INDEX_POLICIES, RetrievalConfig
+from mslora_jax.config.retrieval import (
+    CAPTION_DIRECTIONS,
+    DIRECTIONS,
+    GALLERIES,
+    INDEX_POLICIES,
+    LABEL_DIRECTIONS,
+    RetrievalConfig,
+)
 from mslora_jax.config.tasks import (
     TASK_SOURCES,
     TaskConfig,
@@ -64,9 +71,11 @@ __all__ = [
     "MODEL_KINDS",
     "PAPER_METHODS",
     "TASK_SOURCES",
+    "CAPTION_DIRECTIONS",
     "DIRECTIONS",
     "GALLERIES",
     "INDEX_POLICIES",
+    "LABEL_DIRECTIONS",
     "BackboneConfig",
     "CheckpointConfig",
     "EvalConfig",

@@ -18,9 +18,14 @@ from mslora_jax.errors import ConfigError
 INDEX_POLICIES = ("reindex", "keep", "versioned", "versioned_routed")
 # task: each task's own database (task-incremental); unified: one database of every task seen.
 GALLERIES = ("task", "unified")
-# image_to_image: test images against the indexed training images (same class is relevant);
-# text_to_image: each class prompt against the indexed training images.
-DIRECTIONS = ("image_to_image", "text_to_image")
+# Label level (any classification task; same class of the same task is relevant):
+# image_to_image, test images against the indexed training images; prompt_to_image, each class
+# prompt against them. Instance level (captioned tasks; an image and a caption are relevant to
+# each other when it is that image's caption): text_to_image, test captions against the indexed
+# test images; image_to_text, test images against the indexed test captions.
+LABEL_DIRECTIONS = ("image_to_image", "prompt_to_image")
+CAPTION_DIRECTIONS = ("text_to_image", "image_to_text")
+DIRECTIONS = LABEL_DIRECTIONS + CAPTION_DIRECTIONS
 
 
 def _check_choices(key: str, values: tuple[str, ...], known: tuple[str, ...]) -> None:
@@ -39,7 +44,8 @@ class RetrievalConfig:
     enabled: bool = False
     index_policy: tuple[str, ...] = INDEX_POLICIES
     galleries: tuple[str, ...] = GALLERIES
-    directions: tuple[str, ...] = DIRECTIONS
+    # Empty: every direction the stream supports (the caption ones when every task has captions).
+    directions: tuple[str, ...] = ()
     # Items indexed per task, drawn from its training split (0: all of it), and image queries
     # per task, drawn from its test split (0: all of it); the same draw for every method.
     gallery_per_task: int = 0
@@ -48,7 +54,8 @@ class RetrievalConfig:
     def __post_init__(self):
         _check_choices("index_policy", self.index_policy, INDEX_POLICIES)
         _check_choices("galleries", self.galleries, GALLERIES)
-        _check_choices("directions", self.directions, DIRECTIONS)
+        if self.directions:
+            _check_choices("directions", self.directions, DIRECTIONS)
         for key in ("gallery_per_task", "queries_per_task"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"retrieval.{key}={getattr(self, key)}: expected >= 0 (0: all)")

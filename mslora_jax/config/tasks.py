@@ -27,6 +27,9 @@ class TaskConfig:
     seed: int = 0
     num_train: int = 1024
     num_test: int = 512
+    # Generate a caption per image from the latent factors that render it (data.synthetic);
+    # a medmnist .npz carries its own (train_captions / test_captions keys).
+    captions: bool = False
     # medmnist
     file: str = ""
     class_names: tuple[str, ...] = ()
@@ -63,6 +66,12 @@ class TaskConfig:
         if self.source == "medmnist" and not (self.file and self.class_names):
             raise ConfigError(f"task {self.name!r}: a medmnist task needs file and class_names")
         self._check_tfds_keys()
+        if self.captions and self.source != "synthetic":
+            raise ConfigError(
+                f"task {self.name!r}: captions=True generates captions for synthetic tasks; a "
+                f"{self.source} task carries its own (a medmnist .npz: train_captions and "
+                "test_captions keys)"
+            )
         if self.source == "synthetic" and min(self.num_train, self.num_test) < 1:
             raise ConfigError(
                 f"task {self.name!r}: num_train and num_test must be >= 1 (an empty split), got "
@@ -108,9 +117,10 @@ def synthetic_task(
     num_classes: int = 4,
     num_train: int = 1024,
     num_test: int = 512,
+    captions: bool = False,
 ) -> dict:
     """A synthetic task entry for ``config.stream``/``config.base_tasks`` (for config files)."""
-    return dict(
+    entry = dict(
         name=name,
         modality=modality,
         source="synthetic",
@@ -119,6 +129,7 @@ def synthetic_task(
         num_train=num_train,
         num_test=num_test,
     )
+    return {**entry, "captions": True} if captions else entry
 
 
 def synthetic_base_tasks(

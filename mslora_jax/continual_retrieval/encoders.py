@@ -67,28 +67,19 @@ class StageEncoders:
     def version(self, stage: int) -> EncoderVersion:
         return EncoderVersion(self.method.name, stage, tuple(self.active(stage)))
 
-    def _embed(self, kind: str, stage: int, task: int) -> np.ndarray:
+    def embed(self, kind: str, stage: int, task: int) -> np.ndarray:
+        """``task``'s items of ``kind`` (``items.DIRECTION_KINDS``) embedded by the encoder
+        after ``stage``; each computed once."""
         key = (kind, stage, task)
         if key not in self._memo:
             slots, active, items = self._slots[stage], self.active(stage), self.items[task]
-            if kind == "text":
+            if kind == "prompt":
                 out = self.exp.embed_class_prompts(slots, active, task)
+            elif kind == "caption":
+                out = self.exp.embed_texts(slots, active, items.captions)
             else:
                 images = items.gallery_images if kind == "gallery" else items.query_images
                 out = self.exp.embed_images(slots, active, images)
             self._memo[key] = np.asarray(out, np.float32)
             self.encoded[kind] += len(out)
         return self._memo[key]
-
-    def gallery(self, stage: int, task: int) -> np.ndarray:
-        """``task``'s database items embedded by the encoder after ``stage``."""
-        return self._embed("gallery", stage, task)
-
-    def queries(self, direction: str, stage: int, task: int) -> np.ndarray:
-        """``task``'s queries of ``direction`` embedded by the encoder after ``stage``."""
-        return self._embed("text" if direction == "text_to_image" else "image", stage, task)
-
-
-def query_keys(items: TaskItems, direction: str) -> np.ndarray:
-    """The keys of a task's queries of ``direction``."""
-    return items.prompt_keys if direction == "text_to_image" else items.query_keys

@@ -25,9 +25,14 @@ import os
 
 import numpy as np
 
-from mslora_jax.config import RetrievalConfig
-from mslora_jax.continual_retrieval.encoders import StageEncoders, query_keys
-from mslora_jax.continual_retrieval.items import TaskItems, task_items
+from mslora_jax.config import LABEL_DIRECTIONS, RetrievalConfig
+from mslora_jax.continual_retrieval.encoders import StageEncoders
+from mslora_jax.continual_retrieval.items import (
+    DIRECTION_KINDS,
+    TaskItems,
+    directions,
+    task_items,
+)
 from mslora_jax.errors import DataError
 from mslora_jax.eval import metrics
 from mslora_jax.eval.router import PrototypeRouter, fit_router
@@ -68,23 +73,26 @@ def task_scores(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(scores ``[Q, N]``, database keys ``[N]``) of ``task``'s queries against the database
     after ``stage``: ``task``'s own items (``gallery="task"``) or every seen task's."""
+    query_kind, database_kind, key = DIRECTION_KINDS[direction]
     parts = [task] if gallery == "task" else encoders.seen(stage)
     blocks, keys = [], []
     for part in parts:
         query_stage, part_stage = policy_stages(encoders, policy, stage, part)
-        queries = encoders.queries(direction, query_stage, task)
-        block = queries @ encoders.gallery(part_stage, part).T
+        queries = encoders.embed(query_kind, query_stage, task)
+        block = queries @ encoders.embed(database_kind, part_stage, part).T
         if routes is not None:
             block = np.where((routes == part)[:, None], block, -np.inf)
         blocks.append(block)
-        keys.append(encoders.items[part].gallery_keys)
+        keys.append(encoders.items[part].keys(database_kind, key))
     return np.concatenate(blocks, axis=1), np.concatenate(keys)
 
 
 def stage_metrics(encoders, policy, gallery, direction, stage, task, routes=None) -> dict:
     """Every metric of ``task``'s queries against the database after ``stage``."""
     scores, keys = task_scores(encoders, policy, gallery, direction, stage, task, routes)
-    found = ranking_metrics(full_ranking(scores), query_keys(encoders.items[task], direction), keys)
+    query_kind, _, key = DIRECTION_KINDS[direction]
+    asked = encoders.items[task].keys(query_kind, key)
+    found = ranking_metrics(full_ranking(scores), asked, keys)
     if found["queries"] == 0:
         raise DataError(
             f"retrieval: no {direction} query of task {encoders.exp.tasks[task].name!r} has a "
@@ -108,27 +116,43 @@ class Router:
     the tasks seen so far (``versioned_routed``)."""
 
     def __init__(self, exp: StreamExperiment, items: list[TaskItems]):
+        self.exp, self.items = exp, items
         frozen = [exp.embed_images({}, [], t.gallery_images) for t in items]
         self.router: PrototypeRouter = fit_router(frozen, [t.gallery_keys for t in items])
-        self._features = {
-            "image_to_image": [exp.embed_images({}, [], t.query_images) for t in items],
-            "text_to_image": [exp.embed_class_prompts({}, [], j) for j in range(len(items))],
-        }
+        self._features: dict[tuple[str, int], np.ndarray] = {}
+
+    def _frozen(self, kind: str, task: int) -> np.ndarray:
+        """The frozen backbone's embeddings of ``task``'s queries of ``kind`` (a text query is
+        routed by its text embedding against the image prototypes: the backbone's shared
+        image-text space)."""
+        if (kind, task) not in self._features:
+            items = self.items[task]
+            if kind == "prompt":
+                out = self.exp.embed_class_prompts({}, [], task)
+            elif kind == "caption":
+                out = self.exp.embed_texts({}, [], items.captions)
+            else:
+                out = self.exp.embed_images({}, [], items.query_images)
+            self._features[(kind, task)] = out
+        return self._features[(kind, task)]
 
     def routes(self, direction: str, task: int, seen: list[int]) -> np.ndarray:
-        return self.router.route(self._features[direction][task], among=seen)
+        return self.router.route(self._frozen(DIRECTION_KINDS[direction][0], task), among=seen)
 
 
 def evaluate_method(
-    encoders: StageEncoders, config: RetrievalConfig, router: Router | None = None
+    encoders: StageEncoders,
+    config: RetrievalConfig,
+    router: Router | None = None,
+    directions: tuple[str, ...] = LABEL_DIRECTIONS,
 ) -> dict:
-    """Every configured matrix of one method, with what each policy costs."""
+    """Every configured matrix of one method over ``directions``, with each policy's cost."""
     results: dict = {}
     for policy in config.index_policy:
         for gallery in config.galleries:
             if policy == "versioned_routed" and gallery == "task":
                 continue  # a task's own database has one version: routing has nothing to pick
-            for direction in config.directions:
+            for direction in directions:
                 rows = []
                 for stage in range(encoders.num_stages):
                     seen = encoders.seen(stage)
@@ -182,13 +206,15 @@ def evaluate_run(
     """``results['retrieval']`` of a finished run: every method's matrices, from its stage
     checkpoints under ``workdir``, on the same items (drawn with the run's seed)."""
     items = task_items(exp.tasks, config, exp.config.seed)
+    asked = directions(exp.tasks, config)
     router = Router(exp, items) if "versioned_routed" in config.index_policy else None
     out: dict = {
         "settings": {
             "relevance": "same class of the same task (label level)",
             "database": "training images",
             "image_queries": "test images",
-            "text_queries": "class prompts",
+            "text_queries": "class prompts; captions of the test images (instance level)",
+            "directions": list(asked),
             "database_items": [len(t.gallery_keys) for t in items],
             "image_queries_per_task": [len(t.query_keys) for t in items],
             "encoder": "after stage k: the backbone plus every adapter learned so far",
@@ -203,6 +229,6 @@ def evaluate_run(
     for name in method_names:
         adapters = [adapter for _, adapter in load_stage_adapters(workdir, name)]
         encoders = StageEncoders(exp, exp.method(name), adapters, items)
-        out["methods"][name] = evaluate_method(encoders, config, router)
+        out["methods"][name] = evaluate_method(encoders, config, router, asked)
         log.info("retrieval %s: %d items and queries encoded", name, sum(encoders.encoded.values()))
     return out

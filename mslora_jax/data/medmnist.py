@@ -53,20 +53,25 @@ def load_medmnist_task(
         (test_split, max_test, test_rng),
     ):
         images, split_labels = _validated_split(path, arrays, split)
-        images, split_labels = _select_classes(
-            path, split, images, split_labels, class_names, labels
+        captions = _validated_captions(path, arrays, split, len(images))
+        rows, split_labels = _select_classes(
+            path, split, np.arange(len(images)), split_labels, class_names, labels
         )
+        images = images[rows]
+        captions = None if captions is None else captions[rows]
         if not len(split_labels):  # nothing to train on, or an accuracy over no images
             chosen = f" with label ids {list(labels)}" if labels is not None else ""
             raise DataError(f"{path}: the {split} split has no images{chosen}")
         if limit is not None and limit < len(split_labels):
             keep = np.sort(split_rng.choice(len(split_labels), size=limit, replace=False))
             images, split_labels = images[keep], split_labels[keep]
+            captions = None if captions is None else captions[keep]
         if image_size is not None and image_size != images.shape[1]:
             images = resize_images(images, image_size)
         if images.ndim == 3:
             images = np.repeat(images[..., None], 3, axis=-1)
-        splits[split] = (np.ascontiguousarray(images), split_labels)
+        text = None if captions is None else tuple(str(c) for c in captions)
+        splits[split] = (np.ascontiguousarray(images), split_labels, text)
     return TaskData(
         name=name,
         modality=modality,
@@ -75,6 +80,8 @@ def load_medmnist_task(
         train_labels=splits["train"][1],
         test_images=splits[test_split][0],
         test_labels=splits[test_split][1],
+        train_captions=splits["train"][2],
+        test_captions=splits[test_split][2],
     )
 
 
@@ -147,6 +154,8 @@ def _read_npz(path, splits: Sequence[str]) -> dict[str, np.ndarray]:
             raise DataError(
                 f"{path}: missing key {missing[0]!r} (file has {sorted(archive.files)})"
             )
+        # Captions are optional, but both splits or neither (TaskData checks the pairing).
+        keys += [f"{split}_captions" for split in splits if f"{split}_captions" in archive.files]
         try:
             return {key: archive[key] for key in keys}
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as error:
@@ -173,6 +182,27 @@ def _validated_split(path, arrays, split: str) -> tuple[np.ndarray, np.ndarray]:
             f"{len(images)} images"
         )
     return images, labels.astype(np.int64)
+
+
+def _validated_captions(path, arrays, split: str, count: int) -> np.ndarray | None:
+    """``{split}_captions`` as a string array of ``count`` entries, or None if absent."""
+    captions = arrays.get(f"{split}_captions")
+    if captions is None:
+        return None
+    if captions.dtype.kind != "U" or captions.ndim != 1:
+        raise DataError(
+            f"{path}: {split}_captions must be a 1-d array of strings, got {captions.dtype} "
+            f"with shape {captions.shape}"
+        )
+    if len(captions) != count:
+        raise DataError(
+            f"{path}: {split}_captions has {len(captions)} entries but {split}_images has "
+            f"{count} images"
+        )
+    empty = np.flatnonzero(np.char.str_len(np.char.strip(captions)) == 0)
+    if len(empty):
+        raise DataError(f"{path}: {split}_captions entry {empty[0]} is empty")
+    return captions
 
 
 def _select_classes(path, split, images, labels, class_names, wanted):

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from mslora_jax.data.synthetic_captions import captions as describe
 from mslora_jax.data.task import TaskData
 from mslora_jax.errors import ConfigError
 
@@ -59,6 +60,7 @@ def make_synthetic_task(
     num_train: int,
     num_test: int,
     difficulty: float = 1.0,
+    captions: bool = False,
 ) -> TaskData:
     """Renders a task: uint8 ``[N, image_size, image_size, 3]`` images, balanced int32 labels.
 
@@ -84,19 +86,23 @@ def make_synthetic_task(
     class_names = pseudo_words(_rng(spec, _NAMES), spec.num_classes)
     prototypes = _spread_prototypes(_rng(spec, _PROTOTYPES), spec.num_classes, latent_dim)
 
-    def split(stream: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def split(stream: int, n: int):
         labels = _balanced_labels(_rng(spec, stream), n, spec.num_classes)
         images = np.empty((n, image_size, image_size, 3), np.uint8)
+        latents = np.empty((n, latent_dim), np.float32)
         for chunk, start in enumerate(range(0, n, _CHUNK)):
             rng = _rng(spec, stream, chunk + 1)
             z = prototypes[labels[start : start + _CHUNK]]
             z = np.clip(z + jitter * difficulty * rng.standard_normal(z.shape), 0.0, 1.0)
+            latents[start : start + _CHUNK] = z
             pixels = renderer(z.astype(np.float32), rng, image_size)
             images[start : start + _CHUNK] = _finish(pixels, rng, difficulty)
-        return images, labels
+        # Written from the latents after rendering: adding captions changes no image.
+        text = describe(spec.modality, class_names, labels, latents) if captions else None
+        return images, labels, text
 
-    train_images, train_labels = split(_TRAIN, num_train)
-    test_images, test_labels = split(_TEST, num_test)
+    train_images, train_labels, train_captions = split(_TRAIN, num_train)
+    test_images, test_labels, test_captions = split(_TEST, num_test)
     return TaskData(
         name=spec.name,
         modality=spec.modality,
@@ -105,6 +111,8 @@ def make_synthetic_task(
         train_labels=train_labels,
         test_images=test_images,
         test_labels=test_labels,
+        train_captions=train_captions,
+        test_captions=test_captions,
     )
 
 

@@ -25,6 +25,10 @@ class TaskData:
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
+    # One caption per image (captioned tasks: paired image-text retrieval and training), or
+    # None. A caption describes its own image beyond the class.
+    train_captions: tuple[str, ...] | None = None
+    test_captions: tuple[str, ...] | None = None
 
     def __post_init__(self):
         for split in ("train", "test"):
@@ -45,6 +49,25 @@ class TaskData:
                     f"task {self.name!r}: {split}_labels must lie in [0, {len(self.class_names)}),"
                     f" got range [{labels.min()}, {labels.max()}]"
                 )
+
+        if (self.train_captions is None) != (self.test_captions is None):
+            raise DataError(
+                f"task {self.name!r}: captions must be given for both splits or for neither"
+            )
+        for split in ("train", "test") if self.has_captions else ():
+            captions = getattr(self, f"{split}_captions")
+            count = len(getattr(self, f"{split}_labels"))
+            if len(captions) != count:
+                raise DataError(
+                    f"task {self.name!r}: {len(captions)} {split} captions for {count} images"
+                )
+            empty = [i for i, c in enumerate(captions) if not isinstance(c, str) or not c.strip()]
+            if empty:
+                raise DataError(f"task {self.name!r}: {split} caption {empty[0]} is empty")
+
+    @property
+    def has_captions(self) -> bool:
+        return self.train_captions is not None
 
     @property
     def num_classes(self) -> int:

@@ -124,6 +124,11 @@ class StreamExperiment:
         with the adapters ``active`` (of ``slots``) summed."""
         raise ConfigError(f"{type(self).__name__} has no text embeddings for retrieval")
 
+    def embed_texts(self, slots: dict[int, dict], active: list[int], texts) -> np.ndarray:
+        """Unit embeddings ``[N, D]`` of ``texts`` (e.g. captions), tokenized as the run's
+        class prompts are, with the adapters ``active`` (of ``slots``) summed."""
+        raise ConfigError(f"{type(self).__name__} has no text embeddings for retrieval")
+
     def distillation(self, term: str):
         """The ``DistillFn`` of the output-distilling baselines (``lwf``, ``modx``)."""
         raise ConfigError(f"method {term!r} is not implemented for {type(self).__name__}")

@@ -128,6 +128,25 @@ class Experiment(StreamExperiment):
         embeddings = self.text_embed_fn({"params": params}, self.weights(active), tokens)
         return np.asarray(embeddings)[valid]
 
+    @functools.cached_property
+    def _tokenize(self):
+        return prompt_encoder(self.config)
+
+    def embed_texts(self, slots: dict[int, dict], active: list[int], texts) -> np.ndarray:
+        tokens = self._tokenize(list(texts))
+        params, weights = self.inference_params(slots, active), self.weights(active)
+        size = self.eval_batch_size  # fixed-size chunks: one compilation for any count
+        out = []
+        for start in range(0, len(tokens), size):
+            chunk = np.zeros((size, tokens.shape[1]), np.int32)
+            part = tokens[start : start + size]
+            chunk[: len(part)] = part
+            embedded = self.text_embed_fn({"params": params}, weights, chunk)
+            out.append(np.asarray(embedded)[: len(part)])
+        if not out:
+            return np.zeros((0, self.config.model.embed_dim), np.float32)
+        return np.concatenate(out)
+
     def task_metrics(self, slots: dict[int, dict], active: list[int], task: int) -> TaskMetrics:
         data = self.tasks[task]
         preds = self._predictions(slots, active, task, data.test_images)
