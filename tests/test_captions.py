@@ -11,6 +11,7 @@ from mslora_jax.data.synthetic_captions import CAPTION_WORDS, FACTORS, LEVELS, l
 from mslora_jax.data.task import TaskData
 from mslora_jax.data.tokenizer import tokenize
 from mslora_jax.errors import ConfigError, DataError
+from mslora_jax.train.checkpoints import describe_differences
 from tests.helpers import smoke_config
 
 
@@ -122,3 +123,12 @@ def test_the_class_table_pairs_each_training_image_with_its_caption_row():
     # Each row holds its own caption's tokens; identical captions share one row.
     np.testing.assert_array_equal(table.tokens[rows], encode(list(captioned.train_captions)))
     assert len(set(rows.tolist())) == len(distinct) and rows.min() == 6
+
+
+def test_workdirs_written_before_captions_existed_still_match():
+    # A task's config then had no captions key; now it is False: the same run.
+    old = {"base_tasks": [{"name": "a", "seed": 1}], "seed": 0}
+    new = {"base_tasks": [{"name": "a", "seed": 1, "captions": False}], "seed": 0}
+    assert describe_differences(old, new) == []
+    captioned = {"base_tasks": [{"name": "a", "seed": 1, "captions": True}], "seed": 0}
+    assert describe_differences(old, captioned) == ["config.base_tasks[0].captions: None -> True"]

@@ -106,3 +106,19 @@ def test_bad_queries_are_refused(meshes):
         search(database, np.ones((2, 4)), k=1, approximate=True, recall_target=0.0)
     with pytest.raises(ConfigError, match="must be \\(rows, dim\\)"):
         put_database(np.ones(4), meshes["1 device"])
+
+
+def test_merged_parts_equal_one_search_of_the_whole_database(meshes):
+    # Two parts of one database (rows interleaved), searched apart and merged: the answer of a
+    # search of the whole, ties to the lower row included.
+    db, q = _integer_data(40, 6)
+    parts = [np.arange(0, 40, 3), np.setdiff1d(np.arange(40), np.arange(0, 40, 3))]
+    mesh = meshes["1 device"]
+    found = [search(put_database(db[rows], mesh), q, k=7) for rows in parts]
+    merged = search_lib.merge_results(found, parts, k=7)
+    top, order = _reference(db, q, 7)
+    np.testing.assert_array_equal(merged.rows, order)
+    np.testing.assert_allclose(merged.scores, top)
+    # k beyond every part: padded as search pads.
+    wide = search_lib.merge_results(found, parts, k=45)
+    assert (wide.rows[:, 40:] == -1).all() and np.isneginf(wide.scores[:, 40:]).all()

@@ -16,6 +16,7 @@ from absl import flags
 from mslora_jax.cli.command import CONFIG_HELP, Command, define_workdir
 from mslora_jax.cli.console import PACKAGE_LOGGER
 from mslora_jax.cli.interop_commands import INTEROP_COMMANDS
+from mslora_jax.cli.retrieval_commands import RETRIEVAL_COMMANDS
 
 
 def _run_flags(fv: flags.FlagValues) -> None:
@@ -229,6 +230,9 @@ SCORE = Command(
     required=("answers",),
 )
 
-# In the order `mslora-jax --help` lists them: running and reading runs, then the converters
-# and importers of outside formats (``interop_commands``).
-COMMANDS: tuple[Command, ...] = (RUN, SWEEP, INSPECT, SCORE, *INTEROP_COMMANDS)
+# In the order `mslora-jax --help` lists them: running and reading runs, retrieval with a run's
+# encoders (``retrieval_commands``), then the converters and importers of outside formats
+# (``interop_commands``).
+COMMANDS: tuple[Command, ...] = (
+    RUN, SWEEP, INSPECT, SCORE, *RETRIEVAL_COMMANDS, *INTEROP_COMMANDS
+)  # fmt: skip

@@ -21,6 +21,24 @@ from mslora_jax.train.methods import Method
 from mslora_jax.train.stream_experiment import StreamExperiment
 
 
+def slots_after_stages(
+    exp: StreamExperiment, method: Method, stage_adapters: list[dict]
+) -> list[dict[int, dict]]:
+    """The adapters by slot after each stage, from the adapter each stage trained (its stage
+    checkpoint); a later stage's adapter replaces its slot's earlier one."""
+    out, slots = [], {}
+    for stage, adapter in enumerate(stage_adapters):
+        slots = {**slots, method.slot(stage): exp.rules.place(adapter)}
+        out.append(slots)
+    return out
+
+
+def encoder_slots(method: Method, num_tasks: int, stage: int) -> list[int]:
+    """The slots the encoder after ``stage`` sums: every adapter learned by then."""
+    seen = num_tasks if method.joint else stage + 1
+    return method.unified_slots(seen)
+
+
 class StageEncoders:
     """Embeddings of ``items`` by the encoder after each stage of ``method``.
 
@@ -42,11 +60,7 @@ class StageEncoders:
                 f"method {method.name!r}: {len(stage_adapters)} finished stages in its "
                 f"checkpoints, expected {self.num_stages}; finish the run first"
             )
-        self._slots: list[dict[int, dict]] = []
-        slots: dict[int, dict] = {}
-        for stage, adapter in enumerate(stage_adapters):
-            slots = {**slots, method.slot(stage): exp.rules.place(adapter)}
-            self._slots.append(slots)
+        self._slots = slots_after_stages(exp, method, stage_adapters)
         self._memo: dict[tuple, np.ndarray] = {}
         self.encoded: Counter = Counter()
 
@@ -61,8 +75,7 @@ class StageEncoders:
 
     def active(self, stage: int) -> list[int]:
         """The adapter slots the encoder after ``stage`` sums."""
-        seen = len(self.seen(stage))
-        return self.method.unified_slots(seen)
+        return encoder_slots(self.method, self.exp.num_tasks, stage)
 
     def version(self, stage: int) -> EncoderVersion:
         return EncoderVersion(self.method.name, stage, tuple(self.active(stage)))

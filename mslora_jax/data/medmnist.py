@@ -184,6 +184,20 @@ def _validated_split(path, arrays, split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.int64)
 
 
+def read_split(path, split: str, image_size: int | None = None):
+    """(images uint8 ``[N, S, S, 3]``, labels int32, captions or None) of one split of a
+    MedMNIST-layout ``.npz``, all of it, labels as stored (for indexing outside a run)."""
+    arrays = _read_npz(path, (split,))
+    images, labels = _validated_split(path, arrays, split)
+    captions = _validated_captions(path, arrays, split, len(images))
+    if image_size is not None and image_size != images.shape[1]:
+        images = resize_images(images, image_size)
+    if images.ndim == 3:
+        images = np.repeat(images[..., None], 3, axis=-1)
+    text = None if captions is None else tuple(str(c) for c in captions)
+    return np.ascontiguousarray(images), labels.astype(np.int32), text
+
+
 def _validated_captions(path, arrays, split: str, count: int) -> np.ndarray | None:
     """``{split}_captions`` as a string array of ``count`` entries, or None if absent."""
     captions = arrays.get(f"{split}_captions")

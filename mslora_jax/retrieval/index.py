@@ -10,7 +10,8 @@ On disk (``save_index``, written atomically into a new folder)::
 
     INDEX/embeddings.safetensors   embeddings (float32 or bfloat16), task, label, version
     INDEX/index.json               format, rows, dim, dtype, what the rows embed, item ids,
-                                   task names, encoder versions, the SHA-256 of the tensors file
+                                   task names, encoder versions and the run that holds them,
+                                   the SHA-256 of the tensors file
 
 ``load_index`` refuses a damaged or inconsistent index with one line that names the problem.
 """
@@ -64,6 +65,9 @@ class Index:
     task_names: tuple[str, ...]
     encoder_versions: tuple[EncoderVersion, ...]
     rows: str = "image"
+    # The run folder whose stage checkpoints rebuild every encoder version ("": unknown), so a
+    # query is embedded by exactly the encoders that embedded the rows it is compared with.
+    encoder_workdir: str = ""
 
     def __post_init__(self):
         problem = _problem(self)
@@ -123,6 +127,7 @@ def make_index(
     labels: Sequence[int] | None = None,
     rows: str = "image",
     dtype: str = "float32",
+    encoder_workdir: str = "",
 ) -> Index:
     """An index of ``embeddings`` (normalised here) all made by ``version``; ``tasks``: each
     row's task name."""
@@ -141,6 +146,7 @@ def make_index(
         task_names=names,
         encoder_versions=(version,),
         rows=rows,
+        encoder_workdir=encoder_workdir,
     )
 
 
@@ -159,6 +165,9 @@ def concat_indexes(indexes: Sequence[Index]) -> Index:
                 f"{other.embeddings.shape[1]} ({other.dtype_name}) to one of {first.rows} rows of "
                 f"dim {first.embeddings.shape[1]} ({first.dtype_name})"
             )
+    homes = {x.encoder_workdir for x in indexes}
+    if len(homes) > 1:
+        raise DataError(f"cannot concatenate indexes of different runs: {sorted(homes)}")
     task_names = tuple(dict.fromkeys(t for x in indexes for t in x.task_names))
     versions = tuple(dict.fromkeys(v for x in indexes for v in x.encoder_versions))
     return Index(
@@ -181,6 +190,7 @@ def concat_indexes(indexes: Sequence[Index]) -> Index:
         task_names=task_names,
         encoder_versions=versions,
         rows=first.rows,
+        encoder_workdir=first.encoder_workdir,
     )
 
 
@@ -224,6 +234,7 @@ def save_index(index: Index, out: str | os.PathLike) -> Path:
             "ids": list(index.ids),
             "task_names": list(index.task_names),
             "encoder_versions": [v.as_dict() for v in index.encoder_versions],
+            "encoder_workdir": index.encoder_workdir,
             "sha256": _sha256(tmp / TENSORS),
         }
         atomic_write_json(tmp / META, meta)
@@ -266,6 +277,7 @@ def load_index(path: str | os.PathLike) -> Index:
             task_names=tuple(meta["task_names"]),
             encoder_versions=versions,
             rows=meta["embeds"],
+            encoder_workdir=str(meta.get("encoder_workdir", "")),
         )
     except CheckpointError:
         raise

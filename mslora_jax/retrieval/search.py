@@ -193,3 +193,28 @@ def search(
     if not scores:
         return SearchResult(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
     return SearchResult(np.concatenate(scores), np.concatenate(rows).astype(np.int64))
+
+
+def merge_results(parts: list[SearchResult], row_maps: list[np.ndarray], k: int) -> SearchResult:
+    """The global top-``k`` of several searches, each over its own rows of one database:
+    ``row_maps[i][r]`` is the database row of row ``r`` of part ``i``. Scores compare across
+    parts (a versioned index: each part searched with the query its own encoder embedded);
+    ties go to the lower database row, as in ``search``."""
+    if not parts:
+        raise ConfigError("merge_results needs at least one search result")
+    scores = np.concatenate([p.scores for p in parts], axis=1)
+    rows = np.concatenate(
+        [
+            np.where(p.rows >= 0, m[np.maximum(p.rows, 0)], -1)
+            for p, m in zip(parts, row_maps, strict=True)
+        ],
+        axis=1,
+    )
+    # Sort by score, then row: lexsort's last key is the primary one.
+    order = np.lexsort((np.where(rows >= 0, rows, np.iinfo(np.int64).max), -scores), axis=1)[:, :k]
+    scores, rows = np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+    if scores.shape[1] < k:  # fewer candidates than k: fill as search does
+        fill = k - scores.shape[1]
+        scores = np.pad(scores, ((0, 0), (0, fill)), constant_values=-np.inf)
+        rows = np.pad(rows, ((0, 0), (0, fill)), constant_values=-1)
+    return SearchResult(scores.astype(np.float32), rows.astype(np.int64))

@@ -19,7 +19,7 @@ from mslora_jax.config import ExperimentConfig, to_json_dict
 from mslora_jax.errors import CheckpointError
 from mslora_jax.parallel.rules import ShardingRules
 from mslora_jax.parallel.sharded_jit import ShardedStep, born_sharded
-from mslora_jax.train.checkpoints import load_backbone, save_backbone
+from mslora_jax.train.checkpoints import describe_differences, load_backbone, save_backbone
 from mslora_jax.train.loop import run_steps
 from mslora_jax.train.optim import Schedule, make_optimizer
 from mslora_jax.train.step import init_train_state, make_train_step
@@ -94,10 +94,12 @@ def obtain_frozen_backbone(
     directory = workdir / "backbone"
     if (directory / "meta.json").exists():
         params, meta = load_backbone(directory, abstract, model_json)
-        if meta.get("provenance") != provenance:
+        # The config's own rule: a key added later, at its off default, matches its absence.
+        differences = describe_differences(meta.get("provenance"), provenance, "provenance")
+        if differences:
             raise CheckpointError(
-                f"backbone {directory} was pretrained with different pretrain/base_tasks settings;"
-                " use a new --workdir"
+                f"backbone {directory} was pretrained with different pretrain/base_tasks settings"
+                f" ({'; '.join(differences[:3])}); use a new --workdir"
             )
         log.info("loaded the pretrained backbone from %s", directory)
         return params, meta.get("info", {})

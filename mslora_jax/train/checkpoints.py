@@ -44,14 +44,14 @@ def abstract_like(tree, mesh: Mesh):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def _describe_differences(old: Any, new: Any, where: str = "config") -> list[str]:
+def describe_differences(old: Any, new: Any, where: str = "config") -> list[str]:
     """Differing leaves; a key missing on one side equals None (a newer optional key, e.g. a
     task's ``batch_size``, does not invalidate a workdir written before it existed) or False (a
     flag added later, e.g. ``decoder.scan_layers``, was off in a workdir written before it)."""
     if isinstance(old, dict) and isinstance(new, dict):
         diffs = []
         for key in sorted(set(old) | set(new)):
-            diffs += _describe_differences(old.get(key), new.get(key), f"{where}.{key}")
+            diffs += describe_differences(old.get(key), new.get(key), f"{where}.{key}")
         return diffs
     if isinstance(old, list) and isinstance(new, list) and len(old) != len(new):
         if any(isinstance(x, dict) for x in old + new):  # tasks: their names, not every field
@@ -61,7 +61,7 @@ def _describe_differences(old: Any, new: Any, where: str = "config") -> list[str
         return [
             d
             for i, (a, b) in enumerate(zip(old, new))
-            for d in _describe_differences(a, b, f"{where}[{i}]")
+            for d in describe_differences(a, b, f"{where}[{i}]")
         ]
     if (old is None and new is False) or (old is False and new is None):
         return []
@@ -70,7 +70,7 @@ def _describe_differences(old: Any, new: Any, where: str = "config") -> list[str
 
 def check_same_config(saved: dict, current: dict, what: str) -> None:
     """CheckpointError listing the differing keys if ``saved`` and ``current`` differ."""
-    diffs = _describe_differences(saved, current)
+    diffs = describe_differences(saved, current)
     if diffs:
         shown = "; ".join(diffs[:5]) + (" ..." if len(diffs) > 5 else "")
         hint = "use a new --workdir or restore the original config"
