@@ -9,11 +9,13 @@ import pytest
 
 from mslora_jax.config import RetrievalConfig, experiment_config
 from mslora_jax.continual_retrieval.encoders import StageEncoders
+from mslora_jax.continual_retrieval.gallery import gallery_rows
 from mslora_jax.continual_retrieval.items import TaskItems, directions, draw, task_items
 from mslora_jax.continual_retrieval.protocol import evaluate_method, full_ranking, task_scores
 from mslora_jax.errors import CheckpointError, ConfigError, DataError
 from mslora_jax.eval.router import fit_router
 from mslora_jax.report.results import load_results, validate_results
+from mslora_jax.report.retrieval_gallery import plot_gallery
 from mslora_jax.report.sweep import summarize
 from mslora_jax.report.sweep_files import write_summary
 from mslora_jax.retrieval.metrics import ranking_metrics
@@ -269,6 +271,7 @@ def test_a_run_writes_retrieval_matrices_tables_and_heatmaps(retrieval_run):
         json.dumps(results["retrieval"])
     )
     assert (workdir / "retrieval_matrices.png").stat().st_size > 0
+    assert (workdir / "retrieval_gallery.png").stat().st_size > 0
     report = (workdir / "results.md").read_text()
     assert "## Retrieval" in report and "**image to image, unified database**" in report
     methods = results["retrieval"]["methods"]
@@ -351,3 +354,23 @@ def test_the_directions_follow_the_streams_captions():
     assert directions(mixed, RetrievalConfig()) == ("image_to_image", "prompt_to_image")
     with pytest.raises(DataError, match="task 'b' has no captions"):
         directions(mixed, RetrievalConfig(directions=("text_to_image",)))
+
+
+def test_the_gallery_shows_each_tasks_queries_with_framed_results():
+    bases, items, prompts = _world()
+    exp = FakeExperiment(bases, prompts)
+    encoders = StageEncoders(exp, exp.method("mslora"), _adapters("mix", 3), items)
+    rows = gallery_rows(encoders, "versioned", "unified", ("image_to_image", "text_to_image"))
+    assert len(rows) == 6 and all(len(r.results) == 5 for r in rows)
+    image_row, text_row = rows[2], rows[3]  # task 1
+    assert image_row.query_image is not None and text_row.query_text == items[1].captions[0]
+    # A caption embeds as its image: its own image comes first, and is relevant.
+    first_image, relevant, score = text_row.results[0]
+    np.testing.assert_array_equal(first_image, items[1].query_images[0])
+    assert relevant and score == pytest.approx(1.0)
+    # Image queries: relevant = a training image of the query's class and task.
+    scores, keys = task_scores(encoders, "versioned", "unified", "image_to_image", 2, 1)
+    ranking = full_ranking(scores[:1])[0, :5]
+    assert [r[1] for r in image_row.results] == list(keys[ranking] == items[1].query_keys[0])
+    figure = plot_gallery(rows, "title")
+    assert len(figure.axes) == 6 * 6

@@ -26,6 +26,7 @@ _SHOWS = {
     "quickstart.ipynb": ["| mslora_cr_ortho |", "CR similarity"],
     "generative.ipynb": ["| mslora_cr_ortho |", "adapters [0, 1, 2]"],
     "colab_tpu.ipynb": ["mesh (data, fsdp, tensor)", "train steps/s", "mlp/up kernel"],
+    "retrieval.ipynb": ["text to image, task database, versioned", "image -> [{'id': 'test/3'"],
 }
 
 
@@ -34,6 +35,7 @@ def test_all_notebooks_are_found():
         "quickstart.ipynb",
         "generative.ipynb",
         "colab_tpu.ipynb",
+        "retrieval.ipynb",
     }
 
 

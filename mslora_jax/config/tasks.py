@@ -137,14 +137,21 @@ def synthetic_base_tasks(
     per_modality: int = 2,
     num_classes: int = 6,
     num_train: int = 2048,
+    captions: bool = False,
 ) -> list[dict]:
-    """Pretraining tasks for a backbone: ``per_modality`` synthetic tasks of each modality.
+    """Pretraining tasks for a backbone: ``per_modality`` synthetic tasks of each modality
+    (``captions``: pretrained on image-caption pairs, as a CLIP is).
 
     Their seeds (1000 + ...) never collide with the stream seeds used in the shipped configs.
     """
     return [
         synthetic_task(
-            f"base_{m}_{i}", m, seed=1000 + 10 * j + i, num_classes=num_classes, num_train=num_train
+            f"base_{m}_{i}",
+            m,
+            seed=1000 + 10 * j + i,
+            num_classes=num_classes,
+            num_train=num_train,
+            captions=captions,
         )
         for j, m in enumerate(modalities)
         for i in range(per_modality)

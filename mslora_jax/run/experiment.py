@@ -17,13 +17,15 @@ import jax
 from jax.sharding import Mesh
 
 from mslora_jax.config import BackboneConfig, ExperimentConfig, to_json_dict
+from mslora_jax.continual_retrieval.gallery import run_gallery
 from mslora_jax.continual_retrieval.protocol import evaluate_run
 from mslora_jax.errors import ConfigError
 from mslora_jax.families import family_of
-from mslora_jax.io_utils import atomic_write_json, atomic_write_text, read_json
+from mslora_jax.io_utils import atomic_savefig, atomic_write_json, atomic_write_text, read_json
 from mslora_jax.parallel.distributed import is_primary
 from mslora_jax.parallel.mesh import make_mesh
 from mslora_jax.report.results import format_percent, validate_results, write_results
+from mslora_jax.report.retrieval_gallery import plot_gallery
 from mslora_jax.report.task_metrics import validate_task_metrics, write_task_metrics
 from mslora_jax.report.training_log import TrainingLog
 from mslora_jax.run.pictures import write_pictures
@@ -224,6 +226,10 @@ def _run_experiment(config: ExperimentConfig, workdir: Path, mesh: Mesh, inputs)
     if is_primary():
         write_results(workdir, results)
         write_task_metrics(workdir, task_metrics)
+    if config.retrieval.enabled:
+        title, rows = run_gallery(exp, workdir, config.methods, config.retrieval)
+        if is_primary():
+            atomic_savefig(plot_gallery(rows, title), workdir / "retrieval_gallery.png", dpi=150)
     # plots/: adapter similarity and loss curves; every process reads the checkpoints (orbax
     # restores wait for all of them), process 0 draws.
     write_pictures(workdir, config.methods)

@@ -95,10 +95,15 @@ def clip_distillation(model: DualEncoder, term: str, temperature: float = 2.0) -
 
     def distill(variables, teacher_vars, trainable, context, batch):
         if term == "modx":
-            s_img, s_cls = embed(variables, context, batch, context.class_tokens)
-            t_img, t_cls = embed(teacher_vars, context, batch, context.class_tokens)
             labels = batch["label"]
-            return modx_loss(t_img, t_cls[labels], s_img, s_cls[labels], labels)
+            if context.class_tokens.shape[0] >= labels.shape[0]:
+                # A table larger than the batch (captions): encode the batch's rows only.
+                tokens, pick = context.class_tokens[labels], jnp.arange(labels.shape[0])
+            else:  # a few class prompts: encode each once and gather
+                tokens, pick = context.class_tokens, labels
+            s_img, s_txt = embed(variables, context, batch, tokens)
+            t_img, t_txt = embed(teacher_vars, context, batch, tokens)
+            return modx_loss(t_img, t_txt[pick], s_img, s_txt[pick], labels)
         s_img, s_cls = embed(variables, context, batch, context.task_tokens)
         t_img, t_cls = embed(teacher_vars, context, batch, context.task_tokens)
         scale = lambda x: jnp.exp(jnp.minimum(x, MAX_LOGIT_SCALE))
