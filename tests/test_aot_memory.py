@@ -120,3 +120,25 @@ def test_memory_report_peak_and_fit():
     )
     assert refused.peak_bytes == 22 * GIB  # outputs unknown: taken as aliased to the state
     assert refused.fits is False and refused.as_dict()["fits"] == "no"
+
+
+def test_the_sharded_search_fits_or_is_refused_by_the_tpu_compiler():
+    """experiments/aot_search_memory.py: a database sharded over a v5e:2x2 slice compiles when
+    its shards fit a chip's 16 GiB and is refused, with the compiler's figures, when not."""
+    _require_libtpu()
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    script = ROOT / "experiments" / "aot_search_memory.py"
+    args = ["--items", "1000000", "--items", "100000000", "--topology", "v5e:2x2"]
+    out = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, check=True
+    ).stdout
+    small, large = (json.loads(line) for line in out.splitlines() if line.startswith("{"))
+    assert small["fits"] == "yes" and small["rows_per_chip"] == 250000
+    # bf16 rows: 250,000 x 512 x 2 bytes per chip, the program's only large argument.
+    assert small["argument_gib"] == pytest.approx(250000 * 512 * 2 / GIB, abs=2e-3)
+    assert large["fits"] == "no" and large["database_gib_per_chip"] > 16

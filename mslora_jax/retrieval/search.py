@@ -108,11 +108,13 @@ def _search_chunk(queries, rows, *, mesh, k, size, block, approximate, recall_ta
     def local(q, shard_rows):
         shard_size = shard_rows.shape[0]
         first_row = jax.lax.axis_index(axes) * shard_size
-        blocks = shard_rows.reshape(shard_size // block, block, shard_rows.shape[1])
         kb = min(k, block)
 
-        def one_block(best, inputs):
-            block_index, block_rows = inputs
+        def one_block(block_index, best):
+            # A slice of the shard in place: a reshape into [blocks, block, dim] scanned over
+            # made the TPU compiler copy the whole shard (twice its size in temporaries, as
+            # experiments/aot_search_memory.py measured).
+            block_rows = jax.lax.dynamic_slice_in_dim(shard_rows, block_index * block, block)
             scores = jnp.dot(
                 q.astype(block_rows.dtype), block_rows.T, preferred_element_type=jnp.float32
             )
@@ -123,15 +125,14 @@ def _search_chunk(queries, rows, *, mesh, k, size, block, approximate, recall_ta
             values = jnp.concatenate([best[0], values], axis=1)
             found = jnp.concatenate([best[1], row[where]], axis=1)
             values, pick = jax.lax.top_k(values, k)
-            return (values, jnp.take_along_axis(found, pick, axis=1)), None
+            return values, jnp.take_along_axis(found, pick, axis=1)
 
         init = (
             jnp.full((q.shape[0], k), -jnp.inf, jnp.float32),
             jnp.full((q.shape[0], k), -1, jnp.int32),
         )
         init = jax.lax.pcast(init, axes, to="varying")  # each shard's own running best
-        (values, found), _ = jax.lax.scan(one_block, init, (jnp.arange(blocks.shape[0]), blocks))
-        return values, found
+        return jax.lax.fori_loop(0, shard_size // block, one_block, init)
 
     values, found = jax.shard_map(
         local, mesh=mesh, in_specs=(P(), P(axes)), out_specs=(P(None, axes), P(None, axes))
