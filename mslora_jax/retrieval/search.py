@@ -13,6 +13,11 @@ puts the lower index first; candidates are merged in row order), as a stable Num
 the negated scores does. Rows past the database's size (padding) never appear; a database with
 fewer than ``k`` rows fills the rest of each ranking with row ``-1`` and score ``-inf``.
 
+Multi-host: every process passes the same database to ``put_database`` (each places only its
+own devices' shards) and the same queries to ``search``, and every process gets the same global
+answer. A process can embed only its share of the items and all-gather the shares first
+(``jax.experimental.multihost_utils.process_allgather``; ``tests/test_multihost_search.py``).
+
 ``approximate=True`` uses ``lax.approx_max_k`` with ``recall_target`` and the global database size
 as ``reduction_input_size_override``: the TPU-optimised partial reduction on TPU, an exact top-k on
 CPU and GPU. Its recall against exact search is measured, never assumed
