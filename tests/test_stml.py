@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mslora_jax.losses.stml import (
+    cross_group_kl,
     pseudo_labels,
     relaxed_contrastive_loss,
     self_distillation_kl,
@@ -110,3 +111,21 @@ def test_gradients_are_finite_and_flow_to_the_students_only(batch):
     loss = total(small, large, teacher)
     stepped = total(small - 0.05 * grads[0], large - 0.05 * grads[1], teacher)
     assert float(stepped) < float(loss)
+
+
+def test_cross_group_kl_matches_the_released_formula():
+    rng = np.random.default_rng(3)
+    earlier, current = rng.normal(size=(7, 5)), rng.normal(size=(7, 5))
+    centres = rng.normal(size=(100, 5))
+    d_e = np.sqrt(((earlier[:, None] - centres[None]) ** 2).sum(-1))
+    d_c = np.sqrt(((current[:, None] - centres[None]) ** 2).sum(-1))
+    soft = lambda z: (
+        np.exp(z - z.max(1, keepdims=True))
+        / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)
+    )
+    p, q = (soft(d_e) + 1e-8) / (1 + 1e-8), (soft(d_c) + 1e-8) / (1 + 1e-8)
+    want = np.mean(np.sum(p * np.log(p / q), 1))
+    got = cross_group_kl(*(jnp.asarray(a, jnp.float32) for a in (earlier, current, centres)))
+    assert float(got) == pytest.approx(want, rel=1e-4)
+    same = cross_group_kl(*(jnp.asarray(a, jnp.float32) for a in (earlier, earlier, centres)))
+    assert float(same) == pytest.approx(0.0, abs=1e-6)

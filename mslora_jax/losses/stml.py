@@ -12,7 +12,10 @@ Facts from the authors' release, written here as batched matrix operations (no p
 - pseudo-label ``W = (W_P + W_C) / 2``;
 - relaxed contrastive loss over the student's distances divided by their row mean ``d~``:
   ``sum_{i != j} W d~^2 + (1 - W) max(0, delta - d~)^2``, over ``N (N - 1)``;
-- self-distillation: KL from the softmax of ``-d~`` of one head (detached) to that of the other.
+- self-distillation: KL from the softmax of ``-d~`` of one head (detached) to that of the other;
+- MS-UGCML's cross-group distillation (``cross_group_kl``): for a tenth of an earlier group's
+  objects, KL between the softmax over fixed centres of their distances by that group's head and
+  by the current group's head.
 
 Every function is checked against a slow NumPy loop in ``tests/test_stml.py``.
 """
@@ -95,3 +98,22 @@ def stml_loss(student_small, student_large, teacher_large, ids, sigma=SIGMA, del
     ) / 2
     distill = self_distillation_kl(student_small, student_large)
     return contrastive + distill, {"contrastive": contrastive, "self_distill": distill}
+
+
+def centre_distances(x: jax.Array, centres: jax.Array) -> jax.Array:
+    """Euclidean distances ``[N, C]`` of embeddings to fixed centres (e.g. 100 k-means ones)."""
+    sq = jnp.sum(x**2, -1)[:, None] - 2.0 * x @ centres.T + jnp.sum(centres**2, -1)[None, :]
+    return jnp.sqrt(jnp.maximum(sq, 1e-12))
+
+
+def cross_group_kl(
+    earlier_head: jax.Array, current_head: jax.Array, centres: jax.Array, eps: float = 1e-8
+) -> jax.Array:
+    """MS-UGCML's cross-group distillation for some objects of an earlier (smaller-scale) group:
+    ``KL(p || q)`` averaged over objects, ``p`` and ``q`` the softmax over centres of the
+    distances (as logits, as released) by the earlier group's head and by the current one, each
+    smoothed by ``eps``. Both heads receive gradients (nothing is detached in the release)."""
+    p = jax.nn.softmax(centre_distances(earlier_head, centres), axis=-1)
+    q = jax.nn.softmax(centre_distances(current_head, centres), axis=-1)
+    p, q = (p + eps) / (1.0 + eps), (q + eps) / (1.0 + eps)
+    return jnp.mean(jnp.sum(p * jnp.log(p / q), axis=-1))
