@@ -100,3 +100,15 @@ def test_recall_counts_each_truth_box_once():
     boxes = np.array([[0, 0, 10, 10], [0, 0, 9, 10]], np.float32)
     recall = proposal_recall(boxes, np.array([0, 0]), truth, (0.5, 0.95))
     assert recall == {"recall@0.5": 0.5, "recall@0.95": 0.5}
+
+
+def test_segmenting_a_smaller_copy_maps_boxes_back(scenes):
+    big = np.repeat(np.repeat(scenes.image(1), 4, axis=0), 4, axis=1)  # 256 px
+    boxes = propose(big, ProposerConfig(max_side=64, min_side=16))
+    native = propose(scenes.image(1), ProposerConfig(min_side=4))
+    assert len(boxes) and boxes.max() <= 256 and boxes[:, 2:].min() >= 16 - 1e-3
+    # The copy is nearly the original image again (anti-aliasing smooths it a little): its
+    # objects, four times larger, are found as well as in the original.
+    truth = scenes.boxes[scenes.box_image == 1]
+    assert box_iou(truth, native).max(axis=1).min() >= 0.8
+    assert box_iou(truth * 4, boxes).max(axis=1).min() >= 0.8

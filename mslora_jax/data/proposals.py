@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from skimage.measure import regionprops
 from skimage.segmentation import felzenszwalb
+from skimage.transform import rescale
 
 from mslora_jax.data.coco import Detections
 from mslora_jax.errors import DataError
@@ -37,6 +38,9 @@ class ProposerConfig:
     max_area_fraction: float = 0.8  # boxes covering more of the image are background
     nms_iou: float = 0.7
     max_per_image: int = 200
+    # Segment a copy at most this many pixels on its long side (0: as is); boxes are mapped back.
+    # Faster on large images, and it merges fewer touching objects at the same scale.
+    max_side: int = 0
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -69,17 +73,23 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, limit: int) -> np.nda
 
 def propose(image: np.ndarray, config: ProposerConfig = ProposerConfig()) -> np.ndarray:
     """Proposal boxes ``[P, 4]`` of one uint8 ``[H, W, 3]`` image, best first."""
+    factor = 1.0
+    if config.max_side and max(image.shape[:2]) > config.max_side:
+        factor = config.max_side / max(image.shape[:2])
+        small = rescale(image, factor, channel_axis=-1, anti_aliasing=True, preserve_range=True)
+        image = np.clip(np.round(small), 0, 255).astype(np.uint8)
     height, width = image.shape[:2]
+    min_side = config.min_side * factor  # in the segmented copy's pixels
     boxes, scores = [], []
     for scale in config.scales:
         segments = felzenszwalb(image, scale=scale, sigma=config.sigma,
-                                min_size=max(config.min_side**2, 4))  # fmt: skip
+                                min_size=max(int(min_side) ** 2, 4))  # fmt: skip
         for region in regionprops(segments + 1):
             y0, x0, y1, x1 = region.bbox
             w, h = x1 - x0, y1 - y0
-            if min(w, h) < config.min_side or w * h > config.max_area_fraction * width * height:
+            if min(w, h) < min_side or w * h > config.max_area_fraction * width * height:
                 continue
-            boxes.append((x0, y0, w, h))
+            boxes.append((x0 / factor, y0 / factor, w / factor, h / factor))
             scores.append(region.area / (w * h))  # how much of its box the segment fills
     if not boxes:
         return np.zeros((0, 4), np.float32)
