@@ -20,7 +20,7 @@ LAYERS = (  # top first
     {"cli"},
     {"interop"},
     {"run"},
-    {"families", "continual_retrieval"},
+    {"families", "continual_retrieval", "objects"},
     {"train"},
     {"data", "eval", "retrieval", "report", "lora", "losses", "config"},
     {"models", "parallel", "io_utils", "errors"},

@@ -1,0 +1,11 @@
+"""Object retrieval (MS-UGCML, Kan et al., arXiv 2403.10798): find every instance of a query
+object in a collection of images, with region embeddings learned without labels.
+
+Built so far from the library's pieces: detection data (``data.coco``, ``data.synthetic_scenes``),
+class-agnostic proposals (``data.proposals``), crops at mixed scales (``data.crops``), STML and
+the cross-group distillation (``losses.stml``), neighbour batches (``retrieval.neighbours``) and
+object-level metrics (``retrieval.object_metrics``). Here:
+
+- ``evaluate``: the object-level protocol for any embedding function: ground-truth crops of the
+  test images as queries against the proposal crops of the same images.
+"""
