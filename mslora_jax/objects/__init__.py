@@ -7,5 +7,11 @@ the cross-group distillation (``losses.stml``), neighbour batches (``retrieval.n
 object-level metrics (``retrieval.object_metrics``). Here:
 
 - ``evaluate``: the object-level protocol for any embedding function: ground-truth crops of the
-  test images as queries against the proposal crops of the same images.
+  test images as queries against the proposal crops of the same images;
+- ``model``: the region embedder, the dual encoder's image tower under per-group small and large
+  heads.
+
+Next (docs/development.md, "Not done yet"): the EMA-teacher training of the four methods
+(``frozen``, ``infonce``, ``stml``, ``msgcml``) through the shared loop, the configs, the picture
+and the BCCD sweep.
 """
