@@ -10,5 +10,6 @@ scores the rankings with ``mslora_jax.retrieval``.
 - ``encoders``: the encoder after each stage of a method, and the embeddings it gives, computed
   once each;
 - ``protocol``: the index policies, galleries and directions, as matrices ``R[k][j]`` (after
-  stage k, on task j) with their average, backward transfer and forgetting.
+  stage k, on task j) with their average, backward transfer and forgetting;
+- ``gallery``: which queries and results the gallery picture shows.
 """
