@@ -6,7 +6,14 @@ import pytest
 
 from mslora_jax.errors import ConfigError
 from mslora_jax.parallel.mesh import make_mesh
-from mslora_jax.retrieval.neighbours import anchor_counts, nearest_neighbours, neighbour_batch
+from mslora_jax.retrieval.neighbours import (
+    anchor_counts,
+    distillation_rows,
+    kmeans_centres,
+    mixed_scale_rows,
+    nearest_neighbours,
+    neighbour_batch,
+)
 
 
 def test_nearest_neighbours_match_numpy_and_start_with_the_object_itself():
@@ -43,3 +50,25 @@ def test_a_batch_is_anchors_followed_by_their_neighbours():
     assert (((pairs[2:, 1] - 10) - (pairs[2:, 0] - 10)) % 20 == 3).all()
     with pytest.raises(ConfigError, match="4 anchors from a group of 3"):
         neighbour_batch(rng, [neighbours[0][:3]], [np.arange(3)], [4])
+
+
+def test_a_group_sees_a_tenth_of_each_smaller_group_as_released():
+    positions = [np.arange(0, 40), np.arange(40, 60), np.arange(60, 100)]
+    rows = mixed_scale_rows(positions, 2)
+    # Own 40, then group 1 (20 rows: 3 from the start, 3 from the middle), then group 0 (40: 5+5).
+    expected = np.concatenate([np.arange(60, 100), [40, 41, 42, 50, 51, 52],
+                               [0, 1, 2, 3, 4, 20, 21, 22, 23, 24]])  # fmt: skip
+    np.testing.assert_array_equal(rows, expected)
+    np.testing.assert_array_equal(mixed_scale_rows(positions, 0), np.arange(40))
+    np.testing.assert_array_equal(distillation_rows(positions, 1), [40, 41, 42])
+
+
+def test_kmeans_centres_find_well_separated_clusters():
+    rng = np.random.default_rng(0)
+    truth = np.array([[0, 0], [10, 0], [0, 10]], np.float32)
+    points = truth[rng.integers(0, 3, 300)] + 0.1 * rng.normal(size=(300, 2))
+    centres = kmeans_centres(points, 3, seed=1)
+    nearest = np.sort(np.linalg.norm(centres[:, None] - truth[None], axis=-1).min(axis=0))
+    assert nearest.max() < 0.1
+    with pytest.raises(ConfigError, match="fewer than 5 centres"):
+        kmeans_centres(points[:4], 5)

@@ -9,7 +9,9 @@ neighbours, the anchors shared among groups by the released rule.
   ``s_g`` = the group's object count times its share of the mean box area, the largest count
   taking what rounding leaves;
 - ``neighbour_batch``: a batch of ``sum(counts) * k`` object rows, each anchor followed by its
-  ``k`` neighbours, group by group.
+  ``k`` neighbours, group by group;
+- ``mixed_scale_rows`` / ``distillation_rows``: which of a batch's rows each group's loss and the
+  cross-group distillation read; ``kmeans_centres``: the distillation's fixed centres.
 """
 
 from __future__ import annotations
@@ -59,3 +61,36 @@ def neighbour_batch(
         anchors = rng.choice(len(rows), size=count, replace=False)
         parts.append(rows[nn[anchors]].reshape(-1))
     return np.concatenate(parts)
+
+
+def mixed_scale_rows(group_positions: Sequence[np.ndarray], group: int) -> np.ndarray:
+    """The batch positions group ``group``'s loss sees (MS-UGCML's mixed-scale groups): its own,
+    then from each smaller group j (``group - 1`` down to 0) the first ``m_j`` of its positions
+    and ``m_j`` more from the middle of them, ``m_j = min(len_j // 10 + 1, len_j // 2)``, as
+    released. ``group_positions[g]``: where group g's rows sit in the batch, anchors first."""
+    parts = [np.asarray(group_positions[group])]
+    for j in range(group - 1, -1, -1):
+        rows = np.asarray(group_positions[j])
+        half = len(rows) // 2
+        count = min(len(rows) // 10 + 1, half)
+        parts += [rows[:count], rows[half : half + count]]
+    return np.concatenate(parts).astype(np.int64)
+
+
+def distillation_rows(group_positions: Sequence[np.ndarray], group: int) -> np.ndarray:
+    """The positions of an earlier group whose two heads' centre distances the cross-group
+    distillation compares: its first ``len // 10 + 1``, as released."""
+    rows = np.asarray(group_positions[group])
+    return rows[: len(rows) // 10 + 1].astype(np.int64)
+
+
+def kmeans_centres(features: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` k-means centres of ``features`` (SciPy's ``kmeans2``, k-means++ seeding), the
+    fixed centres of the cross-group distillation."""
+    from scipy.cluster.vq import kmeans2
+
+    features = np.asarray(features, np.float64)
+    if len(features) < count:
+        raise ConfigError(f"kmeans_centres: {len(features)} features, fewer than {count} centres")
+    centres, _ = kmeans2(features, count, minit="++", seed=seed)
+    return centres.astype(np.float32)
