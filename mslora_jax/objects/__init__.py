@@ -9,7 +9,8 @@ object-level metrics (``retrieval.object_metrics``). Here:
 - ``evaluate``: the object-level protocol for any embedding function: ground-truth crops of the
   test images as queries against the proposal crops of the same images;
 - ``model``: the region embedder, the dual encoder's image tower under per-group small and large
-  heads.
+  heads;
+- ``ema``: the train step with a momentum teacher (the shared step, then the moving average).
 
 Next (docs/development.md, "Not done yet"): the EMA-teacher training of the four methods
 (``frozen``, ``infonce``, ``stml``, ``msgcml``) through the shared loop, the configs, the picture
