@@ -85,14 +85,25 @@ class StageEncoders:
         after ``stage``; each computed once."""
         key = (kind, stage, task)
         if key not in self._memo:
-            slots, active, items = self._slots[stage], self.active(stage), self.items[task]
-            if kind == "prompt":
-                out = self.exp.embed_class_prompts(slots, active, task)
-            elif kind == "caption":
-                out = self.exp.embed_texts(slots, active, items.captions)
-            else:
-                images = items.gallery_images if kind == "gallery" else items.query_images
-                out = self.exp.embed_images(slots, active, images)
-            self._memo[key] = np.asarray(out, np.float32)
+            out = embed_items(self.exp, self._slots[stage], self.active(stage), self.items, task,
+                              kind)  # fmt: skip
+            self._memo[key] = out
             self.encoded[kind] += len(out)
         return self._memo[key]
+
+
+def embed_items(
+    exp: StreamExperiment, slots: dict, active: list[int], items: list[TaskItems], task: int,
+    kind: str,
+) -> np.ndarray:  # fmt: skip
+    """``task``'s items of ``kind`` (``items.DIRECTION_KINDS``) embedded with the adapters
+    ``active`` of ``slots`` (none: the frozen backbone)."""
+    mine = items[task]
+    if kind == "prompt":
+        out = exp.embed_class_prompts(slots, active, task)
+    elif kind == "caption":
+        out = exp.embed_texts(slots, active, mine.captions)
+    else:
+        out = exp.embed_images(slots, active, mine.gallery_images if kind == "gallery"
+                               else mine.query_images)  # fmt: skip
+    return np.asarray(out, np.float32)

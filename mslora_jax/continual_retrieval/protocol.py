@@ -26,7 +26,7 @@ import os
 import numpy as np
 
 from mslora_jax.config import LABEL_DIRECTIONS, RetrievalConfig
-from mslora_jax.continual_retrieval.encoders import StageEncoders
+from mslora_jax.continual_retrieval.encoders import StageEncoders, embed_items
 from mslora_jax.continual_retrieval.items import (
     DIRECTION_KINDS,
     TaskItems,
@@ -126,14 +126,7 @@ class Router:
         routed by its text embedding against the image prototypes: the backbone's shared
         image-text space)."""
         if (kind, task) not in self._features:
-            items = self.items[task]
-            if kind == "prompt":
-                out = self.exp.embed_class_prompts({}, [], task)
-            elif kind == "caption":
-                out = self.exp.embed_texts({}, [], items.captions)
-            else:
-                out = self.exp.embed_images({}, [], items.query_images)
-            self._features[(kind, task)] = out
+            self._features[(kind, task)] = embed_items(self.exp, {}, [], self.items, task, kind)
         return self._features[(kind, task)]
 
     def routes(self, direction: str, task: int, seen: list[int]) -> np.ndarray:

@@ -70,13 +70,11 @@ def _check_matrix(entry: Any, where: str, num_tasks: int) -> None:
             raise DataError(f"{where}[{key!r}]: is {got!r}, but the matrix gives {value:.6f}")
 
 
-def _percent(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
-
-
 def format_retrieval(results: dict) -> str:
     """The Markdown section: per gallery and direction, each method's final mAP and its
     forgetting under every index policy."""
+    from mslora_jax.report.results import format_percent  # results imports this module
+
     retrieval = results.get("retrieval")
     if not retrieval:
         return ""
@@ -106,7 +104,9 @@ def format_retrieval(results: dict) -> str:
                 m = entry["policies"].get(policy, {}).get(gallery, {}).get(direction)
                 m = None if m is None else m[PRIMARY]
                 cells.append(
-                    "–" if m is None else f"{_percent(m['avg'])} ({_percent(m['forgetting'])})"
+                    "–"
+                    if m is None
+                    else f"{format_percent(m['avg'])} ({format_percent(m['forgetting'])})"
                 )
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         sections.append("\n".join(lines))

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from mslora_jax.continual_retrieval.encoders import encoder_slots, slots_after_stages
-from mslora_jax.data.sources import Items, read_image, read_items
+from mslora_jax.data.sources import Items, read_items
+from mslora_jax.data.vqa import load_image
 from mslora_jax.errors import CheckpointError, ConfigError, DataError
 from mslora_jax.families import family_of
 from mslora_jax.parallel.mesh import make_mesh
@@ -83,6 +84,13 @@ def open_run(workdir: str) -> RunEncoders:
     return RunEncoders(path, exp)
 
 
+def index_run(index: Index) -> RunEncoders:
+    """The run whose encoders embedded ``index``'s rows."""
+    if not index.encoder_workdir:
+        raise CheckpointError("this index does not name the run that embedded it; rebuild it")
+    return open_run(index.encoder_workdir)
+
+
 def source_items(run: RunEncoders, source: str, split: str) -> Items:
     """Items of a run task (its name or id) or of a file or folder (``data.sources``)."""
     names = [t.name for t in run.exp.tasks]
@@ -136,9 +144,7 @@ def build_index(
 def search_index(index: Index, embed, k: int) -> SearchResult:
     """The top-``k`` rows of ``index`` for queries that ``embed(run, version)`` embeds, once per
     encoder version of the index, each version's rows searched with its own embedding."""
-    if not index.encoder_workdir:
-        raise CheckpointError("this index does not name the run that embedded it; rebuild it")
-    run = open_run(index.encoder_workdir)
+    run = index_run(index)
     parts, row_maps = [], []
     for version in index.encoder_versions:
         rows = index.rows_of_version(version)
@@ -164,7 +170,7 @@ def query_index(
                           np.full(1, -1, np.int32), (text,))  # fmt: skip
             return run.embed(version, items, "text")
         size = run.exp.config.model.image_size
-        items = Items("query", ("query",), read_image(image, size)[None], np.full(1, -1, np.int32))
+        items = Items("query", ("query",), load_image(image, size)[None], np.full(1, -1, np.int32))
         return run.embed(version, items, "image")
 
     found = search_index(index, embed, k)
@@ -184,10 +190,7 @@ def evaluate_index(
     the index's tasks). Text against image or back: instance level, the row with the query's
     own item id (same task and split: a caption and its image)."""
     index = load_index(index_path)
-    run = open_run(index.encoder_workdir) if index.encoder_workdir else None
-    if run is None:
-        raise CheckpointError("this index does not name the run that embedded it; rebuild it")
-    items = source_items(run, queries, split)
+    items = source_items(index_run(index), queries, split)
     found = search_index(index, lambda run, v: run.embed(v, items, rows), len(index))
     task = index.task_names.index(items.name) if items.name in index.task_names else -1
     if rows == index.rows:
