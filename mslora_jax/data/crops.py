@@ -11,7 +11,6 @@ into groups by box-area quantiles (MS-UGCML's mixed-scale groups: group 0 the sm
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Iterator
 
 import grain
@@ -20,7 +19,7 @@ from PIL import Image
 
 from mslora_jax.data.coco import Detections
 from mslora_jax.data.loader import DEFAULT_PREFETCH, check_count, iterate
-from mslora_jax.data.vqa_pipeline import ImageCache
+from mslora_jax.data.vqa_pipeline import ProcessLocalCache
 from mslora_jax.errors import ConfigError
 
 DEFAULT_CACHE_MB = 256
@@ -38,7 +37,7 @@ def crop(image: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(patch.resize((size, size), Image.BILINEAR), np.uint8)
 
 
-class RegionCrops:
+class RegionCrops(ProcessLocalCache):
     """``rows -> uint8 [len(rows), size, size, 3]``: crops of regions ``rows``."""
 
     def __init__(
@@ -54,24 +53,13 @@ class RegionCrops:
         check_count("cache_mb", cache_mb, "RegionCrops")
         if len(boxes) != len(box_image):
             raise ConfigError(f"RegionCrops: {len(boxes)} boxes but {len(box_image)} images")
-        self.detections, self.size, self.cache_mb = detections, size, cache_mb
+        self.detections, self.size, self.cache_bytes = detections, size, cache_mb * 2**20
         self.boxes = np.asarray(boxes, np.float32)
         self.box_image = np.asarray(box_image, np.int64)
-        self.cache = ImageCache(cache_mb * 2**20)
-        self._lock = threading.Lock()
+        self._start_cache()
 
     def __len__(self) -> int:
         return len(self.boxes)
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        del state["cache"], state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.cache = ImageCache(self.cache_mb * 2**20)
-        self._lock = threading.Lock()
 
     def _image(self, index: int) -> np.ndarray:
         with self._lock:

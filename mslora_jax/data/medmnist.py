@@ -66,12 +66,8 @@ def load_medmnist_task(
             keep = np.sort(split_rng.choice(len(split_labels), size=limit, replace=False))
             images, split_labels = images[keep], split_labels[keep]
             captions = None if captions is None else captions[keep]
-        if image_size is not None and image_size != images.shape[1]:
-            images = resize_images(images, image_size)
-        if images.ndim == 3:
-            images = np.repeat(images[..., None], 3, axis=-1)
         text = None if captions is None else tuple(str(c) for c in captions)
-        splits[split] = (np.ascontiguousarray(images), split_labels, text)
+        splits[split] = (_rgb_at_size(images, image_size), split_labels, text)
     return TaskData(
         name=name,
         modality=modality,
@@ -190,12 +186,18 @@ def read_split(path, split: str, image_size: int | None = None):
     arrays = _read_npz(path, (split,))
     images, labels = _validated_split(path, arrays, split)
     captions = _validated_captions(path, arrays, split, len(images))
+    text = None if captions is None else tuple(str(c) for c in captions)
+    return _rgb_at_size(images, image_size), labels.astype(np.int32), text
+
+
+def _rgb_at_size(images: np.ndarray, image_size: int | None) -> np.ndarray:
+    """Images resized to ``image_size`` (when given and different), grayscale repeated to 3
+    channels: uint8 ``[N, S, S, 3]``."""
     if image_size is not None and image_size != images.shape[1]:
         images = resize_images(images, image_size)
     if images.ndim == 3:
         images = np.repeat(images[..., None], 3, axis=-1)
-    text = None if captions is None else tuple(str(c) for c in captions)
-    return np.ascontiguousarray(images), labels.astype(np.int32), text
+    return np.ascontiguousarray(images)
 
 
 def _validated_captions(path, arrays, split: str, count: int) -> np.ndarray | None:

@@ -18,9 +18,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from mslora_jax.data.medmnist import read_split
+from mslora_jax.data.vqa import load_image
 from mslora_jax.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -39,16 +39,6 @@ class Items:
     captions: tuple[str, ...] | None = None
 
 
-def read_image(path: str | os.PathLike, size: int) -> np.ndarray:
-    """One image file as uint8 ``[size, size, 3]`` (RGB, resized bilinearly)."""
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB").resize((size, size), Image.BILINEAR)
-            return np.asarray(image, np.uint8)
-    except (OSError, UnidentifiedImageError) as e:
-        raise DataError(f"{path}: not a readable image ({e})") from e
-
-
 def read_items(source: str | os.PathLike, image_size: int, split: str = "train") -> Items:
     """The items of ``source``: an ``.npz`` (its ``split``), an image folder, or one image."""
     path = Path(source)
@@ -59,7 +49,7 @@ def read_items(source: str | os.PathLike, image_size: int, split: str = "train")
         ids = tuple(f"{split}/{i}" for i in range(len(labels)))
         return Items(path.stem, ids, images, labels, captions)
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return Items(path.stem, (path.name,), read_image(path, image_size)[None],
+        return Items(path.stem, (path.name,), load_image(path, image_size)[None],
                      np.full(1, -1, np.int32))  # fmt: skip
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
@@ -75,7 +65,7 @@ def _folder(folder: Path, image_size: int) -> Items:
     ids = tuple(p.relative_to(folder).as_posix() for p in files)
     classes = sorted({i.split("/")[0] for i in ids if "/" in i})
     labels = np.array([classes.index(i.split("/")[0]) if "/" in i else -1 for i in ids], np.int32)
-    images = np.stack([read_image(p, image_size) for p in files])
+    images = np.stack([load_image(p, image_size) for p in files])
     return Items(folder.name, ids, images, labels, _captions(folder, ids))
 
 

@@ -186,7 +186,27 @@ def _eval_batch(
     return {"image": images(items), **padded}
 
 
-class ImageRows:
+class ProcessLocalCache:
+    """An ``ImageCache`` of ``self.cache_bytes`` and its lock, built by each process for itself:
+    the object pickles without them, so each grain worker starts with an empty cache."""
+
+    cache_bytes: int
+
+    def _start_cache(self) -> None:
+        self.cache = ImageCache(self.cache_bytes)
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["cache"], state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._start_cache()
+
+
+class ImageRows(ProcessLocalCache):
     """``rows -> uint8 [len(rows), S, S, 3]``: the images ``paths[rows]``, decoded by
     ``vqa.load_image`` (``num_threads`` at a time) through an ``ImageCache`` of ``cache_bytes``.
 
@@ -210,18 +230,7 @@ class ImageRows:
         self.paths = list(paths)
         self.image_size, self.pad_to_square = image_size, pad_to_square
         self.num_threads, self.cache_bytes = num_threads, cache_bytes
-        self.cache = ImageCache(cache_bytes)
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        del state["cache"], state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.cache = ImageCache(self.cache_bytes)
-        self._lock = threading.Lock()
+        self._start_cache()
 
     def load(self, path: ImagePath) -> np.ndarray:
         return load_image(path, self.image_size, self.pad_to_square)
